@@ -1,0 +1,124 @@
+//! `${VAR}` and `${VAR:-default}` in the raw text, before TOML parsing, so
+//! line numbers of errors stay those of the file. `$$` is a literal `$`.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterpolationError {
+    pub line: usize,
+    pub message: String,
+}
+
+pub fn interpolate(
+    raw: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, InterpolationError> {
+    let mut out = String::with_capacity(raw.len());
+    for (index, line) in raw.split_inclusive('\n').enumerate() {
+        let line_no = index + 1;
+        // Comments are left alone: an example `${X}` in a comment must not fail.
+        let (code, comment) = split_comment(line);
+        out.push_str(&expand_line(code, line_no, &lookup)?);
+        out.push_str(comment);
+    }
+    Ok(out)
+}
+
+/// Splits at a `#` that is outside a quoted string.
+fn split_comment(line: &str) -> (&str, &str) {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' && q == '"' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '#' => return line.split_at(i),
+            None => {}
+        }
+    }
+    (line, "")
+}
+
+fn expand_line(
+    line: &str,
+    line_no: usize,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<String, InterpolationError> {
+    let err = |message: String| InterpolationError {
+        line: line_no,
+        message,
+    };
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| err("`${` without a closing `}`".into()))?;
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(err(format!("`${{{expr}}}` is not a valid variable reference")));
+            }
+            let value = match (lookup(name).filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_owned(),
+                (None, None) => {
+                    return Err(err(format!(
+                        "environment variable `{name}` is not set (write `${{{name}:-default}}` for a fallback)"
+                    )))
+                }
+            };
+            if value.contains('\n') {
+                return Err(err(format!("environment variable `{name}` contains a newline")));
+            }
+            out.push_str(&value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "HOST" => Some("db.local".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_defaults_and_escapes() {
+        let out = interpolate("a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n", env).unwrap();
+        assert_eq!(out, "a = \"db.local:42\" # ${NOPE}\nb = \"$x d\"\n");
+    }
+
+    #[test]
+    fn unset_variable_names_line() {
+        let e = interpolate("x = 1\ny = \"${MISSING}\"\n", env).unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("MISSING"), "{}", e.message);
+    }
+}

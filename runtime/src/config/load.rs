@@ -1,0 +1,225 @@
+//! Reading, interpolating, parsing and validating a config file.
+
+use super::interpolate::interpolate;
+use super::locate::KeyLines;
+use super::{Config, RouteConfig};
+use crate::subject::{validate_subject, SubjectPattern};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A config problem, located: `file:line: key: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0)]
+    Invalid(Located),
+}
+
+/// An error with the file, line and key it concerns.
+#[derive(Debug)]
+pub struct Located {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": key `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_str(&raw, path)
+}
+
+/// Parses config text as if read from `path` (relative paths resolve against
+/// its folder).
+pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |line: Option<usize>, key: &str, message: String| {
+        ConfigError::Invalid(Located {
+            file: path.to_owned(),
+            line,
+            key: key.to_owned(),
+            message,
+        })
+    };
+    let text = interpolate(raw, |name| std::env::var(name).ok())
+        .map_err(|e| invalid(Some(e.line), "", e.message))?;
+    let lines = KeyLines::scan(&text);
+
+    let deserializer = toml::de::Deserializer::parse(&text)
+        .map_err(|e| invalid(e.span().map(|s| line_at(&text, s.start)), "", e.message().to_owned()))?;
+    let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = dotted(e.path());
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| line_at(&text, s.start))
+            .or_else(|| lines.line_of(&segments(&key)));
+        invalid(line, &key, inner.message().to_owned())
+    })?;
+
+    let base = path.parent().unwrap_or(Path::new("."));
+    config.file = path.to_owned();
+    config.data_dir = base.join(&config.data_dir);
+    for plugin in config.plugins.values_mut() {
+        plugin.path = base.join(&plugin.path);
+    }
+
+    validate(&config).map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
+    Ok(config)
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// serde_path_to_error's `routes[0].retry` as `routes.0.retry`.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|seg| match seg {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn segments(key: &str) -> Vec<String> {
+    key.split('.').map(str::to_owned).collect()
+}
+
+type Problem = (String, String);
+
+fn validate(config: &Config) -> Result<(), Problem> {
+    if config.engine.max_instances == 0 {
+        return Err(("engine.max_instances".into(), "must be at least 1".into()));
+    }
+    for (name, plugin) in &config.plugins {
+        let key = |k: &str| format!("plugins.{name}.{k}");
+        if !plugin.path.is_file() {
+            return Err((
+                key("path"),
+                format!("plugin file {} does not exist (build the plugins first?)", plugin.path.display()),
+            ));
+        }
+        if plugin.max_memory_mb == 0 || plugin.max_memory_mb > 4096 {
+            return Err((key("max_memory_mb"), "must be between 1 and 4096".into()));
+        }
+        if plugin.timeout.is_zero() {
+            return Err((key("timeout"), "must be more than 0".into()));
+        }
+        for (list, patterns) in [("publish", &plugin.publish), ("request", &plugin.request)] {
+            for (i, p) in patterns.iter().enumerate() {
+                SubjectPattern::parse(p).map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
+            }
+        }
+    }
+    let mut names = BTreeSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let key = |k: &str| format!("routes.{i}.{k}");
+        if route.name.is_empty() || route.name.contains(|c: char| c.is_whitespace()) {
+            return Err((key("name"), "must be non-empty and without spaces".into()));
+        }
+        if !names.insert(route.name.as_str()) {
+            return Err((key("name"), format!("route `{}` is defined twice", route.name)));
+        }
+        if !config.plugins.contains_key(&route.plugin) {
+            let known: Vec<&str> = config.plugins.keys().map(String::as_str).collect();
+            return Err((
+                key("plugin"),
+                format!("no plugin `{}` is defined (known: {})", route.plugin, known.join(", ")),
+            ));
+        }
+        validate_route(route, &key)?;
+    }
+    for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
+        let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");
+        if names.contains(q.name.as_str()) {
+            return Err((key("name"), format!("queue `{}` has the name of a route", q.name)));
+        }
+        for (j, s) in q.subjects.iter().enumerate() {
+            SubjectPattern::parse(s).map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
+    SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
+    validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
+    if route.concurrency == 0 || route.concurrency > 10_000 {
+        return Err((key("concurrency"), "must be between 1 and 10000".into()));
+    }
+    let retry = &route.retry;
+    if retry.max_attempts == 0 {
+        return Err((key("retry.max_attempts"), "must be at least 1".into()));
+    }
+    if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+        return Err((key("retry.multiplier"), "must be a number >= 1".into()));
+    }
+    if retry.initial_backoff > retry.max_backoff {
+        return Err((key("retry.initial_backoff"), "is larger than retry.max_backoff".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse_str(text, Path::new("conf/test.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err("data_dir = \"x\"\n[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 3\n");
+        assert!(e.starts_with("conf/test.toml:4:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = err("[engine]\nmax_instances = \"many\"\n");
+        assert!(e.starts_with("conf/test.toml:2:"), "{e}");
+        assert!(e.contains("engine.max_instances"), "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_file_names_path_key() {
+        let e = err("[plugins.p]\n# the file\npath = \"nope.wasm\"\n");
+        assert!(e.starts_with("conf/test.toml:3: key `plugins.p.path`"), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn empty_config_is_valid() {
+        let c = parse_str("", Path::new("x/c.toml")).unwrap();
+        assert!(c.routes.is_empty());
+        assert_eq!(c.data_dir, Path::new("x/.sluice"));
+    }
+}

@@ -1,0 +1,332 @@
+//! The config file: TOML with `${ENV}` / `${ENV:-default}` interpolation.
+//! Unknown keys and bad values are errors that name file, line and key.
+//! Relative paths are taken relative to the config file's folder.
+
+mod interpolate;
+mod load;
+mod locate;
+
+pub use load::{load, parse_str, ConfigError};
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded broker, idempotency records and the compiled-plugin
+    /// cache live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How long SIGTERM waits for in-flight messages before giving up.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub brokers: BrokersConfig,
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The file this came from; set by the loader.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".sluice")
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP API (`/healthz`, `/readyz`, `/metrics`,
+    /// `/v1/publish/{subject}`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9595))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Instances that can exist at once across all plugins (pool slots).
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Keep compiled plugins on disk so a restart does not recompile.
+    #[serde(default = "yes")]
+    pub cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: default_max_instances(),
+            cache: true,
+        }
+    }
+}
+
+fn default_max_instances() -> u32 {
+    256
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokersConfig {
+    #[serde(default)]
+    pub embedded: EmbeddedConfig,
+}
+
+/// The embedded broker is always there; routes' queues and dead-letter queues
+/// are declared from the routes. Extra queues catch other subjects (e.g. the
+/// handlers' outputs) so they can be read back.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub name: String,
+    /// Subject patterns bound to this queue (`enriched.>`).
+    pub subjects: Vec<String>,
+    /// Keep at most this many messages; the oldest are dropped beyond it.
+    pub max_len: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A new instance for every message: nothing leaks between messages.
+    #[default]
+    Fresh,
+    /// A small pool of warm instances, each dropped after a failure or
+    /// `reuse_max_messages` messages.
+    Reuse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component (`.wasm`) file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Linear memory cap per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub max_memory_mb: u64,
+    /// Deadline for one message.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Optional CPU budget per message, in wasmtime fuel units.
+    pub fuel: Option<u64>,
+    /// With `isolation = "reuse"`: messages an instance handles before it is
+    /// replaced.
+    #[serde(default = "default_reuse_max")]
+    pub reuse_max_messages: u32,
+    /// Subject patterns the plugin may `publish` to. Empty: none.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Subject patterns the plugin may send `request`s to. Empty: none.
+    #[serde(default)]
+    pub request: Vec<String>,
+    /// Settings the plugin reads with `config(key)`.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_reuse_max() -> u32 {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(default = "default_broker")]
+    pub broker: BrokerKind,
+    /// Subject pattern (`orders.>`).
+    pub subject: String,
+}
+
+fn default_broker() -> BrokerKind {
+    BrokerKind::Embedded
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Defaults to the source's broker.
+    pub broker: Option<BrokerKind>,
+    pub subject: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Jitter {
+    /// A random delay between 0 and the computed backoff.
+    #[default]
+    Full,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included; then the message is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default)]
+    pub jitter: Jitter,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            multiplier: default_multiplier(),
+            jitter: Jitter::Full,
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+/// Whether a failure of some kind is retried or dead-lettered at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    Retry,
+    DeadLetter,
+}
+
+/// Per-route treatment of host-detected failures.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureMapping {
+    #[serde(default = "retry")]
+    pub trap: FailureAction,
+    #[serde(default = "retry")]
+    pub timeout: FailureAction,
+    #[serde(default = "retry")]
+    pub memory: FailureAction,
+}
+
+impl Default for FailureMapping {
+    fn default() -> Self {
+        Self {
+            trap: FailureAction::Retry,
+            timeout: FailureAction::Retry,
+            memory: FailureAction::Retry,
+        }
+    }
+}
+
+fn retry() -> FailureAction {
+    FailureAction::Retry
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub source: SourceConfig,
+    /// Name of a `[plugins.NAME]` table.
+    pub plugin: String,
+    /// Messages of this route handled at once.
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub on_failure: FailureMapping,
+    /// Where exhausted and permanent failures go. Default: the subject
+    /// `dlq.<route>` on the source's broker.
+    pub dead_letter: Option<DeadLetterConfig>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl RouteConfig {
+    pub fn dead_letter_subject(&self) -> String {
+        self.dead_letter
+            .as_ref()
+            .map(|d| d.subject.clone())
+            .unwrap_or_else(|| format!("dlq.{}", self.name))
+    }
+}
+
+impl PluginConfig {
+    /// Plugin settings as strings, as the `config` host call returns them.
+    pub fn settings(&self) -> BTreeMap<String, String> {
+        self.config
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}

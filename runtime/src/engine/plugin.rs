@@ -1,0 +1,410 @@
+//! A loaded plugin version: checked, compiled, pre-instantiated; runs one
+//! message per call in a fresh or a reused instance.
+
+use super::bindings::{sluice::plugin::types, HandlerPre};
+use super::host::{HostState, PluginContext, Requester};
+use super::outcome::{FailureKind, Invocation, Outcome, Reply};
+use super::{cache, Engine, YIELD_EVERY_TICKS};
+use crate::config::Isolation;
+use crate::message::{Header, Message};
+use crate::subject::{SubjectError, SubjectPattern};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::{Store, Trap, UpdateDeadline};
+
+/// Everything needed to load one plugin.
+#[derive(Clone)]
+pub struct PluginSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub isolation: Isolation,
+    pub memory_cap_bytes: usize,
+    pub timeout: Duration,
+    pub fuel: Option<u64>,
+    pub reuse_max_messages: u32,
+    pub publish_allow: Vec<String>,
+    pub request_allow: Vec<String>,
+    pub settings: BTreeMap<String, String>,
+    pub requester: Option<Arc<dyn Requester>>,
+}
+
+impl PluginSpec {
+    /// A spec with the defaults of the config file, for `path`.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            isolation: Isolation::Fresh,
+            memory_cap_bytes: 64 << 20,
+            timeout: Duration::from_secs(5),
+            fuel: None,
+            reuse_max_messages: 10_000,
+            publish_allow: Vec::new(),
+            request_allow: Vec::new(),
+            settings: BTreeMap::new(),
+            requester: None,
+        }
+    }
+}
+
+/// Why a `.wasm` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin `{name}`: cannot read {}: {source}", path.display())]
+    Read {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin `{name}`: {} is not WebAssembly (no `\\0asm` header)", path.display())]
+    NotWasm { name: String, path: PathBuf },
+    #[error("plugin `{name}`: {} is a core WebAssembly module, not a component; build it with `cargo build --target wasm32-wasip2`", path.display())]
+    CoreModule { name: String, path: PathBuf },
+    #[error("plugin `{name}`: {} is not a valid component: {reason}", path.display())]
+    Invalid {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("plugin `{name}`: {} does not export `handle`, so it is not built against the sluice:plugin/handler world (it exports: {exports})", path.display())]
+    MissingExport {
+        name: String,
+        path: PathBuf,
+        exports: String,
+    },
+    #[error("plugin `{name}`: {} targets another world: {reason}", path.display())]
+    OtherWorld {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("plugin `{name}`: {list} pattern: {source}")]
+    Pattern {
+        name: String,
+        list: &'static str,
+        source: SubjectError,
+    },
+    #[error("plugin `{name}`: sets `fuel` but the engine was started without fuel metering")]
+    FuelDisabled { name: String },
+}
+
+/// A warm instance kept between messages in `reuse` mode.
+struct Warm {
+    store: Store<HostState>,
+    handler: super::bindings::Handler,
+    uses: u32,
+}
+
+/// A loaded, runnable plugin version.
+pub struct Plugin {
+    name: String,
+    hash: String,
+    path: PathBuf,
+    spec_isolation: Isolation,
+    memory_cap: usize,
+    timeout: Duration,
+    fuel: Option<u64>,
+    reuse_max: u32,
+    engine: Engine,
+    pre: HandlerPre<HostState>,
+    ctx: Arc<PluginContext>,
+    warm: Mutex<Vec<Warm>>,
+}
+
+/// The deadline of the message a store is running; read by the epoch
+/// callback. Kept outside `HostState` since only the engine needs it.
+#[derive(Debug, thiserror::Error)]
+#[error("deadline exceeded")]
+struct DeadlineExceeded;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn patterns(name: &str, list: &'static str, items: &[String]) -> Result<Vec<SubjectPattern>, PluginError> {
+    items
+        .iter()
+        .map(|p| {
+            SubjectPattern::parse(p).map_err(|source| PluginError::Pattern {
+                name: name.to_owned(),
+                list,
+                source,
+            })
+        })
+        .collect()
+}
+
+impl Plugin {
+    pub(super) fn load(engine: &Engine, spec: PluginSpec) -> Result<Self, PluginError> {
+        let name = spec.name.clone();
+        let path = spec.path.clone();
+        let bytes = std::fs::read(&path).map_err(|source| PluginError::Read {
+            name: name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_bytes(engine, spec, &bytes)
+    }
+
+    /// Checks and prepares a plugin from its bytes (`spec.path` is only used
+    /// in messages).
+    pub fn from_bytes(engine: &Engine, spec: PluginSpec, bytes: &[u8]) -> Result<Self, PluginError> {
+        let name = spec.name.clone();
+        let path = spec.path.clone();
+        if spec.fuel.is_some() && !engine.settings.fuel {
+            return Err(PluginError::FuelDisabled { name });
+        }
+        if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+            return Err(PluginError::NotWasm { name, path });
+        }
+        // Bytes 4..8: version 1 for core modules, 0x0d + layer 1 for components.
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(PluginError::CoreModule { name, path });
+        }
+        let hash = sha256_hex(bytes);
+        let wasmtime = &engine.wasmtime;
+        let component = cache::compile(wasmtime, bytes, &hash, engine.settings.cache_dir.as_deref())
+            .map_err(|e| PluginError::Invalid {
+                name: name.clone(),
+                path: path.clone(),
+                reason: format!("{e:#}"),
+            })?;
+
+        let ty = component.component_type();
+        let has_handle = ty
+            .exports(wasmtime)
+            .any(|(n, item)| n == "handle" && matches!(item.ty, ComponentItem::ComponentFunc(_)));
+        if !has_handle {
+            let exports: Vec<String> = ty.exports(wasmtime).map(|(n, _)| n.to_owned()).collect();
+            return Err(PluginError::MissingExport {
+                name,
+                path,
+                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+            });
+        }
+        let other_world = |e: wasmtime::Error| PluginError::OtherWorld {
+            name: name.clone(),
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = engine.linker.instantiate_pre(&component).map_err(other_world)?;
+        let pre = HandlerPre::new(instance_pre).map_err(other_world)?;
+
+        let ctx = Arc::new(PluginContext {
+            name: name.clone(),
+            publish_allow: patterns(&name, "publish", &spec.publish_allow)?,
+            request_allow: patterns(&name, "request", &spec.request_allow)?,
+            settings: spec.settings,
+            requester: spec.requester,
+        });
+        Ok(Self {
+            name,
+            hash,
+            path,
+            spec_isolation: spec.isolation,
+            memory_cap: spec.memory_cap_bytes,
+            timeout: spec.timeout,
+            fuel: spec.fuel,
+            reuse_max: spec.reuse_max_messages.max(1),
+            engine: engine.clone(),
+            pre,
+            ctx,
+            warm: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// SHA-256 of the `.wasm`, hex.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn isolation(&self) -> Isolation {
+        self.spec_isolation
+    }
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn new_store(&self) -> Store<HostState> {
+        let mut store = Store::new(&self.engine.wasmtime, HostState::new(self.ctx.clone(), self.memory_cap));
+        store.limiter(|s| &mut s.limiter);
+        store
+    }
+
+    /// Arms the deadline for one message: the epoch callback lets the guest
+    /// yield every few ticks and interrupts it once `timeout` has passed.
+    fn arm(&self, store: &mut Store<HostState>) {
+        let deadline = Instant::now() + self.timeout;
+        store.set_epoch_deadline(YIELD_EVERY_TICKS);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(wasmtime::Error::new(DeadlineExceeded))
+            } else {
+                Ok(UpdateDeadline::Yield(YIELD_EVERY_TICKS))
+            }
+        });
+        if self.engine.settings.fuel {
+            // Without a budget of its own a plugin runs unmetered in practice.
+            let _ = store.set_fuel(self.fuel.unwrap_or(u64::MAX));
+        }
+    }
+
+    /// Runs the handler on `msg` delivered by `route`.
+    pub async fn invoke(&self, route: &str, msg: &Message) -> Invocation {
+        let started = Instant::now();
+        let wit_msg = to_wit(route, msg);
+        let (outcome, publishes) = match self.spec_isolation {
+            Isolation::Fresh => self.invoke_fresh(route, msg, &wit_msg).await,
+            Isolation::Reuse => self.invoke_reused(route, msg, &wit_msg).await,
+        };
+        // Publishes of a failed handler are dropped: no half-done effects.
+        let publishes = if matches!(outcome, Outcome::Ok { .. }) { publishes } else { Vec::new() };
+        Invocation {
+            outcome,
+            publishes,
+            duration: started.elapsed(),
+        }
+    }
+
+    async fn invoke_fresh(
+        &self,
+        route: &str,
+        msg: &Message,
+        wit_msg: &types::Message,
+    ) -> (Outcome, Vec<crate::message::Outbound>) {
+        let mut store = self.new_store();
+        store.data_mut().reset(route, &msg.id);
+        self.arm(&mut store);
+        let call = async {
+            let handler = self.pre.instantiate_async(&mut store).await?;
+            handler.call_handle(&mut store, wit_msg).await
+        };
+        // The backstop covers time spent awaiting host calls, which the epoch
+        // deadline only sees once the guest runs again.
+        let result = tokio::time::timeout(self.timeout, call).await;
+        let outcome = self.classify(result, store.data());
+        let publishes = store.data_mut().take_publishes();
+        (outcome, publishes)
+    }
+
+    async fn invoke_reused(
+        &self,
+        route: &str,
+        msg: &Message,
+        wit_msg: &types::Message,
+    ) -> (Outcome, Vec<crate::message::Outbound>) {
+        let warm = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None);
+        let mut warm = match warm {
+            Some(w) => w,
+            None => {
+                let mut store = self.new_store();
+                self.arm(&mut store);
+                match self.pre.instantiate_async(&mut store).await {
+                    Ok(handler) => Warm {
+                        store,
+                        handler,
+                        uses: 0,
+                    },
+                    Err(e) => {
+                        let outcome = self.classify(Ok(Err(e)), store.data());
+                        return (outcome, Vec::new());
+                    }
+                }
+            }
+        };
+        warm.store.data_mut().reset(route, &msg.id);
+        self.arm(&mut warm.store);
+        let result = tokio::time::timeout(self.timeout, warm.handler.call_handle(&mut warm.store, wit_msg)).await;
+        let outcome = self.classify(result, warm.store.data());
+        let publishes = warm.store.data_mut().take_publishes();
+        warm.uses += 1;
+        // After a trap, a limit hit or a timeout the instance's state is
+        // suspect (and wasmtime will not re-enter a trapped instance).
+        let healthy = !matches!(&outcome, Outcome::Failed { kind, .. } if kind.is_host_detected());
+        if healthy && warm.uses < self.reuse_max {
+            if let Ok(mut pool) = self.warm.lock() {
+                pool.push(warm);
+            }
+        }
+        (outcome, publishes)
+    }
+
+    fn classify(
+        &self,
+        result: Result<wasmtime::Result<Result<Option<types::Reply>, types::HandlerError>>, tokio::time::error::Elapsed>,
+        state: &HostState,
+    ) -> Outcome {
+        let err = match result {
+            Err(_elapsed) => return self.timed_out(),
+            Ok(Ok(Ok(reply))) => {
+                return Outcome::Ok {
+                    reply: reply.map(|r| Reply {
+                        headers: r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect(),
+                        payload: r.payload,
+                    }),
+                }
+            }
+            Ok(Ok(Err(types::HandlerError::Retryable(why)))) => return Outcome::failed(FailureKind::Retryable, why),
+            Ok(Ok(Err(types::HandlerError::Permanent(why)))) => return Outcome::failed(FailureKind::Permanent, why),
+            Ok(Err(err)) => err,
+        };
+        if err.downcast_ref::<DeadlineExceeded>().is_some() || matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            return self.timed_out();
+        }
+        if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+            return Outcome::failed(
+                FailureKind::Timeout,
+                format!("used up its fuel budget of {}", self.fuel.unwrap_or(0)),
+            );
+        }
+        if state.limiter.hit {
+            return Outcome::failed(
+                FailureKind::Memory,
+                format!("hit the memory cap of {} MiB", self.memory_cap >> 20),
+            );
+        }
+        let cause = err.root_cause().to_string();
+        let reason = match state.last_stderr_line() {
+            Some(line) => format!("{line} ({cause})"),
+            None => cause,
+        };
+        Outcome::failed(FailureKind::Trap, reason)
+    }
+
+    fn timed_out(&self) -> Outcome {
+        Outcome::failed(
+            FailureKind::Timeout,
+            format!("exceeded its deadline of {} ms", self.timeout.as_millis()),
+        )
+    }
+}
+
+fn to_wit(route: &str, msg: &Message) -> types::Message {
+    types::Message {
+        id: msg.id.clone(),
+        route: route.to_owned(),
+        subject: msg.subject.clone(),
+        key: msg.key.clone(),
+        headers: msg
+            .headers
+            .iter()
+            .map(|h| types::Header {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+        payload: msg.payload.clone(),
+        attempt: msg.attempt,
+        timestamp_ms: msg.timestamp_ms,
+        reply_to: msg.reply_to.clone(),
+    }
+}

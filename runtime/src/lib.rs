@@ -1,0 +1,11 @@
+//! sluice: consumes messages from brokers and hands each one to a sandboxed
+//! WebAssembly handler component.
+//!
+//! Layout: `brokers/*` know how to receive, settle and publish messages and
+//! nothing of WASM; `engine` runs plugins and knows nothing of brokers;
+//! `pipeline` joins them (route -> invoke -> policy -> settle).
+
+pub mod config;
+pub mod engine;
+pub mod message;
+pub mod subject;

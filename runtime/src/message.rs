@@ -1,0 +1,100 @@
+//! Broker-neutral message types shared by sources, sinks, the pipeline and the
+//! engine.
+
+use serde::{Deserialize, Serialize};
+
+/// One header (name, value). Names keep their case; a name may repeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+impl Header {
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+}
+
+/// Finds the first header called `name`, ignoring ASCII case.
+pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+/// A message as received from a broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Broker-native id (stream sequence, topic/partition/offset, ...).
+    pub id: String,
+    pub subject: String,
+    pub key: Option<String>,
+    pub headers: Vec<Header>,
+    pub payload: Vec<u8>,
+    /// 1-based delivery attempt.
+    pub attempt: u32,
+    /// Milliseconds since the Unix epoch; 0 if unknown.
+    pub timestamp_ms: u64,
+    pub reply_to: Option<String>,
+}
+
+impl Message {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+/// A message to be published: a handler's publish, a reply or a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbound {
+    pub subject: String,
+    pub headers: Vec<Header>,
+    #[serde(with = "payload_text")]
+    pub payload: Vec<u8>,
+}
+
+/// Payloads serialise as text when they are UTF-8 (readable JSON output of
+/// `sluice invoke`) and as `{"base64": ...}` otherwise.
+pub mod payload_text {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Binary { base64: String },
+    }
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Repr::Text(text.to_owned()).serialize(s),
+            Err(_) => Repr::Binary {
+                base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            }
+            .serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Text(text) => Ok(text.into_bytes()),
+            Repr::Binary { base64 } => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
