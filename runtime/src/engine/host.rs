@@ -139,14 +139,24 @@ impl HostState {
         std::mem::take(&mut self.publishes)
     }
 
-    /// The last non-empty line the plugin wrote to stderr (a panic message).
+    /// What the plugin wrote to stderr before it trapped: the panic message
+    /// if there is one, else the last line.
     pub fn last_stderr_line(&self) -> Option<String> {
         let bytes = self.stderr.contents();
         let text = String::from_utf8_lossy(&bytes);
-        text.lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim().to_owned())
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: "))
+            .collect();
+        if let Some(i) = lines.iter().rposition(|l| l.contains("panicked at")) {
+            let location = lines[i].trim_end_matches(':');
+            return Some(match lines.get(i + 1) {
+                Some(message) => format!("{location}: {message}"),
+                None => location.to_owned(),
+            });
+        }
+        lines.last().map(|l| (*l).to_owned())
     }
 }
 

@@ -249,7 +249,12 @@ impl Plugin {
             if Instant::now() >= deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {
-                Ok(UpdateDeadline::Yield(YIELD_EVERY_TICKS))
+                // tokio's yield_now lets the I/O driver and timers run too;
+                // a plain wake would starve them behind a busy guest.
+                Ok(UpdateDeadline::YieldCustom(
+                    YIELD_EVERY_TICKS,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
         if self.engine.settings.fuel {
