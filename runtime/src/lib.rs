@@ -5,7 +5,10 @@
 //! nothing of WASM; `engine` runs plugins and knows nothing of brokers;
 //! `pipeline` joins them (route -> invoke -> policy -> settle).
 
+pub mod brokers;
 pub mod config;
 pub mod engine;
 pub mod message;
 pub mod subject;
+pub mod metrics;
+pub mod pipeline;

@@ -1,0 +1,145 @@
+//! The embedded broker: a persistent, in-process queue with NATS-style
+//! subjects, so sluice runs with no external broker. Publishing to a subject
+//! stores a copy in every queue bound to it (each route has one, and so does
+//! each dead-letter subject); a subject no queue is bound to is dropped, as
+//! in NATS core. Messages survive restarts; one in flight when the process
+//! dies is delivered again.
+
+mod source;
+mod store;
+mod subject_bindings;
+
+pub use source::{EmbeddedDelivery, EmbeddedSource};
+pub use store::{StoreError, Stored};
+
+use super::{BoxFuture, BrokerError, Sink};
+use crate::message::{now_ms, Outbound};
+use crate::subject::{validate_subject, SubjectError, SubjectPattern};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use store::{Op, Store};
+
+const NAME: &str = "embedded";
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Closed => BrokerError::Closed { broker: NAME },
+            other => BrokerError::Failed {
+                broker: NAME,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Queue counters for the status page and `GET /v1/queues`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueInfo {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub messages: usize,
+    pub in_flight: usize,
+    pub delayed: usize,
+}
+
+/// A handle on the embedded broker. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBroker {
+    store: Arc<Store>,
+}
+
+impl EmbeddedBroker {
+    /// Opens (or creates) the broker file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: Store::open(path)?,
+        })
+    }
+
+    /// Binds queue `name` to `patterns`; keeps at most `max_len` messages.
+    pub fn declare_queue(&self, name: &str, patterns: Vec<SubjectPattern>, max_len: Option<u64>) {
+        if let Ok(mut b) = self.store.bindings.write() {
+            b.declare(name, patterns, max_len);
+        }
+    }
+
+    /// Stores `messages` durably; returns the queues they reached.
+    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<Vec<String>, PublishError> {
+        for m in &messages {
+            validate_subject(&m.subject)?;
+        }
+        Ok(self.store.submit(Op::Publish(messages)).await?)
+    }
+
+    /// A consumer of queue `name`.
+    pub fn source(&self, queue: &str) -> EmbeddedSource {
+        EmbeddedSource::new(self.store.clone(), queue)
+    }
+
+    /// Up to `limit` messages of a queue, oldest first, without consuming them.
+    pub fn peek(&self, queue: &str, limit: usize) -> Result<Vec<(u64, Stored)>, StoreError> {
+        self.store.list(queue, limit)
+    }
+
+    /// Every queue that is declared or holds messages.
+    pub fn queues(&self) -> Vec<QueueInfo> {
+        let now = now_ms();
+        let bindings = match self.store.bindings.read() {
+            Ok(b) => b,
+            Err(_) => return Vec::new(),
+        };
+        let index = match self.store.index.lock() {
+            Ok(i) => i,
+            Err(_) => return Vec::new(),
+        };
+        let mut names: Vec<String> = bindings.names().map(str::to_owned).collect();
+        for name in index.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let q = index.get(&name);
+                QueueInfo {
+                    subjects: bindings.patterns_of(&name),
+                    messages: q.map_or(0, |q| q.len()),
+                    in_flight: q.map_or(0, |q| q.in_flight()),
+                    delayed: q.map_or(0, |q| q.delayed(now)),
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops accepting writes (pending ones complete).
+    pub fn close(&self) {
+        self.store.close();
+    }
+}
+
+impl Sink for EmbeddedBroker {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            EmbeddedBroker::publish(self, messages).await.map(|_| ()).map_err(|e| match e {
+                PublishError::Store(s) => s.into(),
+                PublishError::Subject(s) => BrokerError::Failed {
+                    broker: NAME,
+                    reason: s.to_string(),
+                },
+            })
+        })
+    }
+}

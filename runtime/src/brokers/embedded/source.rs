@@ -1,0 +1,140 @@
+//! Consuming one queue of the embedded broker.
+
+use super::store::{Op, Store};
+use super::NAME;
+use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::message::{now_ms, Message};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct EmbeddedSource {
+    store: Arc<Store>,
+    queue: String,
+}
+
+impl EmbeddedSource {
+    pub(super) fn new(store: Arc<Store>, queue: &str) -> Self {
+        Self {
+            store,
+            queue: queue.to_owned(),
+        }
+    }
+
+    async fn next_delivery(&self) -> Result<EmbeddedDelivery, BrokerError> {
+        let notify = self.store.notifier(&self.queue);
+        loop {
+            // Register interest before looking, so a publish between the look
+            // and the wait is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            match self.store.take_ready(&self.queue, now) {
+                Ok(seq) => match self.store.read(&self.queue, seq) {
+                    Ok(Some(stored)) => {
+                        return Ok(EmbeddedDelivery {
+                            store: self.store.clone(),
+                            queue: self.queue.clone(),
+                            seq,
+                            settled: false,
+                            message: Message {
+                                id: seq.to_string(),
+                                subject: stored.subject,
+                                key: None,
+                                headers: stored.headers,
+                                payload: stored.payload,
+                                attempt: stored.attempt,
+                                timestamp_ms: stored.published_ms,
+                                reply_to: None,
+                            },
+                        })
+                    }
+                    // Removed meanwhile (trimmed): nothing to deliver.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.store.release(&self.queue, seq);
+                        return Err(e.into());
+                    }
+                },
+                Err(Some(at)) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now));
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(None) => notified.await,
+            }
+        }
+    }
+}
+
+impl Source for EmbeddedSource {
+    fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
+        Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+}
+
+/// One message taken from a queue. Dropped unsettled, it goes back to the
+/// queue at once.
+pub struct EmbeddedDelivery {
+    store: Arc<Store>,
+    queue: String,
+    seq: u64,
+    settled: bool,
+    message: Message,
+}
+
+impl EmbeddedDelivery {
+    fn settle(mut self: Box<Self>, op: Op) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.settled = true;
+        Box::pin(async move {
+            let result = self.store.submit(op).await;
+            if result.is_err() {
+                // Not settled after all: make it deliverable again.
+                self.store.release(&self.queue, self.seq);
+            }
+            result.map(|_| ()).map_err(Into::into)
+        })
+    }
+}
+
+impl Delivery for EmbeddedDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    fn origin(&self) -> String {
+        format!("{NAME} subject={} queue={} seq={}", self.message.subject, self.queue, self.seq)
+    }
+
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let op = Op::Remove {
+            queue: self.queue.clone(),
+            seq: self.seq,
+        };
+        self.settle(op)
+    }
+
+    fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let op = Op::Retry {
+            queue: self.queue.clone(),
+            seq: self.seq,
+            not_before_ms: now_ms().saturating_add(delay_ms),
+        };
+        self.settle(op)
+    }
+
+    fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.ack()
+    }
+}
+
+impl Drop for EmbeddedDelivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.store.release(&self.queue, self.seq);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Broker adapters: each receives messages (a [`Source`]), settles them
+//! ([`Delivery`]) and publishes ([`Sink`]). They know nothing of WASM.
+
+pub mod embedded;
+
+use crate::message::{Message, Outbound};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{broker}: not connected: {reason}")]
+    Disconnected { broker: &'static str, reason: String },
+    #[error("{broker}: {reason}")]
+    Failed { broker: &'static str, reason: String },
+    #[error("{broker}: shutting down")]
+    Closed { broker: &'static str },
+}
+
+/// One received message, to be settled exactly once. Dropping it unsettled
+/// hands it back to the broker for redelivery.
+pub trait Delivery: Send {
+    fn message(&self) -> &Message;
+    /// Where it came from, for the `sluice-origin` dead-letter header.
+    fn origin(&self) -> String;
+    /// Done: the outcome (and any publishes) is durable.
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Deliver again after `delay`, with the attempt count increased.
+    fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// A dead-lettered copy has been confirmed elsewhere: drop the original.
+    fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>>;
+}
+
+/// A stream of deliveries for one route.
+pub trait Source: Send + Sync {
+    fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>>;
+    fn is_connected(&self) -> bool {
+        true
+    }
+}
+
+/// Publishes messages and returns once the broker has confirmed all of them.
+pub trait Sink: Send + Sync {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>>;
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics of the pipeline and the engine.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    pub route: String,
+    /// ok | retry | dead_letter | duplicate
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteFailure {
+    pub route: String,
+    /// retryable | permanent | trap | timeout | memory
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages: Family<RouteOutcome, Counter>,
+    pub failures: Family<RouteFailure, Counter>,
+    pub in_flight: Family<RouteLabel, Gauge>,
+    pub handler_duration: Family<RouteLabel, Histogram>,
+    pub settle_errors: Family<RouteLabel, Counter>,
+    encode_lock: Mutex<()>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let messages = Family::<RouteOutcome, Counter>::default();
+        let failures = Family::<RouteFailure, Counter>::default();
+        let in_flight = Family::<RouteLabel, Gauge>::default();
+        let handler_duration = Family::<RouteLabel, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let settle_errors = Family::<RouteLabel, Counter>::default();
+        registry.register("messages", "Messages settled, by route and outcome", messages.clone());
+        registry.register("handler_failures", "Handler failures, by route and kind", failures.clone());
+        registry.register("in_flight", "Messages being handled now, by route", in_flight.clone());
+        registry.register(
+            "handler_duration_seconds",
+            "Time spent in the handler per message, by route",
+            handler_duration.clone(),
+        );
+        registry.register(
+            "settle_errors",
+            "Acks, retries or publishes the broker refused (the message is redelivered)",
+            settle_errors.clone(),
+        );
+        Self {
+            registry,
+            messages,
+            failures,
+            in_flight,
+            handler_duration,
+            settle_errors,
+            encode_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn count(&self, route: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&RouteOutcome {
+                route: route.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let _guard = self.encode_lock.lock();
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}

@@ -1,0 +1,57 @@
+//! The dead-lettered copy: payload and headers byte for byte, plus the
+//! `sluice-*` headers saying what failed, where and when.
+
+use crate::engine::FailureKind;
+use crate::message::{Header, Message, Outbound};
+use std::time::SystemTime;
+
+pub const ERROR: &str = "sluice-error";
+pub const ERROR_KIND: &str = "sluice-error-kind";
+pub const ATTEMPTS: &str = "sluice-attempts";
+pub const ROUTE: &str = "sluice-route";
+pub const PLUGIN: &str = "sluice-plugin";
+pub const ORIGIN: &str = "sluice-origin";
+pub const FAILED_AT: &str = "sluice-failed-at";
+
+/// All headers sluice adds to a dead letter.
+pub const FAILURE_HEADERS: [&str; 7] = [ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT];
+
+pub struct FailureContext<'a> {
+    pub kind: FailureKind,
+    pub reason: &'a str,
+    pub route: &'a str,
+    pub plugin_name: &'a str,
+    pub plugin_hash: &'a str,
+    pub origin: String,
+}
+
+pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbound {
+    // Earlier failure headers (a replayed message that failed again) are
+    // replaced, not repeated.
+    let mut headers: Vec<Header> = msg
+        .headers
+        .iter()
+        .filter(|h| !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f)))
+        .cloned()
+        .collect();
+    headers.extend([
+        Header::new(ERROR, one_line(failure.reason)),
+        Header::new(ERROR_KIND, failure.kind.as_str()),
+        Header::new(ATTEMPTS, msg.attempt.to_string()),
+        Header::new(ROUTE, failure.route),
+        Header::new(PLUGIN, format!("{}@sha256:{}", failure.plugin_name, failure.plugin_hash)),
+        Header::new(ORIGIN, failure.origin),
+        Header::new(FAILED_AT, humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+    ]);
+    Outbound {
+        subject: subject.to_owned(),
+        headers,
+        payload: msg.payload.clone(),
+    }
+}
+
+/// Header values must stay on one line for every broker.
+fn one_line(text: &str) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    flat.chars().take(1024).collect()
+}
