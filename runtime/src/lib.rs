@@ -5,10 +5,14 @@
 //! nothing of WASM; `engine` runs plugins and knows nothing of brokers;
 //! `pipeline` joins them (route -> invoke -> policy -> settle).
 
+pub mod admin;
 pub mod brokers;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod message;
-pub mod subject;
 pub mod metrics;
 pub mod pipeline;
+pub mod subject;
+pub mod telemetry;

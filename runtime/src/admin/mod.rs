@@ -1,0 +1,228 @@
+//! The admin HTTP API: health, readiness, metrics, status, and the publish
+//! endpoint of the embedded broker.
+
+mod status_page;
+
+use crate::brokers::embedded::{EmbeddedBroker, PublishError};
+use crate::message::{Header, Outbound};
+use crate::metrics::Metrics;
+use crate::pipeline::{Route, RouteStatusView};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Request header carrying one message header as `Name=value` (repeatable).
+pub const MESSAGE_HEADER: &str = "x-sluice-header";
+
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub broker: EmbeddedBroker,
+    pub routes: Vec<Arc<Route>>,
+    /// Set once plugins are loaded and sources started; cleared on shutdown.
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/", get(status_page::render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/publish/{subject}", post(publish))
+        .route("/v1/queues", get(queues))
+        .route("/v1/queues/{name}/messages", get(queue_messages))
+        .with_state(state)
+}
+
+/// Binds the listener now (so a taken port is reported at start-up) and
+/// serves until `shutdown`.
+pub async fn serve(
+    listen: SocketAddr,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let app = router(state);
+    Ok(tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("admin API stopped: {e}");
+        }
+    }))
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    if !state.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping\n").into_response();
+    }
+    let down: Vec<&str> = state
+        .routes
+        .iter()
+        .filter(|r| !r.source.is_connected())
+        .map(|r| r.name.as_str())
+        .collect();
+    if down.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: sources not connected: {}\n", down.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+pub struct RouteView {
+    pub name: String,
+    pub source: String,
+    pub plugin: String,
+    pub plugin_hash: String,
+    pub isolation: &'static str,
+    pub concurrency: u32,
+    pub dead_letter: String,
+    #[serde(flatten)]
+    pub counts: RouteStatusView,
+}
+
+#[derive(Serialize)]
+pub struct StatusView {
+    pub ready: bool,
+    pub version: &'static str,
+    pub routes: Vec<RouteView>,
+    pub queues: Vec<crate::brokers::embedded::QueueInfo>,
+}
+
+pub fn status_view(state: &AdminState) -> StatusView {
+    StatusView {
+        ready: state.ready.load(Ordering::Relaxed),
+        version: env!("CARGO_PKG_VERSION"),
+        routes: state
+            .routes
+            .iter()
+            .map(|r| RouteView {
+                name: r.name.clone(),
+                source: r.source_description.clone(),
+                plugin: r.plugin.name().to_owned(),
+                plugin_hash: r.plugin.hash().to_owned(),
+                isolation: r.plugin.isolation().as_str(),
+                concurrency: r.concurrency,
+                dead_letter: r.dead_letter_subject.clone(),
+                counts: r.status.view(),
+            })
+            .collect(),
+        queues: state.broker.queues(),
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusView> {
+    Json(status_view(&state))
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Message headers from `X-Sluice-Header: Name=value` request headers.
+fn message_headers(headers: &HeaderMap) -> Result<Vec<Header>, String> {
+    headers
+        .get_all(MESSAGE_HEADER)
+        .iter()
+        .map(|v| {
+            let text = v.to_str().map_err(|_| format!("{MESSAGE_HEADER} is not text"))?;
+            let (name, value) = text
+                .split_once('=')
+                .ok_or_else(|| format!("{MESSAGE_HEADER} {text:?} is not Name=value"))?;
+            Ok(Header::new(name.trim(), value))
+        })
+        .collect()
+}
+
+async fn publish(
+    State(state): State<Arc<AdminState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let headers = match message_headers(&headers) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let outbound = Outbound {
+        subject: subject.clone(),
+        headers,
+        payload: body.to_vec(),
+    };
+    match state.broker.publish(vec![outbound]).await {
+        Ok(queues) => Json(serde_json::json!({ "subject": subject, "queues": queues })).into_response(),
+        Err(PublishError::Subject(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn queues(State(state): State<Arc<AdminState>>) -> Response {
+    Json(state.broker.queues()).into_response()
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct StoredView {
+    seq: u64,
+    subject: String,
+    headers: Vec<Header>,
+    #[serde(with = "crate::message::payload_text")]
+    payload: Vec<u8>,
+    attempt: u32,
+    published_ms: u64,
+}
+
+async fn queue_messages(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    Query(limit): Query<Limit>,
+) -> Response {
+    let limit = limit.limit.unwrap_or(100).min(100_000);
+    match state.broker.peek(&name, limit) {
+        Ok(list) => Json(
+            list.into_iter()
+                .map(|(seq, s)| StoredView {
+                    seq,
+                    subject: s.subject,
+                    headers: s.headers,
+                    payload: s.payload,
+                    attempt: s.attempt,
+                    published_ms: s.published_ms,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+pub(crate) async fn html(state: &AdminState) -> Html<String> {
+    Html(status_page::html(&status_view(state)))
+}

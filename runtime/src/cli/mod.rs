@@ -1,0 +1,94 @@
+//! The `sluice` command line.
+
+mod invoke;
+mod publish;
+
+use crate::config;
+use crate::telemetry::{self, LogFormat};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Runs sandboxed WebAssembly handlers for broker messages")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the config and load every plugin, then exit.
+    Check {
+        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a handler once on a message, without a broker; prints the outcome,
+    /// its publishes and its reply as JSON.
+    Invoke(invoke::InvokeArgs),
+    /// Publish a message to the embedded broker of a running daemon.
+    Publish(publish::PublishArgs),
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Run { config } => {
+            let config = config::load(&config)?;
+            runtime()?.block_on(crate::daemon::run(config))?;
+            Ok(0)
+        }
+        Command::Check { config } => {
+            let config = config::load(&config)?;
+            let engine = crate::daemon::build_engine(&config)?;
+            let plugins = crate::daemon::load_plugins(&engine, &config)?;
+            println!(
+                "{}: ok ({} routes, {} plugins)",
+                config.file.display(),
+                config.routes.len(),
+                plugins.len()
+            );
+            Ok(0)
+        }
+        Command::Invoke(args) => runtime()?.block_on(invoke::run(args)),
+        Command::Publish(args) => publish::run(args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `K=V` pairs of `--header` and friends.
+pub(crate) fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))
+}
+
+/// `@FILE` reads a file; anything else is the text itself.
+pub(crate) fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
+    match arg.strip_prefix('@') {
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading the payload from stdin")?;
+            Ok(buf)
+        }
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the payload from {path}")),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}

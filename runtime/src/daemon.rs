@@ -1,0 +1,217 @@
+//! Assembles a running daemon from a config: the embedded broker, the
+//! engine, the plugins, the routes and the admin API; stops it gracefully.
+
+use crate::admin::{self, AdminState};
+use crate::brokers::embedded::{EmbeddedBroker, StoreError};
+use crate::brokers::{Sink, Source};
+use crate::config::{BrokerKind, Config, PluginConfig};
+use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec};
+use crate::metrics::Metrics;
+use crate::pipeline::policy::Policy;
+use crate::pipeline::{Route, RouteStatus};
+use crate::subject::SubjectPattern;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("cannot open the embedded broker in {dir}: {source}")]
+    Broker { dir: String, source: StoreError },
+    #[error("cannot create the data directory {dir}: {source}")]
+    DataDir { dir: String, source: std::io::Error },
+    #[error("cannot listen on {addr} for the admin API: {source} (set [admin] listen to another address)")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The engine for a config: fuel metering if any plugin has a budget, and
+/// the compiled-plugin cache under the data directory.
+pub fn build_engine(config: &Config) -> Result<Engine, DaemonError> {
+    Ok(Engine::new(EngineSettings {
+        max_instances: config.engine.max_instances,
+        fuel: config.plugins.values().any(|p| p.fuel.is_some()),
+        cache_dir: config.engine.cache.then(|| config.data_dir.join("cache")),
+    })?)
+}
+
+pub fn plugin_spec(name: &str, plugin: &PluginConfig) -> PluginSpec {
+    PluginSpec {
+        name: name.to_owned(),
+        path: plugin.path.clone(),
+        isolation: plugin.isolation,
+        memory_cap_bytes: usize::try_from(plugin.max_memory_mb << 20).unwrap_or(usize::MAX),
+        timeout: plugin.timeout,
+        fuel: plugin.fuel,
+        reuse_max_messages: plugin.reuse_max_messages,
+        publish_allow: plugin.publish.clone(),
+        request_allow: plugin.request.clone(),
+        settings: plugin.settings(),
+        requester: None,
+    }
+}
+
+/// Loads every plugin of the config; the first refusal is the error.
+pub fn load_plugins(engine: &Engine, config: &Config) -> Result<BTreeMap<String, Arc<Plugin>>, DaemonError> {
+    let mut plugins = BTreeMap::new();
+    for (name, plugin) in &config.plugins {
+        let loaded = engine.load(plugin_spec(name, plugin))?;
+        tracing::info!(
+            plugin = %name,
+            hash = %&loaded.hash()[..12],
+            isolation = loaded.isolation().as_str(),
+            "plugin loaded"
+        );
+        plugins.insert(name.clone(), Arc::new(loaded));
+    }
+    Ok(plugins)
+}
+
+fn pattern(text: &str) -> Result<SubjectPattern, DaemonError> {
+    SubjectPattern::parse(text).map_err(|e| DaemonError::Invalid(e.to_string()))
+}
+
+/// Opens the embedded broker and declares the queues of the config: one per
+/// route, one per dead-letter subject, and the extra ones.
+pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let broker = EmbeddedBroker::open(&config.data_dir.join("embedded.redb")).map_err(|source| DaemonError::Broker {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    for route in &config.routes {
+        match route.source.broker {
+            BrokerKind::Embedded => broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None),
+        }
+        let dlq = route.dead_letter_subject();
+        broker.declare_queue(&dlq, vec![pattern(&dlq)?], None);
+    }
+    for q in &config.brokers.embedded.queues {
+        let patterns = q.subjects.iter().map(|s| pattern(s)).collect::<Result<_, _>>()?;
+        broker.declare_queue(&q.name, patterns, q.max_len);
+    }
+    Ok(broker)
+}
+
+pub fn build_routes(
+    config: &Config,
+    broker: &EmbeddedBroker,
+    plugins: &BTreeMap<String, Arc<Plugin>>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<Arc<Route>>, DaemonError> {
+    config
+        .routes
+        .iter()
+        .map(|r| {
+            let plugin = plugins
+                .get(&r.plugin)
+                .cloned()
+                .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))?;
+            let (source, description): (Arc<dyn Source>, String) = match r.source.broker {
+                BrokerKind::Embedded => (Arc::new(broker.source(&r.name)), format!("embedded {}", r.source.subject)),
+            };
+            let sink: Arc<dyn Sink> = Arc::new(broker.clone());
+            Ok(Arc::new(Route {
+                name: r.name.clone(),
+                source_description: description,
+                source,
+                sink: sink.clone(),
+                dead_letter_sink: sink,
+                dead_letter_subject: r.dead_letter_subject(),
+                plugin,
+                policy: Policy {
+                    retry: r.retry.clone(),
+                    on_failure: r.on_failure,
+                },
+                concurrency: r.concurrency,
+                metrics: metrics.clone(),
+                status: Arc::new(RouteStatus::default()),
+            }))
+        })
+        .collect()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then stops fetching, lets
+/// in-flight messages finish within the grace period, and returns. A second
+/// signal ends the process at once.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let broker = open_broker(&config)?;
+    let engine = build_engine(&config)?;
+    let plugins = load_plugins(&engine, &config)?;
+    let metrics = Arc::new(Metrics::new());
+    let routes = build_routes(&config, &broker, &plugins, &metrics)?;
+
+    let state = Arc::new(AdminState {
+        metrics,
+        broker: broker.clone(),
+        routes: routes.clone(),
+        ready: false.into(),
+    });
+    let admin_stop = CancellationToken::new();
+    let admin = admin::serve(config.admin.listen, state.clone(), admin_stop.clone())
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.admin.listen.to_string(),
+            source,
+        })?;
+
+    let stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for route in &routes {
+        workers.extend(route.spawn(&stop));
+        tracing::info!(route = %route.name, source = %route.source_description, plugin = %route.plugin.name(), concurrency = route.concurrency, "route started");
+    }
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(admin = %config.admin.listen, "sluice is running");
+
+    wait_for_signal().await;
+    tracing::info!(grace = ?config.shutdown_grace, "stopping: no new messages; waiting for in-flight ones");
+    state.ready.store(false, Ordering::Relaxed);
+    stop.cancel();
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now; unsettled messages will be redelivered");
+        std::process::exit(130);
+    });
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        for w in workers {
+            let _ = w.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("grace period over; unsettled messages will be redelivered");
+    }
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    broker.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
