@@ -1,0 +1,183 @@
+//! End to end on the embedded broker: the real `sluice` binary, its admin
+//! API, its data directory; crashes with SIGKILL.
+
+use serde_json::Value;
+use sluice_tests::daemon::Daemon;
+use sluice_tests::plugin;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn orders_config(concurrency: u32) -> String {
+    format!(
+        r#"
+data_dir = "{{data}}"
+shutdown_grace = "10s"
+[admin]
+listen = "{{admin}}"
+[[brokers.embedded.queues]]
+name = "enriched"
+subjects = ["enriched.>"]
+
+[plugins.order-processor]
+path = "{}"
+publish = ["enriched.orders.>"]
+
+[plugins.flaky]
+path = "{}"
+publish = ["flaky.>"]
+
+[[routes]]
+name = "orders"
+plugin = "order-processor"
+source = {{ subject = "orders.>" }}
+concurrency = {concurrency}
+dead_letter = {{ subject = "dlq.orders" }}
+
+[[routes]]
+name = "flaky"
+plugin = "flaky"
+source = {{ subject = "flaky.in" }}
+dead_letter = {{ subject = "dlq.flaky" }}
+[routes.retry]
+max_attempts = 3
+initial_backoff = "10ms"
+max_backoff = "50ms"
+
+[[brokers.embedded.queues]]
+name = "flaky-done"
+subjects = ["flaky.done"]
+"#,
+        plugin("order_processor").display(),
+        plugin("fixture_flaky").display(),
+    )
+}
+
+fn order(i: usize) -> Vec<u8> {
+    serde_json::json!({
+        "order_id": format!("o-{i}"),
+        "user_id": format!("u-{}", i % 7),
+        "amount_cents": i * 10,
+        "event_type": if i % 2 == 0 { "created" } else { "paid" },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn enriched_order_ids(d: &Daemon) -> BTreeSet<String> {
+    d.queue("enriched")
+        .iter()
+        .filter_map(|m| m["payload"].as_str())
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|v| v["order_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn thousand_messages_survive_a_sigkill_half_way() {
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &orders_config(4));
+    let admin = d.admin.clone();
+
+    // The publisher keeps going through the crash: a publish that fails is
+    // tried again until the restarted daemon takes it.
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let published = published.clone();
+        let probe = Daemon::probe(&admin);
+        std::thread::spawn(move || {
+            for i in 0..N {
+                let body = order(i);
+                let subject = if i % 2 == 0 { "orders.created" } else { "orders.paid" };
+                let mut tries = 0;
+                while let Err(e) = probe.try_publish(subject, &[], &body) {
+                    tries += 1;
+                    assert!(tries < 600, "publish {i} never succeeded: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                published.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    d.wait_for("half of the messages published", Duration::from_secs(60), || {
+        published.load(Ordering::SeqCst) >= N / 2
+    });
+    d.kill();
+    let published_at_crash = published.load(Ordering::SeqCst);
+    d.restart();
+    publisher.join().expect("publisher");
+
+    d.wait_for("every order enriched", Duration::from_secs(120), || {
+        enriched_order_ids(&d).len() == N
+    });
+    let ids = enriched_order_ids(&d);
+    for i in 0..N {
+        assert!(ids.contains(&format!("o-{i}")), "order o-{i} was lost");
+    }
+    d.wait_for("the orders queue to drain", Duration::from_secs(30), || d.queue_len("orders") == 0);
+    assert!(d.queue("dlq.orders").is_empty(), "nothing should be dead-lettered");
+    assert!(published_at_crash < N, "the crash happened after all publishes; test proves nothing");
+}
+
+#[test]
+fn malformed_json_is_dead_lettered_after_one_attempt_with_failure_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &orders_config(1));
+    d.publish("orders.created", &[("trace", "t-1")], b"{not json");
+    d.wait_for("the dead letter", Duration::from_secs(30), || !d.queue("dlq.orders").is_empty());
+    let dl = &d.queue("dlq.orders")[0];
+    assert_eq!(dl["payload"], "{not json");
+    let header = |name: &str| {
+        dl["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .map(|h| h["value"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("header {name} missing in {dl}"))
+    };
+    assert_eq!(header("trace"), "t-1", "original headers are kept");
+    assert_eq!(header("sluice-error-kind"), "permanent");
+    assert_eq!(header("sluice-attempts"), "1");
+    assert_eq!(header("sluice-route"), "orders");
+    assert!(header("sluice-plugin").starts_with("order-processor@sha256:"));
+    assert!(header("sluice-origin").contains("orders.created"));
+    assert!(header("sluice-error").contains("JSON"));
+    assert!(!header("sluice-failed-at").is_empty());
+    assert_eq!(d.metric("sluice_messages_total{route=\"orders\",outcome=\"dead_letter\"}"), 1.0);
+}
+
+#[test]
+fn retryable_failures_are_retried_with_backoff_then_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &orders_config(1));
+    // Fails twice, succeeds on attempt 3 (= max_attempts).
+    d.publish("flaky.in", &[("fail-times", "2")], b"a");
+    d.wait_for("flaky.done", Duration::from_secs(30), || d.queue("flaky-done").len() == 1);
+    assert_eq!(d.metric("sluice_messages_total{route=\"flaky\",outcome=\"retry\"}"), 2.0);
+    // Would need 4 attempts: dead-lettered after the third.
+    d.publish("flaky.in", &[("fail-times", "3")], b"b");
+    d.wait_for("the dead letter", Duration::from_secs(30), || d.queue("dlq.flaky").len() == 1);
+    let dl = &d.queue("dlq.flaky")[0];
+    let attempts = dl["headers"].as_array().unwrap().iter().find(|h| h["name"] == "sluice-attempts").unwrap();
+    assert_eq!(attempts["value"], "3");
+    assert_eq!(d.queue("flaky-done").len(), 1, "a failed handler's publish must not be visible");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &orders_config(2));
+    for i in 0..N {
+        d.publish("orders.created", &[], &order(i));
+    }
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status}:\n{}", d.log());
+    assert!(d.log().contains("stopped"), "{}", d.log());
+    d.restart();
+    d.wait_for("every order enriched", Duration::from_secs(60), || enriched_order_ids(&d).len() == N);
+}
