@@ -1,0 +1,183 @@
+//! The `sluice` command line: `invoke` and `check`, as a user runs them.
+
+use serde_json::Value;
+use sluice_tests::{plugin, sluice_bin};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(sluice_bin())
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run sluice")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn invoke_order_processor_with_a_valid_payload_prints_ok_and_the_publish() {
+    let wasm = plugin("order_processor");
+    let out = sluice(&[
+        "invoke",
+        wasm.to_str().unwrap(),
+        "--subject",
+        "orders.created",
+        "--header",
+        "Idempotency-Key=k-1",
+        "--payload",
+        r#"{"order_id":"o-1","user_id":"u-1","amount_cents":1999,"event_type":"created"}"#,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = stdout_json(&out);
+    assert_eq!(json["outcome"], "ok");
+    let publishes = json["publishes"].as_array().unwrap();
+    assert_eq!(publishes.len(), 1);
+    assert_eq!(publishes[0]["subject"], "enriched.orders.created");
+    let body: Value = serde_json::from_str(publishes[0]["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(body["order_id"], "o-1");
+    assert_eq!(body["amount"], "19.99");
+    assert_eq!(json["plugin"]["name"], "order_processor");
+    assert_eq!(json["plugin"]["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn invoke_order_processor_with_malformed_json_prints_a_permanent_failure() {
+    let wasm = plugin("order_processor");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.json");
+    std::fs::write(&file, "{\"order_id\": ").unwrap();
+    let payload = format!("@{}", file.display());
+    let out = sluice(&["invoke", wasm.to_str().unwrap(), "--payload", &payload]);
+    assert_eq!(out.status.code(), Some(1), "a failed outcome exits 1");
+    let json = stdout_json(&out);
+    assert_eq!(json["outcome"], "failed");
+    assert_eq!(json["kind"], "permanent");
+    assert!(json["reason"].as_str().unwrap().contains("JSON"), "{json}");
+    assert!(json["publishes"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn invoke_pricing_prints_the_reply() {
+    let wasm = plugin("pricing");
+    for (product, price) in [("widget", 999), ("gadget", 2499), ("other", 100)] {
+        let out = sluice(&["invoke", wasm.to_str().unwrap(), "--payload", product, "--reply-to", "_INBOX.1"]);
+        assert!(out.status.success());
+        let json = stdout_json(&out);
+        let reply: Value = serde_json::from_str(json["reply"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(reply, serde_json::json!({ "price_cents": price }), "{product}");
+    }
+}
+
+#[test]
+fn invoke_refuses_a_file_that_is_not_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("module.wasm");
+    std::fs::write(&file, b"\0asm\x01\0\0\0").unwrap();
+    let out = sluice(&["invoke", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("core WebAssembly module, not a component"), "{err}");
+}
+
+fn check(dir: &Path, config: &str) -> (bool, String) {
+    let path = dir.join("sluice.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = sluice(&["check", "--config", path.to_str().unwrap()]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn good_config() -> String {
+    format!(
+        "data_dir = \"data\"\n\
+         [plugins.orders]\n\
+         path = \"{}\"\n\
+         publish = [\"enriched.>\"]\n\
+         \n\
+         [[routes]]\n\
+         name = \"orders\"\n\
+         plugin = \"orders\"\n\
+         source = {{ subject = \"orders.>\" }}\n",
+        plugin("order_processor").display()
+    )
+}
+
+#[test]
+fn check_accepts_a_good_config_and_loads_its_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = check(dir.path(), &good_config());
+    assert!(ok, "{text}");
+    assert!(text.contains("ok (1 routes, 1 plugins)"), "{text}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_an_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config().replace("plugin = \"orders\"\n", "plugin = \"orders\"\nconcurency = 4\n");
+    let (ok, text) = check(dir.path(), &config);
+    assert!(!ok);
+    let file = dir.path().join("sluice.toml");
+    assert!(text.contains(&format!("{}:9:", file.display())), "{text}");
+    assert!(text.contains("concurency"), "{text}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{}concurrency = \"four\"\n", good_config());
+    let (ok, text) = check(dir.path(), &config);
+    assert!(!ok);
+    assert!(text.contains("sluice.toml:10:"), "{text}");
+    assert!(text.contains("routes.0.concurrency"), "{text}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_missing_plugin_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config().replace(plugin("order_processor").to_str().unwrap(), "missing.wasm");
+    let (ok, text) = check(dir.path(), &config);
+    assert!(!ok);
+    assert!(text.contains("sluice.toml:3: key `plugins.orders.path`"), "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+}
+
+#[test]
+fn check_refuses_a_route_naming_an_unknown_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config().replace("plugin = \"orders\"", "plugin = \"ordrs\"");
+    let (ok, text) = check(dir.path(), &config);
+    assert!(!ok);
+    assert!(text.contains("sluice.toml:8: key `routes.0.plugin`"), "{text}");
+}
+
+#[test]
+fn check_refuses_a_plugin_that_is_not_a_component_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake.wasm");
+    std::fs::write(&fake, b"not wasm at all").unwrap();
+    let config = good_config().replace(plugin("order_processor").to_str().unwrap(), fake.to_str().unwrap());
+    let (ok, text) = check(dir.path(), &config);
+    assert!(!ok);
+    assert!(text.contains("is not WebAssembly"), "{text}");
+}
+
+#[test]
+fn the_shipped_default_config_is_valid() {
+    let config = sluice_tests::workspace().join("config/sluice.toml");
+    let out = Command::new(sluice_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env("SLUICE_PLUGIN_DIR", plugin("noop").parent().unwrap())
+        .env("SLUICE_DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
