@@ -98,6 +98,7 @@ fn main() {
     let reuse = load(Isolation::Reuse);
 
     println!("dispatch of a 1 KiB message to noop, {n} messages per thread");
+    println!("noop imports {} interfaces: {}", fresh.imports().len(), fresh.imports().join(" "));
     println!("{:<7} {:>7} {:>10} {:>10} {:>14}", "mode", "threads", "p50 µs", "p99 µs", "wall µs/msg");
     let mut p50 = std::collections::HashMap::new();
     for threads in [1usize, 2] {

@@ -113,6 +113,7 @@ pub struct Plugin {
     pre: HandlerPre<HostState>,
     ctx: Arc<PluginContext>,
     warm: Mutex<Vec<Warm>>,
+    imports: Vec<String>,
 }
 
 /// The deadline of the message a store is running; read by the epoch
@@ -175,6 +176,7 @@ impl Plugin {
             })?;
 
         let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(wasmtime).map(|(n, _)| n.to_owned()).collect();
         let has_handle = ty
             .exports(wasmtime)
             .any(|(n, item)| n == "handle" && matches!(item.ty, ComponentItem::ComponentFunc(_)));
@@ -214,6 +216,7 @@ impl Plugin {
             pre,
             ctx,
             warm: Mutex::new(Vec::new()),
+            imports,
         })
     }
 
@@ -229,6 +232,10 @@ impl Plugin {
     }
     pub fn isolation(&self) -> Isolation {
         self.spec_isolation
+    }
+    /// The interfaces the component imports (WASI and the sluice host).
+    pub fn imports(&self) -> &[String] {
+        &self.imports
     }
     pub fn timeout(&self) -> Duration {
         self.timeout
