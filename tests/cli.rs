@@ -36,7 +36,11 @@ fn invoke_order_processor_with_a_valid_payload_prints_ok_and_the_publish() {
         "--payload",
         r#"{"order_id":"o-1","user_id":"u-1","amount_cents":1999,"event_type":"created"}"#,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = stdout_json(&out);
     assert_eq!(json["outcome"], "ok");
     let publishes = json["publishes"].as_array().unwrap();
@@ -69,11 +73,23 @@ fn invoke_order_processor_with_malformed_json_prints_a_permanent_failure() {
 fn invoke_pricing_prints_the_reply() {
     let wasm = plugin("pricing");
     for (product, price) in [("widget", 999), ("gadget", 2499), ("other", 100)] {
-        let out = sluice(&["invoke", wasm.to_str().unwrap(), "--payload", product, "--reply-to", "_INBOX.1"]);
+        let out = sluice(&[
+            "invoke",
+            wasm.to_str().unwrap(),
+            "--payload",
+            product,
+            "--reply-to",
+            "_INBOX.1",
+        ]);
         assert!(out.status.success());
         let json = stdout_json(&out);
-        let reply: Value = serde_json::from_str(json["reply"]["payload"].as_str().unwrap()).unwrap();
-        assert_eq!(reply, serde_json::json!({ "price_cents": price }), "{product}");
+        let reply: Value =
+            serde_json::from_str(json["reply"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            reply,
+            serde_json::json!({ "price_cents": price }),
+            "{product}"
+        );
     }
 }
 
@@ -85,14 +101,21 @@ fn invoke_refuses_a_file_that_is_not_a_component() {
     let out = sluice(&["invoke", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("core WebAssembly module, not a component"), "{err}");
+    assert!(
+        err.contains("core WebAssembly module, not a component"),
+        "{err}"
+    );
 }
 
 fn check(dir: &Path, config: &str) -> (bool, String) {
     let path = dir.join("sluice.toml");
     std::fs::write(&path, config).unwrap();
     let out = sluice(&["check", "--config", path.to_str().unwrap()]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -122,7 +145,10 @@ fn check_accepts_a_good_config_and_loads_its_plugins() {
 #[test]
 fn check_names_file_line_and_key_of_an_unknown_key() {
     let dir = tempfile::tempdir().unwrap();
-    let config = good_config().replace("plugin = \"orders\"\n", "plugin = \"orders\"\nconcurency = 4\n");
+    let config = good_config().replace(
+        "plugin = \"orders\"\n",
+        "plugin = \"orders\"\nconcurency = 4\n",
+    );
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
     let file = dir.path().join("sluice.toml");
@@ -146,7 +172,10 @@ fn check_names_file_line_and_key_of_a_missing_plugin_file() {
     let config = good_config().replace(plugin("order_processor").to_str().unwrap(), "missing.wasm");
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
-    assert!(text.contains("sluice.toml:3: key `plugins.orders.path`"), "{text}");
+    assert!(
+        text.contains("sluice.toml:3: key `plugins.orders.path`"),
+        "{text}"
+    );
     assert!(text.contains("does not exist"), "{text}");
 }
 
@@ -156,7 +185,10 @@ fn check_refuses_a_route_naming_an_unknown_plugin() {
     let config = good_config().replace("plugin = \"orders\"", "plugin = \"ordrs\"");
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
-    assert!(text.contains("sluice.toml:8: key `routes.0.plugin`"), "{text}");
+    assert!(
+        text.contains("sluice.toml:8: key `routes.0.plugin`"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -164,7 +196,10 @@ fn check_refuses_a_plugin_that_is_not_a_component_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("fake.wasm");
     std::fs::write(&fake, b"not wasm at all").unwrap();
-    let config = good_config().replace(plugin("order_processor").to_str().unwrap(), fake.to_str().unwrap());
+    let config = good_config().replace(
+        plugin("order_processor").to_str().unwrap(),
+        fake.to_str().unwrap(),
+    );
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
     assert!(text.contains("is not WebAssembly"), "{text}");
@@ -179,5 +214,9 @@ fn the_shipped_default_config_is_valid() {
         .env("SLUICE_DATA_DIR", tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -59,7 +59,7 @@ fn order(i: usize) -> Vec<u8> {
         "order_id": format!("o-{i}"),
         "user_id": format!("u-{}", i % 7),
         "amount_cents": i * 10,
-        "event_type": if i % 2 == 0 { "created" } else { "paid" },
+        "event_type": if i.is_multiple_of(2) { "created" } else { "paid" },
     })
     .to_string()
     .into_bytes()
@@ -90,7 +90,11 @@ fn thousand_messages_survive_a_sigkill_half_way() {
         std::thread::spawn(move || {
             for i in 0..N {
                 let body = order(i);
-                let subject = if i % 2 == 0 { "orders.created" } else { "orders.paid" };
+                let subject = if i.is_multiple_of(2) {
+                    "orders.created"
+                } else {
+                    "orders.paid"
+                };
                 let mut tries = 0;
                 while let Err(e) = probe.try_publish(subject, &[], &body) {
                     tries += 1;
@@ -102,9 +106,11 @@ fn thousand_messages_survive_a_sigkill_half_way() {
         })
     };
 
-    d.wait_for("half of the messages published", Duration::from_secs(60), || {
-        published.load(Ordering::SeqCst) >= N / 2
-    });
+    d.wait_for(
+        "half of the messages published",
+        Duration::from_secs(60),
+        || published.load(Ordering::SeqCst) >= N / 2,
+    );
     d.kill();
     let published_at_crash = published.load(Ordering::SeqCst);
     d.restart();
@@ -117,9 +123,17 @@ fn thousand_messages_survive_a_sigkill_half_way() {
     for i in 0..N {
         assert!(ids.contains(&format!("o-{i}")), "order o-{i} was lost");
     }
-    d.wait_for("the orders queue to drain", Duration::from_secs(30), || d.queue_len("orders") == 0);
-    assert!(d.queue("dlq.orders").is_empty(), "nothing should be dead-lettered");
-    assert!(published_at_crash < N, "the crash happened after all publishes; test proves nothing");
+    d.wait_for("the orders queue to drain", Duration::from_secs(30), || {
+        d.queue_len("orders") == 0
+    });
+    assert!(
+        d.queue("dlq.orders").is_empty(),
+        "nothing should be dead-lettered"
+    );
+    assert!(
+        published_at_crash < N,
+        "the crash happened after all publishes; test proves nothing"
+    );
 }
 
 #[test]
@@ -127,7 +141,9 @@ fn malformed_json_is_dead_lettered_after_one_attempt_with_failure_headers() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &orders_config(1));
     d.publish("orders.created", &[("trace", "t-1")], b"{not json");
-    d.wait_for("the dead letter", Duration::from_secs(30), || !d.queue("dlq.orders").is_empty());
+    d.wait_for("the dead letter", Duration::from_secs(30), || {
+        !d.queue("dlq.orders").is_empty()
+    });
     let dl = &d.queue("dlq.orders")[0];
     assert_eq!(dl["payload"], "{not json");
     let header = |name: &str| {
@@ -147,7 +163,10 @@ fn malformed_json_is_dead_lettered_after_one_attempt_with_failure_headers() {
     assert!(header("sluice-origin").contains("orders.created"));
     assert!(header("sluice-error").contains("JSON"));
     assert!(!header("sluice-failed-at").is_empty());
-    assert_eq!(d.metric("sluice_messages_total{route=\"orders\",outcome=\"dead_letter\"}"), 1.0);
+    assert_eq!(
+        d.metric("sluice_messages_total{route=\"orders\",outcome=\"dead_letter\"}"),
+        1.0
+    );
 }
 
 #[test]
@@ -156,15 +175,31 @@ fn retryable_failures_are_retried_with_backoff_then_dead_lettered() {
     let d = Daemon::start(dir.path(), &orders_config(1));
     // Fails twice, succeeds on attempt 3 (= max_attempts).
     d.publish("flaky.in", &[("fail-times", "2")], b"a");
-    d.wait_for("flaky.done", Duration::from_secs(30), || d.queue("flaky-done").len() == 1);
-    assert_eq!(d.metric("sluice_messages_total{route=\"flaky\",outcome=\"retry\"}"), 2.0);
+    d.wait_for("flaky.done", Duration::from_secs(30), || {
+        d.queue("flaky-done").len() == 1
+    });
+    assert_eq!(
+        d.metric("sluice_messages_total{route=\"flaky\",outcome=\"retry\"}"),
+        2.0
+    );
     // Would need 4 attempts: dead-lettered after the third.
     d.publish("flaky.in", &[("fail-times", "3")], b"b");
-    d.wait_for("the dead letter", Duration::from_secs(30), || d.queue("dlq.flaky").len() == 1);
+    d.wait_for("the dead letter", Duration::from_secs(30), || {
+        d.queue("dlq.flaky").len() == 1
+    });
     let dl = &d.queue("dlq.flaky")[0];
-    let attempts = dl["headers"].as_array().unwrap().iter().find(|h| h["name"] == "sluice-attempts").unwrap();
+    let attempts = dl["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "sluice-attempts")
+        .unwrap();
     assert_eq!(attempts["value"], "3");
-    assert_eq!(d.queue("flaky-done").len(), 1, "a failed handler's publish must not be visible");
+    assert_eq!(
+        d.queue("flaky-done").len(),
+        1,
+        "a failed handler's publish must not be visible"
+    );
 }
 
 #[test]
@@ -179,5 +214,7 @@ fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
     assert!(status.success(), "exit status {status}:\n{}", d.log());
     assert!(d.log().contains("stopped"), "{}", d.log());
     d.restart();
-    d.wait_for("every order enriched", Duration::from_secs(60), || enriched_order_ids(&d).len() == N);
+    d.wait_for("every order enriched", Duration::from_secs(60), || {
+        enriched_order_ids(&d).len() == N
+    });
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 fn noop_path() -> PathBuf {
     let dir = std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+        });
     dir.join("noop.wasm")
 }
 
@@ -47,7 +49,10 @@ fn run(plugin: &Arc<Plugin>, threads: usize, per_thread: usize) -> Stats {
         .map(|_| {
             let plugin = plugin.clone();
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(async move {
                     let msg = message();
                     let mut samples = Vec::with_capacity(per_thread);
@@ -55,14 +60,21 @@ fn run(plugin: &Arc<Plugin>, threads: usize, per_thread: usize) -> Stats {
                         let t = Instant::now();
                         let inv = plugin.invoke("bench", &msg).await;
                         samples.push(t.elapsed());
-                        assert!(matches!(inv.outcome, Outcome::Ok { .. }), "{:?}", inv.outcome);
+                        assert!(
+                            matches!(inv.outcome, Outcome::Ok { .. }),
+                            "{:?}",
+                            inv.outcome
+                        );
                     }
                     samples
                 })
             })
         })
         .collect();
-    let mut all: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().expect("bench thread")).collect();
+    let mut all: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("bench thread"))
+        .collect();
     let wall = started.elapsed();
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
@@ -80,10 +92,16 @@ fn us(d: Duration) -> f64 {
 fn main() {
     let path = noop_path();
     if !path.is_file() {
-        eprintln!("{} is missing: build it with `cargo build --target wasm32-wasip2 --release -p noop`", path.display());
+        eprintln!(
+            "{} is missing: build it with `cargo build --target wasm32-wasip2 --release -p noop`",
+            path.display()
+        );
         std::process::exit(2);
     }
-    let n: usize = std::env::var("SLUICE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: usize = std::env::var("SLUICE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let engine = Engine::new(EngineSettings {
         max_instances: 64,
         ..Default::default()
@@ -98,8 +116,15 @@ fn main() {
     let reuse = load(Isolation::Reuse);
 
     println!("dispatch of a 1 KiB message to noop, {n} messages per thread");
-    println!("noop imports {} interfaces: {}", fresh.imports().len(), fresh.imports().join(" "));
-    println!("{:<7} {:>7} {:>10} {:>10} {:>14}", "mode", "threads", "p50 µs", "p99 µs", "wall µs/msg");
+    println!(
+        "noop imports {} interfaces: {}",
+        fresh.imports().len(),
+        fresh.imports().join(" ")
+    );
+    println!(
+        "{:<7} {:>7} {:>10} {:>10} {:>14}",
+        "mode", "threads", "p50 µs", "p99 µs", "wall µs/msg"
+    );
     let mut p50 = std::collections::HashMap::new();
     for threads in [1usize, 2] {
         for (name, plugin) in [("fresh", &fresh), ("reuse", &reuse)] {

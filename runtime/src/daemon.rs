@@ -27,7 +27,10 @@ pub enum DaemonError {
     #[error("cannot create the data directory {dir}: {source}")]
     DataDir { dir: String, source: std::io::Error },
     #[error("cannot listen on {addr} for the admin API: {source} (set [admin] listen to another address)")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -59,7 +62,10 @@ pub fn plugin_spec(name: &str, plugin: &PluginConfig) -> PluginSpec {
 }
 
 /// Loads every plugin of the config; the first refusal is the error.
-pub fn load_plugins(engine: &Engine, config: &Config) -> Result<BTreeMap<String, Arc<Plugin>>, DaemonError> {
+pub fn load_plugins(
+    engine: &Engine,
+    config: &Config,
+) -> Result<BTreeMap<String, Arc<Plugin>>, DaemonError> {
     let mut plugins = BTreeMap::new();
     for (name, plugin) in &config.plugins {
         let loaded = engine.load(plugin_spec(name, plugin))?;
@@ -85,19 +91,28 @@ pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
-    let broker = EmbeddedBroker::open(&config.data_dir.join("embedded.redb")).map_err(|source| DaemonError::Broker {
-        dir: config.data_dir.display().to_string(),
-        source,
-    })?;
+    let broker =
+        EmbeddedBroker::open(&config.data_dir.join("embedded.redb")).map_err(|source| {
+            DaemonError::Broker {
+                dir: config.data_dir.display().to_string(),
+                source,
+            }
+        })?;
     for route in &config.routes {
         match route.source.broker {
-            BrokerKind::Embedded => broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None),
+            BrokerKind::Embedded => {
+                broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None)
+            }
         }
         let dlq = route.dead_letter_subject();
         broker.declare_queue(&dlq, vec![pattern(&dlq)?], None);
     }
     for q in &config.brokers.embedded.queues {
-        let patterns = q.subjects.iter().map(|s| pattern(s)).collect::<Result<_, _>>()?;
+        let patterns = q
+            .subjects
+            .iter()
+            .map(|s| pattern(s))
+            .collect::<Result<_, _>>()?;
         broker.declare_queue(&q.name, patterns, q.max_len);
     }
     Ok(broker)
@@ -113,12 +128,14 @@ pub fn build_routes(
         .routes
         .iter()
         .map(|r| {
-            let plugin = plugins
-                .get(&r.plugin)
-                .cloned()
-                .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))?;
+            let plugin = plugins.get(&r.plugin).cloned().ok_or_else(|| {
+                DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin))
+            })?;
             let (source, description): (Arc<dyn Source>, String) = match r.source.broker {
-                BrokerKind::Embedded => (Arc::new(broker.source(&r.name)), format!("embedded {}", r.source.subject)),
+                BrokerKind::Embedded => (
+                    Arc::new(broker.source(&r.name)),
+                    format!("embedded {}", r.source.subject),
+                ),
             };
             let sink: Arc<dyn Sink> = Arc::new(broker.clone());
             Ok(Arc::new(Route {

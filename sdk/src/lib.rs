@@ -106,7 +106,11 @@ pub fn publish_with_headers(
 }
 
 /// Sends a request and waits for its answer (NATS request/reply).
-pub fn request(subject: &str, payload: impl AsRef<[u8]>, timeout: Duration) -> Result<Vec<u8>, Error> {
+pub fn request(
+    subject: &str,
+    payload: impl AsRef<[u8]>,
+    timeout: Duration,
+) -> Result<Vec<u8>, Error> {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     host::request(subject, payload.as_ref(), ms).map_err(host_error)
 }

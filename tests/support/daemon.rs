@@ -37,12 +37,22 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn try_publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
+    pub fn try_publish(
+        &self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) -> Result<(), String> {
         publish_to(&self.admin, subject, headers, payload)
     }
 }
 
-fn publish_to(admin: &str, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
+fn publish_to(
+    admin: &str,
+    subject: &str,
+    headers: &[(&str, &str)],
+    payload: &[u8],
+) -> Result<(), String> {
     let mut req = agent().post(format!("http://{admin}/v1/publish/{subject}"));
     for (k, v) in headers {
         req = req.header("x-sluice-header", format!("{k}={v}"));
@@ -123,13 +133,22 @@ impl Daemon {
                     return;
                 }
             }
-            assert!(started.elapsed() < timeout, "sluice not ready after {timeout:?}:\n{}", self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "sluice not ready after {timeout:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Publishes through the admin API; Err on any failure (daemon down).
-    pub fn try_publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
+    pub fn try_publish(
+        &self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) -> Result<(), String> {
         publish_to(&self.admin, subject, headers, payload)
     }
 
@@ -184,14 +203,20 @@ impl Daemon {
     pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         let started = Instant::now();
         while !cond() {
-            assert!(started.elapsed() < timeout, "timed out waiting for {what}:\n{}", self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "timed out waiting for {what}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn signal(&self, sig: &str) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status();
         }
     }
 

@@ -47,7 +47,9 @@ fn cargo() -> Command {
 
 fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !st.success() {
         bail!("{shown} failed ({st})");
     }
@@ -61,7 +63,10 @@ fn ensure_wasm_target() -> Result<()> {
         .output();
     match installed {
         Ok(out) if out.status.success() => {
-            if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == WASM_TARGET) {
+            if !String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET)
+            {
                 eprintln!("xtask: adding the {WASM_TARGET} target");
                 status(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
             }
@@ -79,7 +84,9 @@ fn ensure_wasm_target() -> Result<()> {
 fn plugin_packages(root: &Path) -> Result<Vec<String>> {
     let mut manifests = Vec::new();
     for dir in ["plugins", "plugins/fixtures"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let manifest = entry.path().join("Cargo.toml");
             if manifest.is_file() {
@@ -90,10 +97,15 @@ fn plugin_packages(root: &Path) -> Result<Vec<String>> {
     manifests.sort();
     let mut names = Vec::new();
     for manifest in manifests {
-        let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        let text = std::fs::read_to_string(&manifest)
+            .with_context(|| format!("reading {}", manifest.display()))?;
         let name = text
             .lines()
-            .find_map(|l| l.trim().strip_prefix("name = ").map(|n| n.trim_matches('"').to_owned()))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("name = ")
+                    .map(|n| n.trim_matches('"').to_owned())
+            })
             .with_context(|| format!("no package name in {}", manifest.display()))?;
         names.push(name);
     }

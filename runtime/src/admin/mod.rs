@@ -64,7 +64,11 @@ pub async fn serve(
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if !state.ready.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or stopping\n",
+        )
+            .into_response();
     }
     let down: Vec<&str> = state
         .routes
@@ -85,7 +89,10 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
@@ -148,7 +155,9 @@ fn message_headers(headers: &HeaderMap) -> Result<Vec<Header>, String> {
         .get_all(MESSAGE_HEADER)
         .iter()
         .map(|v| {
-            let text = v.to_str().map_err(|_| format!("{MESSAGE_HEADER} is not text"))?;
+            let text = v
+                .to_str()
+                .map_err(|_| format!("{MESSAGE_HEADER} is not text"))?;
             let (name, value) = text
                 .split_once('=')
                 .ok_or_else(|| format!("{MESSAGE_HEADER} {text:?} is not Name=value"))?;
@@ -173,7 +182,9 @@ async fn publish(
         payload: body.to_vec(),
     };
     match state.broker.publish(vec![outbound]).await {
-        Ok(queues) => Json(serde_json::json!({ "subject": subject, "queues": queues })).into_response(),
+        Ok(queues) => {
+            Json(serde_json::json!({ "subject": subject, "queues": queues })).into_response()
+        }
         Err(PublishError::Subject(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

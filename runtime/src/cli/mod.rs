@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Runs sandboxed WebAssembly handlers for broker messages")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Runs sandboxed WebAssembly handlers for broker messages"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SLUICE_LOG_FORMAT")]
@@ -23,12 +27,22 @@ pub struct Cli {
 enum Command {
     /// Run the daemon.
     Run {
-        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "config/sluice.toml",
+            env = "SLUICE_CONFIG"
+        )]
         config: PathBuf,
     },
     /// Validate the config and load every plugin, then exit.
     Check {
-        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
+        #[arg(
+            long,
+            short,
+            default_value = "config/sluice.toml",
+            env = "SLUICE_CONFIG"
+        )]
         config: PathBuf,
     },
     /// Run a handler once on a message, without a broker; prints the outcome,
@@ -85,10 +99,13 @@ pub(crate) fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
     match arg.strip_prefix('@') {
         Some("-") => {
             let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading the payload from stdin")?;
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .context("reading the payload from stdin")?;
             Ok(buf)
         }
-        Some(path) => std::fs::read(path).with_context(|| format!("reading the payload from {path}")),
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("reading the payload from {path}"))
+        }
         None => Ok(arg.as_bytes().to_vec()),
     }
 }

@@ -24,7 +24,9 @@ fn encode_path(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -32,7 +34,11 @@ fn encode_path(segment: &str) -> String {
 
 pub fn run(args: PublishArgs) -> anyhow::Result<i32> {
     let payload = read_payload(&args.payload)?;
-    let url = format!("http://{}/v1/publish/{}", args.admin, encode_path(&args.subject));
+    let url = format!(
+        "http://{}/v1/publish/{}",
+        args.admin,
+        encode_path(&args.subject)
+    );
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -41,9 +47,12 @@ pub fn run(args: PublishArgs) -> anyhow::Result<i32> {
     for (name, value) in &args.headers {
         request = request.header(MESSAGE_HEADER, format!("{name}={value}"));
     }
-    let mut response = request
-        .send(&payload[..])
-        .with_context(|| format!("cannot reach the sluice admin API at {} (is `sluice run` running?)", args.admin))?;
+    let mut response = request.send(&payload[..]).with_context(|| {
+        format!(
+            "cannot reach the sluice admin API at {} (is `sluice run` running?)",
+            args.admin
+        )
+    })?;
     let status = response.status();
     let body = response.body_mut().read_to_string().unwrap_or_default();
     if !status.is_success() {

@@ -72,7 +72,9 @@ fn expand_line(
                 None => (expr, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(err(format!("`${{{expr}}}` is not a valid variable reference")));
+                return Err(err(format!(
+                    "`${{{expr}}}` is not a valid variable reference"
+                )));
             }
             let value = match (lookup(name).filter(|v| !v.is_empty()), default) {
                 (Some(v), _) => v,
@@ -84,7 +86,9 @@ fn expand_line(
                 }
             };
             if value.contains('\n') {
-                return Err(err(format!("environment variable `{name}` contains a newline")));
+                return Err(err(format!(
+                    "environment variable `{name}` contains a newline"
+                )));
             }
             out.push_str(&value);
             rest = &body[end + 1..];
@@ -111,7 +115,11 @@ mod tests {
 
     #[test]
     fn expands_defaults_and_escapes() {
-        let out = interpolate("a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n", env).unwrap();
+        let out = interpolate(
+            "a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n",
+            env,
+        )
+        .unwrap();
         assert_eq!(out, "a = \"db.local:42\" # ${NOPE}\nb = \"$x d\"\n");
     }
 

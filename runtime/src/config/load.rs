@@ -67,8 +67,13 @@ pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|e| invalid(Some(e.line), "", e.message))?;
     let lines = KeyLines::scan(&text);
 
-    let deserializer = toml::de::Deserializer::parse(&text)
-        .map_err(|e| invalid(e.span().map(|s| line_at(&text, s.start)), "", e.message().to_owned()))?;
+    let deserializer = toml::de::Deserializer::parse(&text).map_err(|e| {
+        invalid(
+            e.span().map(|s| line_at(&text, s.start)),
+            "",
+            e.message().to_owned(),
+        )
+    })?;
     let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = dotted(e.path());
         let inner = e.into_inner();
@@ -86,7 +91,8 @@ pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
         plugin.path = base.join(&plugin.path);
     }
 
-    validate(&config).map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
+    validate(&config)
+        .map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
     Ok(config)
 }
 
@@ -123,7 +129,10 @@ fn validate(config: &Config) -> Result<(), Problem> {
         if !plugin.path.is_file() {
             return Err((
                 key("path"),
-                format!("plugin file {} does not exist (build the plugins first?)", plugin.path.display()),
+                format!(
+                    "plugin file {} does not exist (build the plugins first?)",
+                    plugin.path.display()
+                ),
             ));
         }
         if plugin.max_memory_mb == 0 || plugin.max_memory_mb > 4096 {
@@ -134,7 +143,8 @@ fn validate(config: &Config) -> Result<(), Problem> {
         }
         for (list, patterns) in [("publish", &plugin.publish), ("request", &plugin.request)] {
             for (i, p) in patterns.iter().enumerate() {
-                SubjectPattern::parse(p).map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
+                SubjectPattern::parse(p)
+                    .map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
             }
         }
     }
@@ -145,13 +155,20 @@ fn validate(config: &Config) -> Result<(), Problem> {
             return Err((key("name"), "must be non-empty and without spaces".into()));
         }
         if !names.insert(route.name.as_str()) {
-            return Err((key("name"), format!("route `{}` is defined twice", route.name)));
+            return Err((
+                key("name"),
+                format!("route `{}` is defined twice", route.name),
+            ));
         }
         if !config.plugins.contains_key(&route.plugin) {
             let known: Vec<&str> = config.plugins.keys().map(String::as_str).collect();
             return Err((
                 key("plugin"),
-                format!("no plugin `{}` is defined (known: {})", route.plugin, known.join(", ")),
+                format!(
+                    "no plugin `{}` is defined (known: {})",
+                    route.plugin,
+                    known.join(", ")
+                ),
             ));
         }
         validate_route(route, &key)?;
@@ -159,18 +176,24 @@ fn validate(config: &Config) -> Result<(), Problem> {
     for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
         let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");
         if names.contains(q.name.as_str()) {
-            return Err((key("name"), format!("queue `{}` has the name of a route", q.name)));
+            return Err((
+                key("name"),
+                format!("queue `{}` has the name of a route", q.name),
+            ));
         }
         for (j, s) in q.subjects.iter().enumerate() {
-            SubjectPattern::parse(s).map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
+            SubjectPattern::parse(s)
+                .map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
         }
     }
     Ok(())
 }
 
 fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
-    SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
-    validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
+    SubjectPattern::parse(&route.source.subject)
+        .map_err(|e| (key("source.subject"), e.to_string()))?;
+    validate_subject(&route.dead_letter_subject())
+        .map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
     if route.concurrency == 0 || route.concurrency > 10_000 {
         return Err((key("concurrency"), "must be between 1 and 10000".into()));
     }
@@ -182,7 +205,10 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
         return Err((key("retry.multiplier"), "must be a number >= 1".into()));
     }
     if retry.initial_backoff > retry.max_backoff {
-        return Err((key("retry.initial_backoff"), "is larger than retry.max_backoff".into()));
+        return Err((
+            key("retry.initial_backoff"),
+            "is larger than retry.max_backoff".into(),
+        ));
     }
     Ok(())
 }
@@ -192,7 +218,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        parse_str(text, Path::new("conf/test.toml")).unwrap_err().to_string()
+        parse_str(text, Path::new("conf/test.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -212,7 +240,10 @@ mod tests {
     #[test]
     fn missing_plugin_file_names_path_key() {
         let e = err("[plugins.p]\n# the file\npath = \"nope.wasm\"\n");
-        assert!(e.starts_with("conf/test.toml:3: key `plugins.p.path`"), "{e}");
+        assert!(
+            e.starts_with("conf/test.toml:3: key `plugins.p.path`"),
+            "{e}"
+        );
         assert!(e.contains("does not exist"), "{e}");
     }
 

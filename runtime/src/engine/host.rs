@@ -179,7 +179,11 @@ fn headers_from_wit(headers: Vec<types::Header>) -> Vec<Header> {
         .collect()
 }
 
-fn check_allowed(allow: &[SubjectPattern], subject: &str, what: &str) -> Result<(), types::HostError> {
+fn check_allowed(
+    allow: &[SubjectPattern],
+    subject: &str,
+    what: &str,
+) -> Result<(), types::HostError> {
     validate_subject(subject).map_err(|e| types::HostError::Failed(e.to_string()))?;
     if allow.iter().any(|p| p.matches(subject)) {
         Ok(())
@@ -198,11 +202,21 @@ impl host::Host for HostState {
         let route = self.route.as_str();
         let id = self.message_id.as_str();
         match level {
-            types::Level::Trace => tracing::trace!(target: "sluice::plugin", plugin, route, id, "{text}"),
-            types::Level::Debug => tracing::debug!(target: "sluice::plugin", plugin, route, id, "{text}"),
-            types::Level::Info => tracing::info!(target: "sluice::plugin", plugin, route, id, "{text}"),
-            types::Level::Warn => tracing::warn!(target: "sluice::plugin", plugin, route, id, "{text}"),
-            types::Level::Error => tracing::error!(target: "sluice::plugin", plugin, route, id, "{text}"),
+            types::Level::Trace => {
+                tracing::trace!(target: "sluice::plugin", plugin, route, id, "{text}")
+            }
+            types::Level::Debug => {
+                tracing::debug!(target: "sluice::plugin", plugin, route, id, "{text}")
+            }
+            types::Level::Info => {
+                tracing::info!(target: "sluice::plugin", plugin, route, id, "{text}")
+            }
+            types::Level::Warn => {
+                tracing::warn!(target: "sluice::plugin", plugin, route, id, "{text}")
+            }
+            types::Level::Error => {
+                tracing::error!(target: "sluice::plugin", plugin, route, id, "{text}")
+            }
         }
     }
 
@@ -213,7 +227,9 @@ impl host::Host for HostState {
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
         check_allowed(&self.plugin.publish_allow, &subject, "publish")?;
-        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes + payload.len() > MAX_PUBLISH_BYTES {
+        if self.publishes.len() >= MAX_PUBLISHES
+            || self.publish_bytes + payload.len() > MAX_PUBLISH_BYTES
+        {
             return Err(types::HostError::Failed(format!(
                 "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
                 MAX_PUBLISH_BYTES >> 20
@@ -241,7 +257,11 @@ impl host::Host for HostState {
             ));
         };
         requester
-            .request(&subject, payload, Duration::from_millis(u64::from(timeout_ms)))
+            .request(
+                &subject,
+                payload,
+                Duration::from_millis(u64::from(timeout_ms)),
+            )
             .await
             .map_err(|e| match e {
                 RequestError::Timeout => types::HostError::Timeout,

@@ -91,7 +91,8 @@ impl Engine {
         let wasmtime = wasmtime::Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
 
         let mut linker = Linker::<HostState>::new(&wasmtime);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| EngineError(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| EngineError(e.to_string()))?;
         bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| EngineError(e.to_string()))?;
 

@@ -14,7 +14,9 @@ pub const ORIGIN: &str = "sluice-origin";
 pub const FAILED_AT: &str = "sluice-failed-at";
 
 /// All headers sluice adds to a dead letter.
-pub const FAILURE_HEADERS: [&str; 7] = [ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT];
+pub const FAILURE_HEADERS: [&str; 7] = [
+    ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT,
+];
 
 pub struct FailureContext<'a> {
     pub kind: FailureKind,
@@ -31,7 +33,11 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
     let mut headers: Vec<Header> = msg
         .headers
         .iter()
-        .filter(|h| !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f)))
+        .filter(|h| {
+            !FAILURE_HEADERS
+                .iter()
+                .any(|f| h.name.eq_ignore_ascii_case(f))
+        })
         .cloned()
         .collect();
     headers.extend([
@@ -39,9 +45,15 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
         Header::new(ERROR_KIND, failure.kind.as_str()),
         Header::new(ATTEMPTS, msg.attempt.to_string()),
         Header::new(ROUTE, failure.route),
-        Header::new(PLUGIN, format!("{}@sha256:{}", failure.plugin_name, failure.plugin_hash)),
+        Header::new(
+            PLUGIN,
+            format!("{}@sha256:{}", failure.plugin_name, failure.plugin_hash),
+        ),
         Header::new(ORIGIN, failure.origin),
-        Header::new(FAILED_AT, humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+        Header::new(
+            FAILED_AT,
+            humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        ),
     ]);
     Outbound {
         subject: subject.to_owned(),
@@ -52,6 +64,9 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
 
 /// Header values must stay on one line for every broker.
 fn one_line(text: &str) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     flat.chars().take(1024).collect()
 }

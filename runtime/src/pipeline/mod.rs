@@ -83,7 +83,10 @@ pub struct Route {
 impl Route {
     /// Starts the route's workers. They stop taking messages when `shutdown`
     /// is cancelled and return once their current message is settled.
-    pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.concurrency)
             .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
             .collect()
@@ -153,7 +156,9 @@ impl Route {
         let outcome_label = match decision {
             Decision::Ack => {
                 let mut outbound = invocation.publishes;
-                if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) = (&invocation.outcome, &msg.reply_to) {
+                if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) =
+                    (&invocation.outcome, &msg.reply_to)
+                {
                     outbound.push(Outbound {
                         subject: reply_to.clone(),
                         headers: reply.headers.clone(),
@@ -189,7 +194,9 @@ impl Route {
     async fn complete(&self, delivery: Box<dyn Delivery>, outbound: Vec<Outbound>) -> &'static str {
         if !outbound.is_empty() {
             if let Err(e) = self.sink.publish(outbound).await {
-                return self.settle_failed(delivery, "publishing the handler's messages", e).await;
+                return self
+                    .settle_failed(delivery, "publishing the handler's messages", e)
+                    .await;
             }
         }
         self.settle_result(delivery.ack().await, "ok")
@@ -214,16 +221,28 @@ impl Route {
             },
         );
         if let Err(e) = self.dead_letter_sink.publish(vec![copy]).await {
-            return self.settle_failed(delivery, "publishing the dead letter", e).await;
+            return self
+                .settle_failed(delivery, "publishing the dead letter", e)
+                .await;
         }
         self.settle_result(delivery.dead_lettered().await, "dead_letter")
     }
 
     /// A publish failed: the message must not be acked; have it redelivered.
-    async fn settle_failed(&self, delivery: Box<dyn Delivery>, what: &str, e: BrokerError) -> &'static str {
+    async fn settle_failed(
+        &self,
+        delivery: Box<dyn Delivery>,
+        what: &str,
+        e: BrokerError,
+    ) -> &'static str {
         tracing::error!("{what} failed, the message will be redelivered: {e}");
         self.status.set_error(format!("{what}: {e}"));
-        self.metrics.settle_errors.get_or_create(&RouteLabel { route: self.name.clone() }).inc();
+        self.metrics
+            .settle_errors
+            .get_or_create(&RouteLabel {
+                route: self.name.clone(),
+            })
+            .inc();
         // If even the retry fails, dropping the delivery hands it back.
         let _ = delivery.retry(SETTLE_RETRY_DELAY).await;
         "retry"
@@ -233,7 +252,12 @@ impl Route {
         if let Err(e) = result {
             tracing::error!("settling ({label}) failed, the message will be redelivered: {e}");
             self.status.set_error(format!("settle: {e}"));
-            self.metrics.settle_errors.get_or_create(&RouteLabel { route: self.name.clone() }).inc();
+            self.metrics
+                .settle_errors
+                .get_or_create(&RouteLabel {
+                    route: self.name.clone(),
+                })
+                .inc();
         }
         label
     }

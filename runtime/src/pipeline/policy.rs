@@ -94,10 +94,22 @@ mod tests {
     #[test]
     fn retries_until_max_attempts_then_dead_letters() {
         let p = policy(3, Jitter::None);
-        assert!(matches!(p.decide(&failed(FailureKind::Retryable), 1), Decision::Retry(_)));
-        assert!(matches!(p.decide(&failed(FailureKind::Trap), 2), Decision::Retry(_)));
-        assert!(matches!(p.decide(&failed(FailureKind::Retryable), 3), Decision::DeadLetter { .. }));
-        assert!(matches!(p.decide(&failed(FailureKind::Permanent), 1), Decision::DeadLetter { .. }));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Retryable), 1),
+            Decision::Retry(_)
+        ));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Trap), 2),
+            Decision::Retry(_)
+        ));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Retryable), 3),
+            Decision::DeadLetter { .. }
+        ));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Permanent), 1),
+            Decision::DeadLetter { .. }
+        ));
         assert_eq!(p.decide(&Outcome::Ok { reply: None }, 1), Decision::Ack);
     }
 
@@ -105,7 +117,13 @@ mod tests {
     fn host_failures_follow_the_route_mapping() {
         let mut p = policy(5, Jitter::None);
         p.on_failure.timeout = FailureAction::DeadLetter;
-        assert!(matches!(p.decide(&failed(FailureKind::Timeout), 1), Decision::DeadLetter { .. }));
-        assert!(matches!(p.decide(&failed(FailureKind::Memory), 1), Decision::Retry(_)));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Timeout), 1),
+            Decision::DeadLetter { .. }
+        ));
+        assert!(matches!(
+            p.decide(&failed(FailureKind::Memory), 1),
+            Decision::Retry(_)
+        ));
     }
 }

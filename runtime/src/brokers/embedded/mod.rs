@@ -133,13 +133,16 @@ impl EmbeddedBroker {
 impl Sink for EmbeddedBroker {
     fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            EmbeddedBroker::publish(self, messages).await.map(|_| ()).map_err(|e| match e {
-                PublishError::Store(s) => s.into(),
-                PublishError::Subject(s) => BrokerError::Failed {
-                    broker: NAME,
-                    reason: s.to_string(),
-                },
-            })
+            EmbeddedBroker::publish(self, messages)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    PublishError::Store(s) => s.into(),
+                    PublishError::Subject(s) => BrokerError::Failed {
+                        broker: NAME,
+                        reason: s.to_string(),
+                    },
+                })
         })
     }
 }

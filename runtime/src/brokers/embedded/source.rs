@@ -71,7 +71,11 @@ impl EmbeddedSource {
 
 impl Source for EmbeddedSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
-        Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+        Box::pin(async move {
+            self.next_delivery()
+                .await
+                .map(|d| Box::new(d) as Box<dyn Delivery>)
+        })
     }
 }
 
@@ -105,7 +109,10 @@ impl Delivery for EmbeddedDelivery {
     }
 
     fn origin(&self) -> String {
-        format!("{NAME} subject={} queue={} seq={}", self.message.subject, self.queue, self.seq)
+        format!(
+            "{NAME} subject={} queue={} seq={}",
+            self.message.subject, self.queue, self.seq
+        )
     }
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {

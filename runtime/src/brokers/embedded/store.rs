@@ -80,16 +80,35 @@ impl QueueIndex {
 
 /// What the index needs to learn after a commit.
 enum Effect {
-    Insert { queue: String, seq: u64, not_before: u64 },
-    Remove { queue: String, seq: u64, not_before: u64 },
-    Reschedule { queue: String, seq: u64, not_before: u64 },
+    Insert {
+        queue: String,
+        seq: u64,
+        not_before: u64,
+    },
+    Remove {
+        queue: String,
+        seq: u64,
+        not_before: u64,
+    },
+    Reschedule {
+        queue: String,
+        seq: u64,
+        not_before: u64,
+    },
 }
 
 pub enum Op {
     /// Routes each message to every queue bound to its subject.
     Publish(Vec<Outbound>),
-    Remove { queue: String, seq: u64 },
-    Retry { queue: String, seq: u64, not_before_ms: u64 },
+    Remove {
+        queue: String,
+        seq: u64,
+    },
+    Retry {
+        queue: String,
+        seq: u64,
+        not_before_ms: u64,
+    },
 }
 
 /// What a successful op returns: for a publish, the queues it reached.
@@ -112,7 +131,8 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
-        let db = Database::create(path).map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
         let db = Arc::new(db);
         // Make sure the tables exist, then rebuild the index.
         let txn = db.begin_write().map_err(storage)?;
@@ -181,7 +201,10 @@ impl Store {
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(MESSAGES).map_err(storage)?;
         let mut out = Vec::new();
-        for entry in table.range((queue, 0)..=(queue, u64::MAX)).map_err(storage)? {
+        for entry in table
+            .range((queue, 0)..=(queue, u64::MAX))
+            .map_err(storage)?
+        {
             if out.len() >= limit {
                 break;
             }
@@ -255,25 +278,48 @@ fn commit_batch(store: &Store, batch: Vec<Job>) {
         {
             let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
-            let mut next_seq = meta.get(NEXT_SEQ).map_err(storage)?.map(|v| v.value()).unwrap_or(1);
+            let mut next_seq = meta
+                .get(NEXT_SEQ)
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(1);
             let bindings = store.bindings.read().map_err(|_| StoreError::Closed)?;
             // Queue length changes of this batch, not yet in the index.
             let mut pending: HashMap<String, i64> = HashMap::new();
             for job in &batch {
                 let result = match &job.op {
-                    Op::Publish(outbound) => {
-                        publish(&mut messages, &bindings, outbound, &mut next_seq, &mut effects, &mut pending, store)
-                    }
-                    Op::Remove { queue, seq } => match messages.remove((queue.as_str(), *seq)).map_err(storage)? {
-                        Some(old) => {
-                            let not_before = Stored::decode(old.value())?.not_before_ms;
-                            effects.push(Effect::Remove { queue: queue.clone(), seq: *seq, not_before });
-                            *pending.entry(queue.clone()).or_default() -= 1;
-                            Ok(Vec::new())
+                    Op::Publish(outbound) => publish(
+                        &mut messages,
+                        &bindings,
+                        outbound,
+                        &mut next_seq,
+                        &mut effects,
+                        &mut pending,
+                        store,
+                    ),
+                    Op::Remove { queue, seq } => {
+                        match messages.remove((queue.as_str(), *seq)).map_err(storage)? {
+                            Some(old) => {
+                                let not_before = Stored::decode(old.value())?.not_before_ms;
+                                effects.push(Effect::Remove {
+                                    queue: queue.clone(),
+                                    seq: *seq,
+                                    not_before,
+                                });
+                                *pending.entry(queue.clone()).or_default() -= 1;
+                                Ok(Vec::new())
+                            }
+                            None => Err(StoreError::Gone {
+                                queue: queue.clone(),
+                                seq: *seq,
+                            }),
                         }
-                        None => Err(StoreError::Gone { queue: queue.clone(), seq: *seq }),
-                    },
-                    Op::Retry { queue, seq, not_before_ms } => {
+                    }
+                    Op::Retry {
+                        queue,
+                        seq,
+                        not_before_ms,
+                    } => {
                         let old = messages
                             .get((queue.as_str(), *seq))
                             .map_err(storage)?
@@ -283,7 +329,9 @@ fn commit_batch(store: &Store, batch: Vec<Job>) {
                             Some(mut stored) => {
                                 stored.attempt = stored.attempt.saturating_add(1);
                                 stored.not_before_ms = *not_before_ms;
-                                messages.insert((queue.as_str(), *seq), stored.encode()?.as_slice()).map_err(storage)?;
+                                messages
+                                    .insert((queue.as_str(), *seq), stored.encode()?.as_slice())
+                                    .map_err(storage)?;
                                 effects.push(Effect::Reschedule {
                                     queue: queue.clone(),
                                     seq: *seq,
@@ -291,7 +339,10 @@ fn commit_batch(store: &Store, batch: Vec<Job>) {
                                 });
                                 Ok(Vec::new())
                             }
-                            None => Err(StoreError::Gone { queue: queue.clone(), seq: *seq }),
+                            None => Err(StoreError::Gone {
+                                queue: queue.clone(),
+                                seq: *seq,
+                            }),
                         }
                     }
                 };
@@ -342,7 +393,9 @@ fn publish(
         for (queue, max_len) in bindings.queues_for(&msg.subject) {
             let seq = *next_seq;
             *next_seq += 1;
-            messages.insert((queue, seq), bytes.as_slice()).map_err(storage)?;
+            messages
+                .insert((queue, seq), bytes.as_slice())
+                .map_err(storage)?;
             effects.push(Effect::Insert {
                 queue: queue.to_owned(),
                 seq,
@@ -382,7 +435,10 @@ fn trim(
         return Ok(());
     }
     let mut victims = Vec::new();
-    for entry in messages.range((queue, 0)..=(queue, u64::MAX)).map_err(storage)? {
+    for entry in messages
+        .range((queue, 0)..=(queue, u64::MAX))
+        .map_err(storage)?
+    {
         if victims.len() as i64 >= excess {
             break;
         }
@@ -394,7 +450,11 @@ fn trim(
     }
     for (seq, not_before) in victims {
         messages.remove((queue, seq)).map_err(storage)?;
-        effects.push(Effect::Remove { queue: queue.to_owned(), seq, not_before });
+        effects.push(Effect::Remove {
+            queue: queue.to_owned(),
+            seq,
+            not_before,
+        });
         *pending.entry(queue.to_owned()).or_default() -= 1;
     }
     Ok(())
@@ -407,11 +467,23 @@ fn apply(store: &Store, effects: Vec<Effect>) {
     let mut touched: HashSet<String> = HashSet::new();
     for effect in effects {
         match effect {
-            Effect::Insert { queue, seq, not_before } => {
-                index.entry(queue.clone()).or_default().ready.insert((not_before, seq));
+            Effect::Insert {
+                queue,
+                seq,
+                not_before,
+            } => {
+                index
+                    .entry(queue.clone())
+                    .or_default()
+                    .ready
+                    .insert((not_before, seq));
                 touched.insert(queue);
             }
-            Effect::Remove { queue, seq, not_before } => {
+            Effect::Remove {
+                queue,
+                seq,
+                not_before,
+            } => {
                 if let Some(q) = index.get_mut(&queue) {
                     if !q.in_flight.remove(&seq) {
                         q.ready.remove(&(not_before, seq));
@@ -420,7 +492,11 @@ fn apply(store: &Store, effects: Vec<Effect>) {
                     }
                 }
             }
-            Effect::Reschedule { queue, seq, not_before } => {
+            Effect::Reschedule {
+                queue,
+                seq,
+                not_before,
+            } => {
                 let q = index.entry(queue.clone()).or_default();
                 q.in_flight.remove(&seq);
                 q.ready.insert((not_before, seq));
