@@ -4,10 +4,13 @@
 use crate::admin::{self, AdminState};
 use crate::brokers::embedded::{EmbeddedBroker, StoreError};
 use crate::brokers::{Sink, Source};
-use crate::config::{BrokerKind, Config, PluginConfig};
+use crate::config::{BrokerKind, Config, GateStore, PluginConfig};
 use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec};
+use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, RedisStore};
 use crate::metrics::Metrics;
+use crate::pipeline::keys::KeySource;
 use crate::pipeline::policy::Policy;
+use crate::pipeline::Gate;
 use crate::pipeline::{Route, RouteStatus};
 use crate::subject::SubjectPattern;
 use std::collections::BTreeMap;
@@ -33,6 +36,61 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("idempotency store: {0}")]
+    Gate(#[from] GateError),
+}
+
+/// The idempotency stores the routes of a config use, opened once.
+#[derive(Default)]
+pub struct GateStores {
+    file: Option<Arc<FileStore>>,
+    memory: Option<Arc<MemoryStore>>,
+    redis: Option<Arc<RedisStore>>,
+}
+
+impl GateStores {
+    pub async fn open(config: &Config) -> Result<Self, DaemonError> {
+        let mut stores = Self::default();
+        for route in &config.routes {
+            let Some(idem) = &route.idempotency else {
+                continue;
+            };
+            match idem.store {
+                GateStore::File if stores.file.is_none() => {
+                    stores.file = Some(Arc::new(FileStore::open(
+                        &config.data_dir.join("idempotency.redb"),
+                    )?));
+                }
+                GateStore::Memory if stores.memory.is_none() => {
+                    stores.memory = Some(Arc::new(MemoryStore::new()))
+                }
+                GateStore::Redis if stores.redis.is_none() => {
+                    let url = config.stores.redis_url.as_deref().unwrap_or_default();
+                    stores.redis = Some(Arc::new(RedisStore::connect(url, "sluice:idem:").await?));
+                }
+                _ => {}
+            }
+        }
+        Ok(stores)
+    }
+
+    fn get(&self, kind: GateStore) -> Option<Arc<dyn IdempotencyStore>> {
+        match kind {
+            GateStore::File => self.file.clone().map(|s| s as Arc<dyn IdempotencyStore>),
+            GateStore::Memory => self.memory.clone().map(|s| s as Arc<dyn IdempotencyStore>),
+            GateStore::Redis => self.redis.clone().map(|s| s as Arc<dyn IdempotencyStore>),
+        }
+    }
+
+    pub fn close(&self) {
+        if let Some(f) = &self.file {
+            f.close();
+        }
+    }
+}
+
+fn key_source(text: &str) -> Result<KeySource, DaemonError> {
+    KeySource::parse(text).map_err(DaemonError::Invalid)
 }
 
 /// The engine for a config: fuel metering if any plugin has a budget, and
@@ -91,13 +149,14 @@ pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
-    let broker =
-        EmbeddedBroker::open(&config.data_dir.join("embedded.redb")).map_err(|source| {
-            DaemonError::Broker {
-                dir: config.data_dir.display().to_string(),
-                source,
-            }
-        })?;
+    let broker = EmbeddedBroker::open(
+        &config.data_dir.join("embedded.redb"),
+        config.brokers.embedded.duplicate_window,
+    )
+    .map_err(|source| DaemonError::Broker {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
     for route in &config.routes {
         match route.source.broker {
             BrokerKind::Embedded => {
@@ -122,6 +181,7 @@ pub fn build_routes(
     config: &Config,
     broker: &EmbeddedBroker,
     plugins: &BTreeMap<String, Arc<Plugin>>,
+    gates: &GateStores,
     metrics: &Arc<Metrics>,
 ) -> Result<Vec<Arc<Route>>, DaemonError> {
     config
@@ -138,6 +198,20 @@ pub fn build_routes(
                 ),
             };
             let sink: Arc<dyn Sink> = Arc::new(broker.clone());
+            let gate = match &r.idempotency {
+                Some(idem) if idem.key != "none" => Some(Gate {
+                    key: key_source(&idem.key)?,
+                    store: gates.get(idem.store).ok_or_else(|| {
+                        DaemonError::Invalid(format!(
+                            "route {}: idempotency store not open",
+                            r.name
+                        ))
+                    })?,
+                    ttl: idem.ttl,
+                    lease: idem.lease,
+                }),
+                _ => None,
+            };
             Ok(Arc::new(Route {
                 name: r.name.clone(),
                 source_description: description,
@@ -151,6 +225,12 @@ pub fn build_routes(
                     on_failure: r.on_failure,
                 },
                 concurrency: r.concurrency,
+                ordering: r.ordering,
+                ordering_key: match &r.key {
+                    Some(k) => key_source(k)?,
+                    None => KeySource::MessageKey,
+                },
+                gate,
                 metrics: metrics.clone(),
                 status: Arc::new(RouteStatus::default()),
             }))
@@ -166,7 +246,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let engine = build_engine(&config)?;
     let plugins = load_plugins(&engine, &config)?;
     let metrics = Arc::new(Metrics::new());
-    let routes = build_routes(&config, &broker, &plugins, &metrics)?;
+    let gates = GateStores::open(&config).await?;
+    let routes = build_routes(&config, &broker, &plugins, &gates, &metrics)?;
 
     let state = Arc::new(AdminState {
         metrics,
@@ -212,6 +293,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     broker.close();
+    gates.close();
     tracing::info!("stopped");
     Ok(())
 }

@@ -182,9 +182,12 @@ async fn publish(
         payload: body.to_vec(),
     };
     match state.broker.publish(vec![outbound]).await {
-        Ok(queues) => {
-            Json(serde_json::json!({ "subject": subject, "queues": queues })).into_response()
-        }
+        Ok(report) => Json(serde_json::json!({
+            "subject": subject,
+            "queues": report.queues,
+            "duplicates": report.duplicates,
+        }))
+        .into_response(),
         Err(PublishError::Subject(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

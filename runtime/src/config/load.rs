@@ -2,7 +2,8 @@
 
 use super::interpolate::interpolate;
 use super::locate::KeyLines;
-use super::{Config, RouteConfig};
+use super::{Config, GateStore, RouteConfig};
+use crate::pipeline::keys::KeySource;
 use crate::subject::{validate_subject, SubjectPattern};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -172,6 +173,29 @@ fn validate(config: &Config) -> Result<(), Problem> {
             ));
         }
         validate_route(route, &key)?;
+        if let Some(k) = &route.key {
+            KeySource::parse(k).map_err(|e| (key("key"), e))?;
+        }
+        if let Some(idem) = &route.idempotency {
+            KeySource::parse(&idem.key).map_err(|e| (key("idempotency.key"), e))?;
+            let timeout = config
+                .plugins
+                .get(&route.plugin)
+                .map(|p| p.timeout)
+                .unwrap_or_default();
+            if idem.lease <= timeout {
+                return Err((
+                    key("idempotency.lease"),
+                    format!("must be longer than the plugin's timeout ({timeout:?}), or a slow handler would lose its lease"),
+                ));
+            }
+            if idem.store == GateStore::Redis && config.stores.redis_url.is_none() {
+                return Err((
+                    key("idempotency.store"),
+                    "\"redis\" needs `[stores] redis_url`".into(),
+                ));
+            }
+        }
     }
     for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
         let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");

@@ -31,6 +31,8 @@ pub struct Config {
     #[serde(default)]
     pub brokers: BrokersConfig,
     #[serde(default)]
+    pub stores: StoresConfig,
+    #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -104,11 +106,36 @@ pub struct BrokersConfig {
 /// The embedded broker is always there; routes' queues and dead-letter queues
 /// are declared from the routes. Extra queues catch other subjects (e.g. the
 /// handlers' outputs) so they can be read back.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
     #[serde(default)]
     pub queues: Vec<QueueConfig>,
+    /// Publishes with the same `Nats-Msg-Id` within this window are stored
+    /// once (as JetStream does).
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            duplicate_window: default_duplicate_window(),
+        }
+    }
+}
+
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// Shared stores used by several replicas.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoresConfig {
+    /// `redis://host:port/db`, for `idempotency.store = "redis"`.
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +310,54 @@ fn retry() -> FailureAction {
     FailureAction::Retry
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Up to `concurrency` messages at once, in any order; retries are
+    /// broker-native delayed redeliveries.
+    #[default]
+    None,
+    /// One message at a time per key, different keys in parallel; retries
+    /// wait in place so a key's order holds.
+    Key,
+    /// One message at a time per partition (the embedded broker has one).
+    Partition,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GateStore {
+    Memory,
+    /// An embedded file in `data_dir`; survives restarts.
+    #[default]
+    File,
+    /// Shared by replicas; needs `[stores] redis_url`.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `header:NAME`, `json:/pointer`, `id` (broker-native id) or `none`.
+    pub key: String,
+    /// How long a handled key is remembered.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a worker holds a key while handling it; a crashed worker's
+    /// key frees up after this. Must exceed the plugin's timeout.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    #[serde(default)]
+    pub store: GateStore,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -293,6 +368,12 @@ pub struct RouteConfig {
     /// Messages of this route handled at once.
     #[serde(default = "one")]
     pub concurrency: u32,
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Where the ordering key comes from when the broker has none:
+    /// `header:NAME` or `json:/pointer`. Default: the broker's message key.
+    pub key: Option<String>,
+    pub idempotency: Option<IdempotencyConfig>,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]

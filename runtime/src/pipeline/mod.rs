@@ -7,17 +7,23 @@
 //! unacked, so the broker delivers it again.
 
 pub mod dead_letter;
+pub mod keys;
 pub mod policy;
 
 use crate::brokers::{BrokerError, Delivery, Sink, Source};
-use crate::engine::{Outcome, Plugin};
-use crate::message::Outbound;
+use crate::config::Ordering as RouteOrdering;
+use crate::engine::{FailureKind, Invocation, Outcome, Plugin};
+use crate::idempotency::{Claim, IdempotencyStore};
+use crate::message::{find_header, Header, Message, Outbound};
 use crate::metrics::{Metrics, RouteFailure, RouteLabel};
+use keys::KeySource;
 use policy::{Decision, Policy};
 use serde::Serialize;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -25,6 +31,15 @@ use tracing::Instrument;
 const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// Delay before redelivery when settling failed (e.g. a publish was refused).
 const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Bounds of the wait before asking again for a key another worker holds.
+const BUSY_RETRY_MIN: Duration = Duration::from_millis(50);
+/// Header on a replayed dead letter: how often it was replayed. Part of the
+/// publish dedup ids, so a replay's publishes are not taken for duplicates.
+pub const REPLAYS_HEADER: &str = "sluice-replays";
+/// Dedup header stamped on every publish (JetStream's name for it).
+pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
+/// Deliveries waiting per ordering lane beyond the one being handled.
+const LANE_BUFFER: usize = 1;
 
 /// Counters shown on the status page.
 #[derive(Default)]
@@ -63,6 +78,14 @@ impl RouteStatus {
     }
 }
 
+/// The idempotency gate of a route.
+pub struct Gate {
+    pub key: KeySource,
+    pub store: Arc<dyn IdempotencyStore>,
+    pub ttl: Duration,
+    pub lease: Duration,
+}
+
 /// One configured route, ready to run.
 pub struct Route {
     pub name: String,
@@ -76,9 +99,41 @@ pub struct Route {
     pub plugin: Arc<Plugin>,
     pub policy: Policy,
     pub concurrency: u32,
+    pub ordering: RouteOrdering,
+    /// Where the ordering key comes from (with `ordering = "key"`).
+    pub ordering_key: KeySource,
+    pub gate: Option<Gate>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<RouteStatus>,
 }
+
+/// How a failed attempt waits for the next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RetryMode {
+    /// Hand the message back to the broker with a delay (others overtake it).
+    Broker,
+    /// Wait in the lane and run again (a key's order holds).
+    InPlace,
+}
+
+/// A unique token per handling, the owner of an idempotency lease.
+fn lease_owner() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let process = PROCESS.get_or_init(rand::random::<u64>);
+    format!("{process:016x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn lane_of(key: &str, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % lanes.max(1) as u64) as usize
+}
+
+/// The outcome label counted in `sluice_messages_total`.
+type Label = &'static str;
+/// Handling stopped by shutdown; the delivery went back unsettled.
+const INTERRUPTED: Label = "interrupted";
 
 impl Route {
     /// Starts the route's workers. They stop taking messages when `shutdown`
@@ -87,26 +142,46 @@ impl Route {
         self: &Arc<Self>,
         shutdown: &CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.concurrency)
-            .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
-            .collect()
+        match self.ordering {
+            RouteOrdering::None => (0..self.concurrency)
+                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
+                .collect(),
+            RouteOrdering::Key | RouteOrdering::Partition => {
+                let lanes = if self.ordering == RouteOrdering::Key {
+                    self.concurrency as usize
+                } else {
+                    1
+                };
+                let mut handles = Vec::with_capacity(lanes + 1);
+                let mut senders = Vec::with_capacity(lanes);
+                for _ in 0..lanes {
+                    let (tx, rx) = mpsc::channel(LANE_BUFFER);
+                    senders.push(tx);
+                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone())));
+                }
+                handles.push(tokio::spawn(
+                    self.clone().dispatch(senders, shutdown.clone()),
+                ));
+                handles
+            }
+        }
     }
 
-    async fn worker(self: Arc<Self>, shutdown: CancellationToken) {
+    async fn next_delivery(&self, shutdown: &CancellationToken) -> Option<Box<dyn Delivery>> {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return None,
                 next = self.source.next() => next,
             };
             match next {
-                Ok(delivery) => self.process(delivery).await,
-                Err(BrokerError::Closed { .. }) => return,
+                Ok(delivery) => return Some(delivery),
+                Err(BrokerError::Closed { .. }) => return None,
                 Err(e) => {
                     tracing::warn!(route = %self.name, "source: {e}");
                     self.status.set_error(e.to_string());
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(SOURCE_ERROR_PAUSE) => {}
                     }
                 }
@@ -114,8 +189,58 @@ impl Route {
         }
     }
 
-    /// Runs one delivery through invoke, policy and settle.
-    pub async fn process(&self, delivery: Box<dyn Delivery>) {
+    /// Unordered: take, handle, settle, repeat.
+    async fn worker(self: Arc<Self>, shutdown: CancellationToken) {
+        while let Some(delivery) = self.next_delivery(&shutdown).await {
+            self.process(delivery, RetryMode::Broker, &shutdown).await;
+        }
+    }
+
+    /// Ordered: hands each delivery to the lane of its key. A full lane
+    /// blocks the dispatcher, which stops taking messages: backpressure.
+    async fn dispatch(
+        self: Arc<Self>,
+        lanes: Vec<mpsc::Sender<Box<dyn Delivery>>>,
+        shutdown: CancellationToken,
+    ) {
+        while let Some(delivery) = self.next_delivery(&shutdown).await {
+            let msg = delivery.message();
+            let key = self
+                .ordering_key
+                .extract(msg)
+                .unwrap_or_else(|| msg.id.clone());
+            let lane = &lanes[lane_of(&key, lanes.len())];
+            tokio::select! {
+                // Dropped unsent: handed back to the broker.
+                _ = shutdown.cancelled() => return,
+                sent = lane.send(delivery) => if sent.is_err() { return },
+            }
+        }
+    }
+
+    async fn lane(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Box<dyn Delivery>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                // Waiting deliveries are dropped, i.e. handed back.
+                _ = shutdown.cancelled() => return,
+                d = rx.recv() => match d { Some(d) => d, None => return },
+            };
+            self.process(delivery, RetryMode::InPlace, &shutdown).await;
+        }
+    }
+
+    /// Runs one delivery through gate, invoke, policy and settle.
+    async fn process(
+        &self,
+        delivery: Box<dyn Delivery>,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) {
         let msg = delivery.message();
         let span = tracing::info_span!(
             "message",
@@ -125,22 +250,133 @@ impl Route {
             attempt = msg.attempt,
             outcome = tracing::field::Empty,
         );
-        self.process_in_span(delivery).instrument(span).await
+        async {
+            let label = RouteLabel {
+                route: self.name.clone(),
+            };
+            let gauge = self.metrics.in_flight.get_or_create(&label).clone();
+            gauge.inc();
+            self.status.in_flight.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.handle(delivery, mode, shutdown).await;
+            tracing::Span::current().record("outcome", outcome);
+            if outcome != INTERRUPTED {
+                self.count(outcome);
+            }
+            gauge.dec();
+            self.status.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn process_in_span(&self, delivery: Box<dyn Delivery>) {
-        let label = RouteLabel {
-            route: self.name.clone(),
-        };
-        let gauge = self.metrics.in_flight.get_or_create(&label).clone();
-        gauge.inc();
-        self.status.in_flight.fetch_add(1, Ordering::Relaxed);
+    async fn handle(
+        &self,
+        delivery: Box<dyn Delivery>,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) -> Label {
+        let owner = lease_owner();
+        let gate_key = self
+            .gate
+            .as_ref()
+            .and_then(|g| g.key.extract(delivery.message()))
+            .map(|k| format!("{}:{k}", self.name));
 
-        let msg = delivery.message();
-        let invocation = self.plugin.invoke(&self.name, msg).await;
+        if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
+            loop {
+                match gate.store.claim(key, &owner, gate.lease).await {
+                    Ok(Claim::Acquired) => break,
+                    Ok(Claim::Done) => {
+                        tracing::debug!(key = %key, "duplicate: already handled");
+                        self.settle_result(delivery.ack().await, "ack of a duplicate");
+                        return "duplicate";
+                    }
+                    Ok(Claim::Busy { retry_in }) => {
+                        let wait = retry_in.clamp(BUSY_RETRY_MIN, gate.lease);
+                        if mode == RetryMode::Broker {
+                            self.settle_result(delivery.retry(wait).await, "retry of a busy key");
+                            return "retry";
+                        }
+                        if !sleep_unless(shutdown, wait).await {
+                            return INTERRUPTED; // dropped: handed back
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("idempotency store: {e}; the message will be redelivered");
+                        self.status.set_error(e.to_string());
+                        self.settle_result(delivery.retry(SETTLE_RETRY_DELAY).await, "retry");
+                        return "retry";
+                    }
+                }
+            }
+        }
+
+        let mut msg: Message = delivery.message().clone();
+        loop {
+            let invocation = self.plugin.invoke(&self.name, &msg).await;
+            self.observe(&invocation);
+            match self.policy.decide(&invocation.outcome, msg.attempt) {
+                Decision::Ack => {
+                    let outbound = self.outbound(&msg, gate_key.as_deref(), invocation);
+                    if let Err(e) = self.sink.publish(outbound).await {
+                        self.release(gate_key.as_deref(), &owner).await;
+                        return self
+                            .settle_failed(delivery, "publishing the handler's messages", e)
+                            .await;
+                    }
+                    if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
+                        // The publishes are durable: a failure here only risks a
+                        // rerun, whose publishes carry the same dedup ids.
+                        if let Err(e) = gate.store.complete(key, &owner, gate.ttl).await {
+                            tracing::warn!("cannot record {key} as done: {e}");
+                        }
+                    }
+                    return self.settle_result(delivery.ack().await, "ok");
+                }
+                Decision::Retry(delay) => {
+                    if let Outcome::Failed { kind, reason } = &invocation.outcome {
+                        tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
+                    }
+                    if mode == RetryMode::Broker {
+                        self.release(gate_key.as_deref(), &owner).await;
+                        return self.settle_result(delivery.retry(delay).await, "retry");
+                    }
+                    // In place: each retry is counted as it happens; the
+                    // message's final outcome is counted when it settles.
+                    self.count("retry");
+                    if !sleep_unless(shutdown, delay).await {
+                        self.release(gate_key.as_deref(), &owner).await;
+                        return INTERRUPTED;
+                    }
+                    msg.attempt += 1;
+                }
+                Decision::DeadLetter { kind, reason } => {
+                    tracing::warn!(kind = %kind, dead_letter = %self.dead_letter_subject, "dead-lettering: {reason}");
+                    // Released, not done: a replayed copy must run again.
+                    self.release(gate_key.as_deref(), &owner).await;
+                    return self.dead_letter(delivery, &msg, kind, &reason).await;
+                }
+            }
+        }
+    }
+
+    fn count(&self, outcome: Label) {
+        self.metrics.count(&self.name, outcome);
+        let counter = match outcome {
+            "ok" => &self.status.handled,
+            "retry" => &self.status.retried,
+            "dead_letter" => &self.status.dead_lettered,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn observe(&self, invocation: &Invocation) {
         self.metrics
             .handler_duration
-            .get_or_create(&label)
+            .get_or_create(&RouteLabel {
+                route: self.name.clone(),
+            })
             .observe(invocation.duration.as_secs_f64());
         if let Outcome::Failed { kind, reason } = &invocation.outcome {
             self.metrics
@@ -152,64 +388,59 @@ impl Route {
                 .inc();
             self.status.set_error(format!("{kind}: {reason}"));
         }
-        let decision = self.policy.decide(&invocation.outcome, msg.attempt);
-        let outcome_label = match decision {
-            Decision::Ack => {
-                let mut outbound = invocation.publishes;
-                if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) =
-                    (&invocation.outcome, &msg.reply_to)
-                {
-                    outbound.push(Outbound {
-                        subject: reply_to.clone(),
-                        headers: reply.headers.clone(),
-                        payload: reply.payload.clone(),
-                    });
-                }
-                self.complete(delivery, outbound).await
-            }
-            Decision::Retry(delay) => {
-                if let Outcome::Failed { kind, reason } = &invocation.outcome {
-                    tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
-                }
-                self.settle_result(delivery.retry(delay).await, "retry")
-            }
-            Decision::DeadLetter { kind, reason } => {
-                tracing::warn!(kind = %kind, dead_letter = %self.dead_letter_subject, "dead-lettering: {reason}");
-                self.dead_letter(delivery, kind, &reason).await
-            }
-        };
-        tracing::Span::current().record("outcome", outcome_label);
-        self.metrics.count(&self.name, outcome_label);
-        match outcome_label {
-            "ok" => self.status.handled.fetch_add(1, Ordering::Relaxed),
-            "retry" => self.status.retried.fetch_add(1, Ordering::Relaxed),
-            "dead_letter" => self.status.dead_lettered.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
-        gauge.dec();
-        self.status.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Success: publishes first (confirmed), then the ack.
-    async fn complete(&self, delivery: Box<dyn Delivery>, outbound: Vec<Outbound>) -> &'static str {
-        if !outbound.is_empty() {
-            if let Err(e) = self.sink.publish(outbound).await {
-                return self
-                    .settle_failed(delivery, "publishing the handler's messages", e)
-                    .await;
+    /// The handler's publishes and reply, each with a dedup id derived from
+    /// the idempotency key (else the message id), so a rerun's publishes are
+    /// recognised downstream.
+    fn outbound(
+        &self,
+        msg: &Message,
+        gate_key: Option<&str>,
+        invocation: Invocation,
+    ) -> Vec<Outbound> {
+        let mut outbound = invocation.publishes;
+        if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) =
+            (invocation.outcome, &msg.reply_to)
+        {
+            outbound.push(Outbound {
+                subject: reply_to.clone(),
+                headers: reply.headers,
+                payload: reply.payload,
+            });
+        }
+        let mut base = gate_key
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));
+        if let Some(replays) = msg.header(REPLAYS_HEADER) {
+            base = format!("{base}:r{replays}");
+        }
+        for (i, m) in outbound.iter_mut().enumerate() {
+            if find_header(&m.headers, DEDUP_HEADER).is_none() {
+                m.headers
+                    .push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
             }
         }
-        self.settle_result(delivery.ack().await, "ok")
+        outbound
+    }
+
+    async fn release(&self, gate_key: Option<&str>, owner: &str) {
+        if let (Some(gate), Some(key)) = (&self.gate, gate_key) {
+            if let Err(e) = gate.store.release(key, owner).await {
+                tracing::warn!("cannot release {key}: {e}; it frees up when its lease ends");
+            }
+        }
     }
 
     async fn dead_letter(
         &self,
         delivery: Box<dyn Delivery>,
-        kind: crate::engine::FailureKind,
+        msg: &Message,
+        kind: FailureKind,
         reason: &str,
-    ) -> &'static str {
+    ) -> Label {
         let copy = dead_letter::copy(
-            delivery.message(),
+            msg,
             &self.dead_letter_subject,
             dead_letter::FailureContext {
                 kind,
@@ -234,7 +465,7 @@ impl Route {
         delivery: Box<dyn Delivery>,
         what: &str,
         e: BrokerError,
-    ) -> &'static str {
+    ) -> Label {
         tracing::error!("{what} failed, the message will be redelivered: {e}");
         self.status.set_error(format!("{what}: {e}"));
         self.metrics
@@ -248,7 +479,7 @@ impl Route {
         "retry"
     }
 
-    fn settle_result(&self, result: Result<(), BrokerError>, label: &'static str) -> &'static str {
+    fn settle_result(&self, result: Result<(), BrokerError>, label: Label) -> Label {
         if let Err(e) = result {
             tracing::error!("settling ({label}) failed, the message will be redelivered: {e}");
             self.status.set_error(format!("settle: {e}"));
@@ -260,5 +491,13 @@ impl Route {
                 .inc();
         }
         label
+    }
+}
+
+/// Sleeps `d`; false if shutdown came first.
+async fn sleep_unless(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
     }
 }

@@ -10,7 +10,7 @@ mod store;
 mod subject_bindings;
 
 pub use source::{EmbeddedDelivery, EmbeddedSource};
-pub use store::{StoreError, Stored};
+pub use store::{OpReport, StoreError, Stored, DEDUP_HEADER};
 
 use super::{BoxFuture, BrokerError, Sink};
 use crate::message::{now_ms, Outbound};
@@ -18,6 +18,7 @@ use crate::subject::{validate_subject, SubjectError, SubjectPattern};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use store::{Op, Store};
 
 const NAME: &str = "embedded";
@@ -25,7 +26,9 @@ const NAME: &str = "embedded";
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Closed => BrokerError::Closed { broker: NAME },
+            StoreError::Storage(crate::storage::StorageError::Closed) => {
+                BrokerError::Closed { broker: NAME }
+            }
             other => BrokerError::Failed {
                 broker: NAME,
                 reason: other.to_string(),
@@ -59,10 +62,11 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Opens (or creates) the broker file at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the broker file at `path`. Publishes carrying the
+    /// same `Nats-Msg-Id` within `duplicate_window` are stored once.
+    pub fn open(path: &Path, duplicate_window: Duration) -> Result<Self, StoreError> {
         Ok(Self {
-            store: Store::open(path)?,
+            store: Store::open(path, duplicate_window)?,
         })
     }
 
@@ -73,12 +77,50 @@ impl EmbeddedBroker {
         }
     }
 
-    /// Stores `messages` durably; returns the queues they reached.
-    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<Vec<String>, PublishError> {
+    /// Stores `messages` durably; reports the queues they reached and the
+    /// duplicates dropped.
+    pub async fn publish(&self, messages: Vec<Outbound>) -> Result<OpReport, PublishError> {
         for m in &messages {
             validate_subject(&m.subject)?;
         }
         Ok(self.store.submit(Op::Publish(messages)).await?)
+    }
+
+    /// Puts messages straight into `queue` (bypassing subject bindings) and
+    /// removes the messages `remove` from queue `from` in the same commit: a
+    /// replay can neither lose nor double a message.
+    pub async fn move_messages(
+        &self,
+        queue: &str,
+        messages: Vec<Outbound>,
+        from: &str,
+        remove: Vec<u64>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .submit(Op::Move {
+                queue: queue.to_owned(),
+                messages,
+                from: from.to_owned(),
+                remove,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes one message of a queue.
+    pub async fn remove(&self, queue: &str, seq: u64) -> Result<(), StoreError> {
+        self.store
+            .submit(Op::Remove {
+                queue: queue.to_owned(),
+                seq,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// One message of a queue.
+    pub fn get(&self, queue: &str, seq: u64) -> Result<Option<Stored>, StoreError> {
+        self.store.read(queue, seq)
     }
 
     /// A consumer of queue `name`.

@@ -1,40 +1,40 @@
 //! Persistent storage of the embedded broker: one redb file; queues of
-//! messages keyed by (queue, sequence). All writes go through one writer
-//! thread that commits whatever has queued up in a single fsync'd transaction
-//! (group commit), and replies only after the commit: a caller that got `Ok`
-//! knows its change survives a crash.
+//! messages keyed by (queue, sequence), written through group commit.
 //!
 //! An in-memory index per queue orders ready messages by (not-before, seq) and
 //! tracks which are in flight; it is rebuilt from the file at start, so every
 //! message that was in flight when the process died is delivered again.
 
 use super::subject_bindings::Bindings;
-use crate::message::{now_ms, Header, Outbound};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::message::{find_header, now_ms, Header, Outbound};
+use crate::storage::{failed, open_database, GroupCommit, StorageError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex, RwLock};
-use tokio::sync::{oneshot, Notify};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Notify;
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Publish dedup ids (`Nats-Msg-Id`) seen within the duplicate window.
+const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
+const DEDUP_BY_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedup_by_expiry");
 const NEXT_SEQ: &str = "next_seq";
-/// Upper bound of operations folded into one transaction.
-const MAX_BATCH: usize = 1024;
+/// The header that names a publish for de-duplication, as in JetStream.
+pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("embedded broker storage: {0}")]
-    Storage(String),
+    #[error("embedded broker: {0}")]
+    Storage(#[from] StorageError),
     #[error("embedded broker: message {queue}#{seq} no longer exists")]
     Gone { queue: String, seq: u64 },
-    #[error("embedded broker is closed")]
-    Closed,
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Storage(e.to_string())
+    StoreError::Storage(failed(e))
 }
 
 /// A message as stored.
@@ -54,6 +54,16 @@ impl Stored {
     }
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         postcard::from_bytes(bytes).map_err(storage)
+    }
+    fn new(msg: &Outbound, now: u64) -> Self {
+        Self {
+            subject: msg.subject.clone(),
+            headers: msg.headers.clone(),
+            payload: msg.payload.clone(),
+            attempt: 1,
+            published_ms: now,
+            not_before_ms: now,
+        }
     }
 }
 
@@ -78,7 +88,7 @@ impl QueueIndex {
     }
 }
 
-/// What the index needs to learn after a commit.
+/// What the index learns after a commit.
 enum Effect {
     Insert {
         queue: String,
@@ -98,8 +108,17 @@ enum Effect {
 }
 
 pub enum Op {
-    /// Routes each message to every queue bound to its subject.
+    /// Routes each message to every queue bound to its subject; a message
+    /// whose dedup id was seen within the window is dropped.
     Publish(Vec<Outbound>),
+    /// Puts messages straight into one queue, attempt 1, and removes `remove`
+    /// from queue `from` in the same transaction (replay of dead letters).
+    Move {
+        queue: String,
+        messages: Vec<Outbound>,
+        from: String,
+        remove: Vec<u64>,
+    },
     Remove {
         queue: String,
         seq: u64,
@@ -111,33 +130,33 @@ pub enum Op {
     },
 }
 
-/// What a successful op returns: for a publish, the queues it reached.
-pub type OpResult = Vec<String>;
-
-struct Job {
-    op: Op,
-    done: oneshot::Sender<Result<OpResult, StoreError>>,
+/// What a committed op reports.
+#[derive(Debug, Default, Clone)]
+pub struct OpReport {
+    /// Queues reached by a publish.
+    pub queues: Vec<String>,
+    /// Messages dropped as duplicates by their dedup id.
+    pub duplicates: usize,
 }
+
+type Index = Arc<Mutex<HashMap<String, QueueIndex>>>;
 
 pub struct Store {
     db: Arc<Database>,
-    pub(super) index: Mutex<HashMap<String, QueueIndex>>,
-    pub(super) bindings: RwLock<Bindings>,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: GroupCommit,
+    pub(super) index: Index,
+    pub(super) bindings: Arc<RwLock<Bindings>>,
+    duplicate_window: Duration,
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(storage)?;
-        }
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
-        let db = Arc::new(db);
-        // Make sure the tables exist, then rebuild the index.
+    pub fn open(path: &Path, duplicate_window: Duration) -> Result<Arc<Self>, StoreError> {
+        let db = Arc::new(open_database(path)?);
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(MESSAGES).map_err(storage)?;
         txn.open_table(META).map_err(storage)?;
+        txn.open_table(DEDUP).map_err(storage)?;
+        txn.open_table(DEDUP_BY_EXPIRY).map_err(storage)?;
         txn.commit().map_err(storage)?;
 
         let mut index: HashMap<String, QueueIndex> = HashMap::new();
@@ -155,37 +174,33 @@ impl Store {
                     .insert((stored.not_before_ms, seq));
             }
         }
-        let (tx, rx) = mpsc::channel::<Job>();
-        let store = Arc::new(Self {
+        let writer = GroupCommit::start(db.clone(), "embedded")?;
+        Ok(Arc::new(Self {
             db,
-            index: Mutex::new(index),
-            bindings: RwLock::new(Bindings::default()),
-            jobs: Mutex::new(Some(tx)),
-        });
-        let writer = Arc::downgrade(&store);
-        std::thread::Builder::new()
-            .name("sluice-embedded-writer".into())
-            .spawn(move || writer_loop(writer, rx))
-            .map_err(storage)?;
-        Ok(store)
+            writer,
+            index: Arc::new(Mutex::new(index)),
+            bindings: Arc::new(RwLock::new(Bindings::default())),
+            duplicate_window,
+        }))
     }
 
-    /// Queues `op` for the writer and waits for its commit.
-    pub async fn submit(&self, op: Op) -> Result<OpResult, StoreError> {
-        let (done, wait) = oneshot::channel();
-        {
-            let jobs = self.jobs.lock().map_err(|_| StoreError::Closed)?;
-            let tx = jobs.as_ref().ok_or(StoreError::Closed)?;
-            tx.send(Job { op, done }).map_err(|_| StoreError::Closed)?;
-        }
-        wait.await.map_err(|_| StoreError::Closed)?
+    /// Commits `op` (group commit) and updates the index.
+    pub async fn submit(&self, op: Op) -> Result<OpReport, StoreError> {
+        let bindings = self.bindings.clone();
+        let index = self.index.clone();
+        let window = self.duplicate_window;
+        let (report, effects) = self
+            .writer
+            .run(move |txn| Ok(apply_op(txn, op, &bindings, &index, window)))
+            .await?;
+        let report = report?;
+        apply_effects(&self.index, effects);
+        Ok(report)
     }
 
-    /// Stops accepting writes; the writer finishes what is queued and exits.
+    /// Stops accepting writes; queued ones still commit.
     pub fn close(&self) {
-        if let Ok(mut jobs) = self.jobs.lock() {
-            jobs.take();
-        }
+        self.writer.close();
     }
 
     /// Reads one stored message.
@@ -251,186 +266,238 @@ impl Store {
     }
 }
 
-fn writer_loop(store: std::sync::Weak<Store>, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let Some(store) = store.upgrade() else {
-            for job in batch {
-                let _ = job.done.send(Err(StoreError::Closed));
-            }
-            return;
-        };
-        commit_batch(&store, batch);
-    }
-}
-
-fn commit_batch(store: &Store, batch: Vec<Job>) {
+/// Runs one op inside the batch transaction. Returns the op's own result and
+/// the index effects to apply once the batch is committed.
+fn apply_op(
+    txn: &WriteTransaction,
+    op: Op,
+    bindings: &RwLock<Bindings>,
+    index: &Index,
+    window: Duration,
+) -> (Result<OpReport, StoreError>, Vec<Effect>) {
     let mut effects = Vec::new();
-    let mut results = Vec::with_capacity(batch.len());
-    let outcome = (|| -> Result<(), StoreError> {
-        let txn = store.db.begin_write().map_err(storage)?;
-        {
-            let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            let mut next_seq = meta
-                .get(NEXT_SEQ)
-                .map_err(storage)?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            let bindings = store.bindings.read().map_err(|_| StoreError::Closed)?;
-            // Queue length changes of this batch, not yet in the index.
-            let mut pending: HashMap<String, i64> = HashMap::new();
-            for job in &batch {
-                let result = match &job.op {
-                    Op::Publish(outbound) => publish(
-                        &mut messages,
-                        &bindings,
-                        outbound,
-                        &mut next_seq,
-                        &mut effects,
-                        &mut pending,
-                        store,
-                    ),
-                    Op::Remove { queue, seq } => {
-                        match messages.remove((queue.as_str(), *seq)).map_err(storage)? {
-                            Some(old) => {
-                                let not_before = Stored::decode(old.value())?.not_before_ms;
-                                effects.push(Effect::Remove {
-                                    queue: queue.clone(),
-                                    seq: *seq,
-                                    not_before,
-                                });
-                                *pending.entry(queue.clone()).or_default() -= 1;
-                                Ok(Vec::new())
-                            }
-                            None => Err(StoreError::Gone {
-                                queue: queue.clone(),
-                                seq: *seq,
-                            }),
+    let result = (|| {
+        let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
+        match op {
+            Op::Publish(outbound) => {
+                let bindings = bindings
+                    .read()
+                    .map_err(|_| storage("bindings lock poisoned"))?;
+                let mut report = OpReport::default();
+                let now = now_ms();
+                let mut seqs = Sequences::open(txn)?;
+                let mut dedup = Dedup::open(txn, now, window)?;
+                for msg in &outbound {
+                    if let Some(id) = find_header(&msg.headers, DEDUP_HEADER) {
+                        if !dedup.first_time(id)? {
+                            report.duplicates += 1;
+                            continue;
                         }
                     }
-                    Op::Retry {
-                        queue,
+                    let bytes = Stored::new(msg, now).encode()?;
+                    for (queue, max_len) in bindings.queues_for(&msg.subject) {
+                        let seq = seqs.next();
+                        messages
+                            .insert((queue, seq), bytes.as_slice())
+                            .map_err(storage)?;
+                        effects.push(Effect::Insert {
+                            queue: queue.to_owned(),
+                            seq,
+                            not_before: now,
+                        });
+                        if let Some(max) = max_len {
+                            trim(&mut messages, index, queue, max, &mut effects)?;
+                        }
+                        if !report.queues.iter().any(|q| q == queue) {
+                            report.queues.push(queue.to_owned());
+                        }
+                    }
+                }
+                seqs.save()?;
+                Ok(report)
+            }
+            Op::Move {
+                queue,
+                messages: outbound,
+                from,
+                remove,
+            } => {
+                let now = now_ms();
+                let mut seqs = Sequences::open(txn)?;
+                for msg in &outbound {
+                    let seq = seqs.next();
+                    messages
+                        .insert(
+                            (queue.as_str(), seq),
+                            Stored::new(msg, now).encode()?.as_slice(),
+                        )
+                        .map_err(storage)?;
+                    effects.push(Effect::Insert {
+                        queue: queue.clone(),
                         seq,
-                        not_before_ms,
-                    } => {
-                        let old = messages
-                            .get((queue.as_str(), *seq))
-                            .map_err(storage)?
-                            .map(|v| Stored::decode(v.value()))
-                            .transpose()?;
-                        match old {
-                            Some(mut stored) => {
-                                stored.attempt = stored.attempt.saturating_add(1);
-                                stored.not_before_ms = *not_before_ms;
-                                messages
-                                    .insert((queue.as_str(), *seq), stored.encode()?.as_slice())
-                                    .map_err(storage)?;
-                                effects.push(Effect::Reschedule {
-                                    queue: queue.clone(),
-                                    seq: *seq,
-                                    not_before: *not_before_ms,
-                                });
-                                Ok(Vec::new())
-                            }
-                            None => Err(StoreError::Gone {
-                                queue: queue.clone(),
-                                seq: *seq,
-                            }),
-                        }
+                        not_before: now,
+                    });
+                }
+                seqs.save()?;
+                for seq in remove {
+                    if let Some(old) = messages.remove((from.as_str(), seq)).map_err(storage)? {
+                        let not_before = Stored::decode(old.value())?.not_before_ms;
+                        effects.push(Effect::Remove {
+                            queue: from.clone(),
+                            seq,
+                            not_before,
+                        });
                     }
+                }
+                Ok(OpReport {
+                    queues: vec![queue],
+                    duplicates: 0,
+                })
+            }
+            Op::Remove { queue, seq } => {
+                let old = messages.remove((queue.as_str(), seq)).map_err(storage)?;
+                let not_before = match old {
+                    Some(old) => Stored::decode(old.value())?.not_before_ms,
+                    None => return Err(StoreError::Gone { queue, seq }),
                 };
-                results.push(result);
+                effects.push(Effect::Remove {
+                    queue,
+                    seq,
+                    not_before,
+                });
+                Ok(OpReport::default())
             }
-            meta.insert(NEXT_SEQ, next_seq).map_err(storage)?;
+            Op::Retry {
+                queue,
+                seq,
+                not_before_ms,
+            } => {
+                let old = messages
+                    .get((queue.as_str(), seq))
+                    .map_err(storage)?
+                    .map(|v| Stored::decode(v.value()))
+                    .transpose()?;
+                let Some(mut stored) = old else {
+                    return Err(StoreError::Gone { queue, seq });
+                };
+                stored.attempt = stored.attempt.saturating_add(1);
+                stored.not_before_ms = not_before_ms;
+                messages
+                    .insert((queue.as_str(), seq), stored.encode()?.as_slice())
+                    .map_err(storage)?;
+                effects.push(Effect::Reschedule {
+                    queue,
+                    seq,
+                    not_before: not_before_ms,
+                });
+                Ok(OpReport::default())
+            }
         }
-        txn.commit().map_err(storage)
     })();
+    if result.is_err() {
+        effects.clear();
+    }
+    (result, effects)
+}
 
-    match outcome {
-        Ok(()) => {
-            apply(store, effects);
-            for (job, result) in batch.into_iter().zip(results) {
-                let _ = job.done.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::error!("embedded broker commit failed: {e}");
-            for job in batch {
-                let _ = job.done.send(Err(e.clone()));
-            }
-        }
+/// The global message sequence, read and saved once per op.
+struct Sequences<'t> {
+    meta: redb::Table<'t, &'static str, u64>,
+    next: u64,
+}
+
+impl<'t> Sequences<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META).map_err(storage)?;
+        let next = meta
+            .get(NEXT_SEQ)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        Ok(Self { meta, next })
+    }
+    fn next(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        seq
+    }
+    fn save(mut self) -> Result<(), StoreError> {
+        self.meta.insert(NEXT_SEQ, self.next).map_err(storage)?;
+        Ok(())
     }
 }
 
-fn publish(
-    messages: &mut redb::Table<(&str, u64), &[u8]>,
-    bindings: &Bindings,
-    outbound: &[Outbound],
-    next_seq: &mut u64,
-    effects: &mut Vec<Effect>,
-    pending: &mut HashMap<String, i64>,
-    store: &Store,
-) -> Result<OpResult, StoreError> {
-    let now = now_ms();
-    let mut reached = Vec::new();
-    for msg in outbound {
-        let stored = Stored {
-            subject: msg.subject.clone(),
-            headers: msg.headers.clone(),
-            payload: msg.payload.clone(),
-            attempt: 1,
-            published_ms: now,
-            not_before_ms: now,
-        };
-        let bytes = stored.encode()?;
-        for (queue, max_len) in bindings.queues_for(&msg.subject) {
-            let seq = *next_seq;
-            *next_seq += 1;
-            messages
-                .insert((queue, seq), bytes.as_slice())
-                .map_err(storage)?;
-            effects.push(Effect::Insert {
-                queue: queue.to_owned(),
-                seq,
-                not_before: now,
-            });
-            *pending.entry(queue.to_owned()).or_default() += 1;
-            if let Some(max) = max_len {
-                trim(messages, store, queue, max, effects, pending)?;
-            }
-            if !reached.iter().any(|q| q == queue) {
-                reached.push(queue.to_owned());
-            }
+/// Publish dedup ids within the duplicate window; expired ones are purged as
+/// publishes go by.
+struct Dedup<'t> {
+    ids: redb::Table<'t, &'static str, u64>,
+    by_expiry: redb::Table<'t, (u64, &'static str), ()>,
+    now: u64,
+    window_ms: u64,
+}
+
+impl<'t> Dedup<'t> {
+    fn open(txn: &'t WriteTransaction, now: u64, window: Duration) -> Result<Self, StoreError> {
+        let mut ids = txn.open_table(DEDUP).map_err(storage)?;
+        let mut by_expiry = txn.open_table(DEDUP_BY_EXPIRY).map_err(storage)?;
+        let expired: Vec<(u64, String)> = by_expiry
+            .range((0, "")..(now, ""))
+            .map_err(storage)?
+            .take(256)
+            .filter_map(|e| e.ok().map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+            .collect();
+        for (at, id) in expired {
+            by_expiry.remove((at, id.as_str())).map_err(storage)?;
+            ids.remove(id.as_str()).map_err(storage)?;
         }
+        Ok(Self {
+            ids,
+            by_expiry,
+            now,
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        })
     }
-    Ok(reached)
+
+    /// Records `id`; false if it was seen within the window.
+    fn first_time(&mut self, id: &str) -> Result<bool, StoreError> {
+        if let Some(expiry) = self.ids.get(id).map_err(storage)?.map(|v| v.value()) {
+            if expiry > self.now {
+                return Ok(false);
+            }
+            self.by_expiry.remove((expiry, id)).map_err(storage)?;
+        }
+        let expiry = self.now.saturating_add(self.window_ms);
+        self.ids.insert(id, expiry).map_err(storage)?;
+        self.by_expiry.insert((expiry, id), ()).map_err(storage)?;
+        Ok(true)
+    }
 }
 
 /// Drops the oldest messages of a capped queue (never one in flight).
 fn trim(
     messages: &mut redb::Table<(&str, u64), &[u8]>,
-    store: &Store,
+    index: &Index,
     queue: &str,
     max: u64,
     effects: &mut Vec<Effect>,
-    pending: &mut HashMap<String, i64>,
 ) -> Result<(), StoreError> {
-    let (indexed, in_flight) = match store.index.lock() {
+    let (indexed, in_flight) = match index.lock() {
         Ok(index) => index
             .get(queue)
             .map(|q| (q.len() as i64, q.in_flight.clone()))
             .unwrap_or_default(),
         Err(_) => return Ok(()),
     };
-    let delta = pending.get(queue).copied().unwrap_or(0);
-    let excess = indexed + delta - i64::try_from(max).unwrap_or(i64::MAX);
+    // Effects of this batch are not in the index yet.
+    let pending: i64 = effects
+        .iter()
+        .map(|e| match e {
+            Effect::Insert { queue: q, .. } if q == queue => 1,
+            Effect::Remove { queue: q, .. } if q == queue => -1,
+            _ => 0,
+        })
+        .sum();
+    let excess = indexed + pending - i64::try_from(max).unwrap_or(i64::MAX);
     if excess <= 0 {
         return Ok(());
     }
@@ -455,13 +522,12 @@ fn trim(
             seq,
             not_before,
         });
-        *pending.entry(queue.to_owned()).or_default() -= 1;
     }
     Ok(())
 }
 
-fn apply(store: &Store, effects: Vec<Effect>) {
-    let Ok(mut index) = store.index.lock() else {
+fn apply_effects(index: &Index, effects: Vec<Effect>) {
+    let Ok(mut index) = index.lock() else {
         return;
     };
     let mut touched: HashSet<String> = HashSet::new();
