@@ -10,6 +10,7 @@ pub mod brokers;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dlq;
 pub mod engine;
 pub mod idempotency;
 pub mod message;

@@ -40,6 +40,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/publish/{subject}", post(publish))
         .route("/v1/queues", get(queues))
         .route("/v1/queues/{name}/messages", get(queue_messages))
+        .route("/v1/dlq", get(dlq_queues))
+        .route("/v1/dlq/{queue}/messages", get(dlq_list))
+        .route("/v1/dlq/{queue}/messages/{seq}", get(dlq_show))
+        .route("/v1/dlq/{queue}/replay", post(dlq_replay))
         .with_state(state)
 }
 
@@ -233,6 +237,87 @@ async fn queue_messages(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+fn dead_letter_queues(state: &AdminState) -> std::collections::BTreeSet<String> {
+    state.routes.iter().map(|r| r.dead_letter_subject.clone()).collect()
+}
+
+fn known_dlq(state: &AdminState, queue: &str) -> Result<(), Response> {
+    let queues = dead_letter_queues(state);
+    if queues.contains(queue) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{queue} is not a dead-letter queue of this daemon (they are: {})",
+                queues.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ))
+    }
+}
+
+async fn dlq_queues(State(state): State<Arc<AdminState>>) -> Response {
+    let mut out = Vec::new();
+    for q in dead_letter_queues(&state) {
+        match crate::dlq::queue_summary(&state.broker, &q) {
+            Ok(s) => out.push(s),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+    Json(out).into_response()
+}
+
+async fn dlq_list(
+    State(state): State<Arc<AdminState>>,
+    Path(queue): Path<String>,
+    Query(limit): Query<Limit>,
+) -> Response {
+    if let Err(r) = known_dlq(&state, &queue) {
+        return r;
+    }
+    match crate::dlq::list(&state.broker, &queue, limit.limit.unwrap_or(1000)) {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn dlq_show(State(state): State<Arc<AdminState>>, Path((queue, seq)): Path<(String, u64)>) -> Response {
+    if let Err(r) = known_dlq(&state, &queue) {
+        return r;
+    }
+    match state.broker.get(&queue, seq) {
+        Ok(Some(s)) => Json(StoredView {
+            seq,
+            subject: s.subject,
+            headers: s.headers,
+            payload: s.payload,
+            attempt: s.attempt,
+            published_ms: s.published_ms,
+        })
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter #{seq} in {queue}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn dlq_replay(
+    State(state): State<Arc<AdminState>>,
+    Path(queue): Path<String>,
+    Json(filter): Json<crate::dlq::Filter>,
+) -> Response {
+    if let Err(r) = known_dlq(&state, &queue) {
+        return r;
+    }
+    let routes = state.routes.iter().map(|r| r.name.clone()).collect();
+    match crate::dlq::replay(&state.broker, &queue, &filter, &routes).await {
+        Ok(n) => Json(serde_json::json!({ "replayed": n })).into_response(),
+        Err(e @ (crate::dlq::DlqError::NoFilter | crate::dlq::DlqError::UnknownRoute { .. })) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -1,5 +1,7 @@
 //! The `sluice` command line.
 
+mod admin_client;
+mod dlq;
 mod invoke;
 mod publish;
 
@@ -50,6 +52,8 @@ enum Command {
     Invoke(invoke::InvokeArgs),
     /// Publish a message to the embedded broker of a running daemon.
     Publish(publish::PublishArgs),
+    /// List, inspect and replay dead letters of a running daemon.
+    Dlq(dlq::DlqArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -76,6 +80,7 @@ pub fn main() -> anyhow::Result<i32> {
         }
         Command::Invoke(args) => runtime()?.block_on(invoke::run(args)),
         Command::Publish(args) => publish::run(args),
+        Command::Dlq(args) => dlq::run(args),
     }
 }
 

@@ -1,9 +1,10 @@
 //! `sluice publish`: a message to the embedded broker, through the admin API
 //! of a running daemon.
 
+use super::admin_client::AdminClient;
 use super::{parse_pair, read_payload};
 use crate::admin::MESSAGE_HEADER;
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct PublishArgs {
@@ -34,30 +35,14 @@ fn encode_path(segment: &str) -> String {
 
 pub fn run(args: PublishArgs) -> anyhow::Result<i32> {
     let payload = read_payload(&args.payload)?;
-    let url = format!(
-        "http://{}/v1/publish/{}",
-        args.admin,
-        encode_path(&args.subject)
-    );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut request = agent.post(&url);
-    for (name, value) in &args.headers {
-        request = request.header(MESSAGE_HEADER, format!("{name}={value}"));
-    }
-    let mut response = request.send(&payload[..]).with_context(|| {
-        format!(
-            "cannot reach the sluice admin API at {} (is `sluice run` running?)",
-            args.admin
-        )
-    })?;
-    let status = response.status();
-    let body = response.body_mut().read_to_string().unwrap_or_default();
-    if !status.is_success() {
-        bail!("publish refused ({status}): {}", body.trim());
-    }
-    println!("{}", body.trim());
+    let headers: Vec<(&str, String)> = args
+        .headers
+        .iter()
+        .map(|(name, value)| (MESSAGE_HEADER, format!("{name}={value}")))
+        .collect();
+    let answer: serde_json::Value = AdminClient::new(&args.admin)
+        .post(&format!("/v1/publish/{}", encode_path(&args.subject)), &headers, &payload)
+        .context("publish refused")?;
+    println!("{answer}");
     Ok(0)
 }

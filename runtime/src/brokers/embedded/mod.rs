@@ -9,7 +9,7 @@ mod source;
 mod store;
 mod subject_bindings;
 
-pub use source::{EmbeddedDelivery, EmbeddedSource};
+pub use source::{origin, parse_origin, EmbeddedDelivery, EmbeddedSource};
 pub use store::{OpReport, StoreError, Stored, DEDUP_HEADER};
 
 use super::{BoxFuture, BrokerError, Sink};

@@ -79,6 +79,20 @@ impl Source for EmbeddedSource {
     }
 }
 
+/// `embedded://SUBJECT?queue=QUEUE&seq=SEQ`: the `sluice-origin` of a dead
+/// letter from the embedded broker.
+pub fn origin(subject: &str, queue: &str, seq: u64) -> String {
+    format!("{NAME}://{subject}?queue={queue}&seq={seq}")
+}
+
+/// The subject and queue of an embedded `sluice-origin`.
+pub fn parse_origin(origin: &str) -> Option<(&str, &str)> {
+    let rest = origin.strip_prefix(NAME)?.strip_prefix("://")?;
+    let (subject, query) = rest.split_once('?')?;
+    let queue = query.split('&').find_map(|kv| kv.strip_prefix("queue="))?;
+    Some((subject, queue))
+}
+
 /// One message taken from a queue. Dropped unsettled, it goes back to the
 /// queue at once.
 pub struct EmbeddedDelivery {
