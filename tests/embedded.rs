@@ -170,39 +170,6 @@ fn malformed_json_is_dead_lettered_after_one_attempt_with_failure_headers() {
 }
 
 #[test]
-fn retryable_failures_are_retried_with_backoff_then_dead_lettered() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &orders_config(1));
-    // Fails twice, succeeds on attempt 3 (= max_attempts).
-    d.publish("flaky.in", &[("fail-times", "2")], b"a");
-    d.wait_for("flaky.done", Duration::from_secs(30), || {
-        d.queue("flaky-done").len() == 1
-    });
-    assert_eq!(
-        d.metric("sluice_messages_total{route=\"flaky\",outcome=\"retry\"}"),
-        2.0
-    );
-    // Would need 4 attempts: dead-lettered after the third.
-    d.publish("flaky.in", &[("fail-times", "3")], b"b");
-    d.wait_for("the dead letter", Duration::from_secs(30), || {
-        d.queue("dlq.flaky").len() == 1
-    });
-    let dl = &d.queue("dlq.flaky")[0];
-    let attempts = dl["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "sluice-attempts")
-        .unwrap();
-    assert_eq!(attempts["value"], "3");
-    assert_eq!(
-        d.queue("flaky-done").len(),
-        1,
-        "a failed handler's publish must not be visible"
-    );
-}
-
-#[test]
 fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
     const N: usize = 200;
     let dir = tempfile::tempdir().unwrap();

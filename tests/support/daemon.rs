@@ -166,6 +166,11 @@ impl Daemon {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
 
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Value {
+        self.get_json("/v1/status")
+    }
+
     /// Messages held in an embedded queue, oldest first.
     pub fn queue(&self, name: &str) -> Vec<Value> {
         match self.get_json(&format!("/v1/queues/{name}/messages?limit=100000")) {

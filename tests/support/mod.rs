@@ -40,3 +40,50 @@ pub fn sluice_bin() -> PathBuf {
     );
     path
 }
+
+/// Puts `messages` (subject, headers, payload) straight into the embedded
+/// broker file of a daemon's data directory before the daemon starts, as
+/// publishes to a queue named `queue` bound to `pattern`.
+pub fn prefill(
+    data_dir: &std::path::Path,
+    queue: &str,
+    pattern: &str,
+    messages: Vec<(String, Vec<(String, String)>, Vec<u8>)>,
+) {
+    use sluice::brokers::embedded::EmbeddedBroker;
+    use sluice::message::{Header, Outbound};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let broker = EmbeddedBroker::open(
+        &data_dir.join("embedded.redb"),
+        std::time::Duration::from_secs(60),
+    )
+    .expect("open broker");
+    broker.declare_queue(
+        queue,
+        vec![sluice::subject::SubjectPattern::parse(pattern).expect("pattern")],
+        None,
+    );
+    let outbound: Vec<Outbound> = messages
+        .into_iter()
+        .map(|(subject, headers, payload)| Outbound {
+            subject,
+            headers: headers
+                .into_iter()
+                .map(|(n, v)| Header::new(n, v))
+                .collect(),
+            payload,
+        })
+        .collect();
+    rt.block_on(async {
+        for chunk in outbound.chunks(1000) {
+            broker
+                .publish(chunk.to_vec())
+                .await
+                .expect("prefill publish");
+        }
+    });
+    broker.close();
+}

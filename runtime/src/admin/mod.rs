@@ -242,7 +242,11 @@ async fn queue_messages(
 }
 
 fn dead_letter_queues(state: &AdminState) -> std::collections::BTreeSet<String> {
-    state.routes.iter().map(|r| r.dead_letter_subject.clone()).collect()
+    state
+        .routes
+        .iter()
+        .map(|r| r.dead_letter_subject.clone())
+        .collect()
 }
 
 fn known_dlq(state: &AdminState, queue: &str) -> Result<(), Response> {
@@ -285,7 +289,10 @@ async fn dlq_list(
     }
 }
 
-async fn dlq_show(State(state): State<Arc<AdminState>>, Path((queue, seq)): Path<(String, u64)>) -> Response {
+async fn dlq_show(
+    State(state): State<Arc<AdminState>>,
+    Path((queue, seq)): Path<(String, u64)>,
+) -> Response {
     if let Err(r) = known_dlq(&state, &queue) {
         return r;
     }
@@ -299,7 +306,10 @@ async fn dlq_show(State(state): State<Arc<AdminState>>, Path((queue, seq)): Path
             published_ms: s.published_ms,
         })
         .into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter #{seq} in {queue}")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter #{seq} in {queue}"),
+        ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

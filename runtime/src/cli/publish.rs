@@ -41,7 +41,11 @@ pub fn run(args: PublishArgs) -> anyhow::Result<i32> {
         .map(|(name, value)| (MESSAGE_HEADER, format!("{name}={value}")))
         .collect();
     let answer: serde_json::Value = AdminClient::new(&args.admin)
-        .post(&format!("/v1/publish/{}", encode_path(&args.subject)), &headers, &payload)
+        .post(
+            &format!("/v1/publish/{}", encode_path(&args.subject)),
+            &headers,
+            &payload,
+        )
         .context("publish refused")?;
     println!("{answer}");
     Ok(0)

@@ -31,8 +31,10 @@ use tracing::Instrument;
 const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// Delay before redelivery when settling failed (e.g. a publish was refused).
 const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Bounds of the wait before asking again for a key another worker holds.
+/// Bounds of the wait before asking again for a key another worker holds:
+/// its lease may end long after the handling does.
 const BUSY_RETRY_MIN: Duration = Duration::from_millis(50);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Header on a replayed dead letter: how often it was replayed. Part of the
 /// publish dedup ids, so a replay's publishes are not taken for duplicates.
 pub const REPLAYS_HEADER: &str = "sluice-replays";
@@ -292,7 +294,7 @@ impl Route {
                         return "duplicate";
                     }
                     Ok(Claim::Busy { retry_in }) => {
-                        let wait = retry_in.clamp(BUSY_RETRY_MIN, gate.lease);
+                        let wait = retry_in.clamp(BUSY_RETRY_MIN, BUSY_RETRY_MAX);
                         if mode == RetryMode::Broker {
                             self.settle_result(delivery.retry(wait).await, "retry of a busy key");
                             return "retry";

@@ -123,10 +123,7 @@ impl Delivery for EmbeddedDelivery {
     }
 
     fn origin(&self) -> String {
-        format!(
-            "{NAME} subject={} queue={} seq={}",
-            self.message.subject, self.queue, self.seq
-        )
+        origin(&self.message.subject, &self.queue, self.seq)
     }
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
