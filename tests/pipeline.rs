@@ -285,7 +285,7 @@ fn key_ordering_keeps_each_keys_sequence_while_keys_run_in_parallel() {
             next_seq[key as usize] += 1;
             let mut headers = vec![("k".to_owned(), format!("key-{key}"))];
             // Uneven handling times, so lanes race each other.
-            if rng.next() % 50 == 0 {
+            if rng.next().is_multiple_of(50) {
                 headers.push(("sleep-ms".to_owned(), "2".to_owned()));
             }
             (

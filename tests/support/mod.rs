@@ -41,15 +41,13 @@ pub fn sluice_bin() -> PathBuf {
     path
 }
 
+/// A message to prefill: subject, headers, payload.
+pub type Prefilled = (String, Vec<(String, String)>, Vec<u8>);
+
 /// Puts `messages` (subject, headers, payload) straight into the embedded
 /// broker file of a daemon's data directory before the daemon starts, as
 /// publishes to a queue named `queue` bound to `pattern`.
-pub fn prefill(
-    data_dir: &std::path::Path,
-    queue: &str,
-    pattern: &str,
-    messages: Vec<(String, Vec<(String, String)>, Vec<u8>)>,
-) {
+pub fn prefill(data_dir: &std::path::Path, queue: &str, pattern: &str, messages: Vec<Prefilled>) {
     use sluice::brokers::embedded::EmbeddedBroker;
     use sluice::message::{Header, Outbound};
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -6,6 +6,8 @@
 //! - `bench`: the dispatch benchmark (release).
 //! - `plugins`: only builds the plugins.
 
+mod services;
+
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,6 +150,7 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    services::ensure_redis()?;
     plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();

@@ -249,12 +249,13 @@ fn dead_letter_queues(state: &AdminState) -> std::collections::BTreeSet<String> 
         .collect()
 }
 
-fn known_dlq(state: &AdminState, queue: &str) -> Result<(), Response> {
+/// None if `queue` is a dead-letter queue of this daemon, else the 404.
+fn unknown_dlq(state: &AdminState, queue: &str) -> Option<Response> {
     let queues = dead_letter_queues(state);
     if queues.contains(queue) {
-        Ok(())
+        None
     } else {
-        Err(error(
+        Some(error(
             StatusCode::NOT_FOUND,
             format!(
                 "{queue} is not a dead-letter queue of this daemon (they are: {})",
@@ -280,7 +281,7 @@ async fn dlq_list(
     Path(queue): Path<String>,
     Query(limit): Query<Limit>,
 ) -> Response {
-    if let Err(r) = known_dlq(&state, &queue) {
+    if let Some(r) = unknown_dlq(&state, &queue) {
         return r;
     }
     match crate::dlq::list(&state.broker, &queue, limit.limit.unwrap_or(1000)) {
@@ -293,7 +294,7 @@ async fn dlq_show(
     State(state): State<Arc<AdminState>>,
     Path((queue, seq)): Path<(String, u64)>,
 ) -> Response {
-    if let Err(r) = known_dlq(&state, &queue) {
+    if let Some(r) = unknown_dlq(&state, &queue) {
         return r;
     }
     match state.broker.get(&queue, seq) {
@@ -319,7 +320,7 @@ async fn dlq_replay(
     Path(queue): Path<String>,
     Json(filter): Json<crate::dlq::Filter>,
 ) -> Response {
-    if let Err(r) = known_dlq(&state, &queue) {
+    if let Some(r) = unknown_dlq(&state, &queue) {
         return r;
     }
     let routes = state.routes.iter().map(|r| r.name.clone()).collect();

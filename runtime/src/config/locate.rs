@@ -34,7 +34,11 @@ impl KeyLines {
             let line_no = i + 1;
             let line = raw.trim();
             if let Some(inner) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
-                let path = resolve(&split_key(inner), &array_len);
+                // The array itself is the last key: resolve only its parents.
+                let mut keys = split_key(inner);
+                let last = keys.pop().unwrap_or_default();
+                let mut path = resolve(&keys, &array_len);
+                path.push(last);
                 let n = array_len.entry(path.clone()).or_insert(0);
                 table = path;
                 table.push(n.to_string());

@@ -1,0 +1,95 @@
+//! The services the test suite talks to over real sockets: each is left
+//! alone when something already listens on its port, else installed (Debian
+//! packages, when run as root) and started on 127.0.0.1.
+
+use anyhow::{bail, Context, Result};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn listening(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Installs Debian packages when a program is missing.
+fn apt_install(program: &str, package: &str) -> Result<()> {
+    if have(program) {
+        return Ok(());
+    }
+    if !is_root() || !have("apt-get") {
+        bail!("`{program}` is missing: install the `{package}` package (or start the service yourself)");
+    }
+    eprintln!("xtask: installing {package}");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .status()?
+        .success()
+        || (Command::new("apt-get")
+            .args(["update", "-qq"])
+            .status()?
+            .success()
+            && Command::new("apt-get")
+                .args(["install", "-y", "-qq", package])
+                .status()?
+                .success());
+    if !ok {
+        bail!("apt-get could not install {package}");
+    }
+    Ok(())
+}
+
+fn wait_for(port: u16, what: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    while !listening(port) {
+        if started.elapsed() > timeout {
+            bail!("{what} did not start listening on 127.0.0.1:{port} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Redis, for the shared idempotency store.
+pub fn ensure_redis() -> Result<()> {
+    if std::env::var_os("SLUICE_REDIS_URL").is_some() || listening(6379) {
+        return Ok(());
+    }
+    apt_install("redis-server", "redis-server")?;
+    eprintln!("xtask: starting redis-server on 127.0.0.1:6379");
+    let status = Command::new("redis-server")
+        .args([
+            "--port",
+            "6379",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+        ])
+        .status()
+        .context("starting redis-server")?;
+    if !status.success() {
+        bail!("redis-server failed to start ({status})");
+    }
+    wait_for(6379, "redis-server", Duration::from_secs(20))
+}
