@@ -168,7 +168,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     status(
         cargo()
-            .args(["bench", "-p", "sluice", "--bench", "dispatch"])
+            .args(["bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering"])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
     )
