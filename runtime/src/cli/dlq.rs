@@ -57,6 +57,10 @@ fn choose_queue(client: &AdminClient, queue: Option<String>) -> anyhow::Result<S
         return Ok(q);
     }
     let queues: Vec<QueueSummary> = client.get_json("/v1/dlq")?;
+    let non_empty: Vec<&QueueSummary> = queues.iter().filter(|q| q.messages > 0).collect();
+    if let [only] = non_empty.as_slice() {
+        return Ok(only.queue.clone());
+    }
     match queues.as_slice() {
         [one] => Ok(one.queue.clone()),
         [] => bail!("this daemon has no dead-letter queues"),
