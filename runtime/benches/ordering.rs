@@ -28,13 +28,16 @@ const WAIT_MS: &str = "2";
 fn fixture() -> PathBuf {
     std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+        })
         .join("fixture_record.wasm")
 }
 
 async fn run(engine: &Engine, concurrency: u32) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = EmbeddedBroker::open(&dir.path().join("embedded.redb"), Duration::from_secs(60)).expect("broker");
+    let broker = EmbeddedBroker::open(&dir.path().join("embedded.redb"), Duration::from_secs(60))
+        .expect("broker");
     let pattern = |p: &str| vec![SubjectPattern::parse(p).expect("pattern")];
     broker.declare_queue("bench", pattern("bench.in"), None);
     broker.declare_queue("recorded", pattern("recorded"), None);
@@ -78,7 +81,11 @@ async fn run(engine: &Engine, concurrency: u32) -> Duration {
     let started = Instant::now();
     let workers = route.spawn(&stop);
     loop {
-        let recorded = broker.queues().iter().find(|q| q.name == "recorded").map_or(0, |q| q.messages);
+        let recorded = broker
+            .queues()
+            .iter()
+            .find(|q| q.name == "recorded")
+            .map_or(0, |q| q.messages);
         if recorded >= MESSAGES {
             break;
         }
@@ -95,20 +102,39 @@ async fn run(engine: &Engine, concurrency: u32) -> Duration {
 
 fn main() {
     if !fixture().is_file() {
-        eprintln!("{} is missing: run `cargo xtask plugins`", fixture().display());
+        eprintln!(
+            "{} is missing: run `cargo xtask plugins`",
+            fixture().display()
+        );
         std::process::exit(2);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let engine = Engine::new(EngineSettings {
         max_instances: 64,
         ..Default::default()
     })
     .expect("engine");
-    println!("ordering = \"key\": {MESSAGES} messages over {KEYS} keys, handler waits {WAIT_MS} ms each");
+    println!(
+        "ordering = \"key\": {MESSAGES} messages over {KEYS} keys, handler waits {WAIT_MS} ms each"
+    );
     let one = rt.block_on(run(&engine, 1));
     let eight = rt.block_on(run(&engine, 8));
     let rate = |d: Duration| MESSAGES as f64 / d.as_secs_f64();
-    println!("concurrency 1: {:>8.0} ms  {:>8.0} msg/s", one.as_secs_f64() * 1e3, rate(one));
-    println!("concurrency 8: {:>8.0} ms  {:>8.0} msg/s", eight.as_secs_f64() * 1e3, rate(eight));
-    println!("speed-up 8 vs 1: {:.1}x", one.as_secs_f64() / eight.as_secs_f64());
+    println!(
+        "concurrency 1: {:>8.0} ms  {:>8.0} msg/s",
+        one.as_secs_f64() * 1e3,
+        rate(one)
+    );
+    println!(
+        "concurrency 8: {:>8.0} ms  {:>8.0} msg/s",
+        eight.as_secs_f64() * 1e3,
+        rate(eight)
+    );
+    println!(
+        "speed-up 8 vs 1: {:.1}x",
+        one.as_secs_f64() / eight.as_secs_f64()
+    );
 }

@@ -217,6 +217,19 @@ struct StoredView {
     published_ms: u64,
 }
 
+impl StoredView {
+    fn new(seq: u64, s: crate::brokers::embedded::Stored) -> Self {
+        Self {
+            seq,
+            subject: s.subject,
+            headers: s.headers,
+            payload: s.payload,
+            attempt: s.attempt,
+            published_ms: s.published_ms,
+        }
+    }
+}
+
 async fn queue_messages(
     State(state): State<Arc<AdminState>>,
     Path(name): Path<String>,
@@ -226,14 +239,7 @@ async fn queue_messages(
     match state.broker.peek(&name, limit) {
         Ok(list) => Json(
             list.into_iter()
-                .map(|(seq, s)| StoredView {
-                    seq,
-                    subject: s.subject,
-                    headers: s.headers,
-                    payload: s.payload,
-                    attempt: s.attempt,
-                    published_ms: s.published_ms,
-                })
+                .map(|(seq, s)| StoredView::new(seq, s))
                 .collect::<Vec<_>>(),
         )
         .into_response(),
@@ -298,15 +304,7 @@ async fn dlq_show(
         return r;
     }
     match state.broker.get(&queue, seq) {
-        Ok(Some(s)) => Json(StoredView {
-            seq,
-            subject: s.subject,
-            headers: s.headers,
-            payload: s.payload,
-            attempt: s.attempt,
-            published_ms: s.published_ms,
-        })
-        .into_response(),
+        Ok(Some(s)) => Json(StoredView::new(seq, s)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no dead letter #{seq} in {queue}"),
