@@ -2,6 +2,7 @@
 //! ([`Delivery`]) and publishes ([`Sink`]). They know nothing of WASM.
 
 pub mod embedded;
+pub mod nats;
 
 use crate::message::{Message, Outbound};
 use std::future::Future;

@@ -1,0 +1,280 @@
+//! NATS: core subjects (at-most-once) and JetStream durable pull consumers,
+//! a sink that waits for JetStream's PubAck where a stream covers the
+//! subject, and request/reply for handlers. Knows nothing of WASM.
+
+pub mod config;
+mod core;
+mod jetstream;
+
+pub use self::core::CoreSource;
+pub use self::jetstream::JetStreamSource;
+pub use config::{ConsumerSettings, NatsConfig, Retention, StreamConfig};
+
+use super::{BoxFuture, BrokerError, Sink};
+use crate::message::{Header, Outbound};
+use crate::subject::SubjectPattern;
+use async_nats::jetstream::stream;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) const NAME: &str = "nats";
+
+pub(crate) fn failed(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Failed {
+        broker: NAME,
+        reason: e.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsSetupError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+    #[error("JetStream stream `{stream}`: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("JetStream consumer `{consumer}` on stream `{stream}`: {reason}")]
+    Consumer {
+        stream: String,
+        consumer: String,
+        reason: String,
+    },
+    #[error("NATS subscription to `{subject}`: {reason}")]
+    Subscribe { subject: String, reason: String },
+}
+
+/// A connection to NATS (reconnects by itself) and its JetStream context.
+#[derive(Clone)]
+pub struct NatsBroker {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: async_nats::jetstream::Context,
+    /// Subjects stored by a declared stream: publishes to them wait for a PubAck.
+    stream_subjects: Arc<Vec<SubjectPattern>>,
+    request_timeout: Duration,
+}
+
+pub(crate) fn to_header_map(headers: &[Header]) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for h in headers {
+        map.append(h.name.as_str(), h.value.as_str());
+    }
+    map
+}
+
+pub(crate) fn from_header_map(map: Option<&async_nats::HeaderMap>) -> Vec<Header> {
+    let Some(map) = map else { return Vec::new() };
+    let mut out = Vec::new();
+    for (name, values) in map.iter() {
+        for v in values {
+            out.push(Header::new(name.to_string(), v.as_str()));
+        }
+    }
+    out
+}
+
+impl NatsBroker {
+    /// Connects (failing fast if the server cannot be reached) and declares
+    /// the configured streams.
+    pub async fn connect(config: &NatsConfig) -> Result<Self, NatsSetupError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None::<usize>)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    other => tracing::debug!("NATS: {other}"),
+                }
+            });
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &config.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(path) = &config.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| NatsSetupError::Credentials(format!("{}: {e}", path.display())))?;
+        }
+        if config.tls_required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &config.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        let client = options
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| NatsSetupError::Connect {
+                url: config.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let js = async_nats::jetstream::new(client.clone());
+        let mut stream_subjects = Vec::new();
+        for s in &config.streams {
+            declare_stream(&js, s).await?;
+            for subject in &s.subjects {
+                if let Ok(p) = SubjectPattern::parse(subject) {
+                    stream_subjects.push(p);
+                }
+            }
+        }
+        Ok(Self {
+            client,
+            js,
+            stream_subjects: Arc::new(stream_subjects),
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A core subscription (with a queue group, replicas share the load).
+    pub async fn core_source(&self, subject: &str, queue_group: Option<&str>) -> Result<CoreSource, NatsSetupError> {
+        CoreSource::subscribe(self.clone(), subject, queue_group).await
+    }
+
+    /// A durable pull consumer, created when missing, verified when present.
+    pub async fn jetstream_source(&self, settings: &ConsumerSettings) -> Result<JetStreamSource, NatsSetupError> {
+        JetStreamSource::open(self.clone(), settings).await
+    }
+
+    fn stored_by_stream(&self, subject: &str) -> bool {
+        self.stream_subjects.iter().any(|p| p.matches(subject))
+    }
+
+    /// Publishes one message: JetStream with PubAck where a declared stream
+    /// stores the subject, else core NATS followed by a flush.
+    async fn publish_one(&self, m: Outbound) -> Result<bool, BrokerError> {
+        let headers = to_header_map(&m.headers);
+        if self.stored_by_stream(&m.subject) {
+            let ack = self
+                .js
+                .publish_with_headers(m.subject, headers, m.payload.into())
+                .await
+                .map_err(failed)?;
+            ack.await.map_err(failed)?;
+            Ok(false)
+        } else {
+            self.client
+                .publish_with_headers(m.subject, headers, m.payload.into())
+                .await
+                .map_err(failed)?;
+            Ok(true)
+        }
+    }
+
+    /// Sends a request and waits up to `timeout` (capped by the configured
+    /// request timeout).
+    pub async fn request(&self, subject: &str, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, crate::engine::RequestError> {
+        use crate::engine::RequestError;
+        let timeout = timeout.min(self.request_timeout);
+        match tokio::time::timeout(timeout, self.client.request(subject.to_owned(), payload.into())).await {
+            Err(_) => Err(RequestError::Timeout),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(RequestError::Timeout),
+            Ok(Err(e)) => Err(RequestError::Failed(e.to_string())),
+            Ok(Ok(reply)) => Ok(reply.payload.to_vec()),
+        }
+    }
+}
+
+impl Sink for NatsBroker {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut core = false;
+            for m in messages {
+                core |= self.publish_one(m).await?;
+            }
+            if core {
+                // Core NATS has no confirm; a flush at least means the
+                // server has the bytes.
+                self.client.flush().await.map_err(failed)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl crate::engine::Requester for NatsBroker {
+    fn request(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, crate::engine::RequestError>> {
+        let this = self.clone();
+        let subject = subject.to_owned();
+        Box::pin(async move { NatsBroker::request(&this, &subject, payload, timeout).await })
+    }
+}
+
+fn stream_config(s: &StreamConfig) -> stream::Config {
+    stream::Config {
+        name: s.name.clone(),
+        subjects: s.subjects.clone(),
+        retention: match s.retention {
+            Retention::Limits => stream::RetentionPolicy::Limits,
+            Retention::Interest => stream::RetentionPolicy::Interest,
+            Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
+        },
+        max_messages: s.max_messages.unwrap_or(-1),
+        max_age: s.max_age.unwrap_or_default(),
+        duplicate_window: s.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream if missing; if present, checks that it matches.
+async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -> Result<(), NatsSetupError> {
+    let err = |reason: String| NatsSetupError::Stream {
+        stream: s.name.clone(),
+        reason,
+    };
+    let wanted = stream_config(s);
+    match js.get_stream(&s.name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|e| err(e.to_string()))?;
+            let have = &info.config;
+            let mut diffs = Vec::new();
+            let mut a = have.subjects.clone();
+            let mut b = wanted.subjects.clone();
+            a.sort();
+            b.sort();
+            if a != b {
+                diffs.push(format!("subjects are {:?}, config says {:?}", have.subjects, wanted.subjects));
+            }
+            if have.retention != wanted.retention {
+                diffs.push(format!("retention is {:?}, config says {:?}", have.retention, wanted.retention));
+            }
+            if have.max_messages != wanted.max_messages {
+                diffs.push(format!("max_messages is {}, config says {}", have.max_messages, wanted.max_messages));
+            }
+            if have.max_age != wanted.max_age {
+                diffs.push(format!("max_age is {:?}, config says {:?}", have.max_age, wanted.max_age));
+            }
+            if diffs.is_empty() {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "exists with other settings: {} (change the config, or update/delete the stream)",
+                    diffs.join("; ")
+                )))
+            }
+        }
+        Err(e) if matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+            js.create_stream(wanted).await.map_err(|e| err(e.to_string()))?;
+            tracing::info!(stream = %s.name, "JetStream stream created");
+            Ok(())
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
