@@ -36,11 +36,7 @@ fn invoke_order_processor_with_a_valid_payload_prints_ok_and_the_publish() {
         "--payload",
         r#"{"order_id":"o-1","user_id":"u-1","amount_cents":1999,"event_type":"created"}"#,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json = stdout_json(&out);
     assert_eq!(json["outcome"], "ok");
     let publishes = json["publishes"].as_array().unwrap();
@@ -83,13 +79,8 @@ fn invoke_pricing_prints_the_reply() {
         ]);
         assert!(out.status.success());
         let json = stdout_json(&out);
-        let reply: Value =
-            serde_json::from_str(json["reply"]["payload"].as_str().unwrap()).unwrap();
-        assert_eq!(
-            reply,
-            serde_json::json!({ "price_cents": price }),
-            "{product}"
-        );
+        let reply: Value = serde_json::from_str(json["reply"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(reply, serde_json::json!({ "price_cents": price }), "{product}");
     }
 }
 
@@ -101,10 +92,7 @@ fn invoke_refuses_a_file_that_is_not_a_component() {
     let out = sluice(&["invoke", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("core WebAssembly module, not a component"),
-        "{err}"
-    );
+    assert!(err.contains("core WebAssembly module, not a component"), "{err}");
 }
 
 fn check(dir: &Path, config: &str) -> (bool, String) {
@@ -145,10 +133,7 @@ fn check_accepts_a_good_config_and_loads_its_plugins() {
 #[test]
 fn check_names_file_line_and_key_of_an_unknown_key() {
     let dir = tempfile::tempdir().unwrap();
-    let config = good_config().replace(
-        "plugin = \"orders\"\n",
-        "plugin = \"orders\"\nconcurency = 4\n",
-    );
+    let config = good_config().replace("plugin = \"orders\"\n", "plugin = \"orders\"\nconcurency = 4\n");
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
     let file = dir.path().join("sluice.toml");
@@ -172,10 +157,7 @@ fn check_names_file_line_and_key_of_a_missing_plugin_file() {
     let config = good_config().replace(plugin("order_processor").to_str().unwrap(), "missing.wasm");
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
-    assert!(
-        text.contains("sluice.toml:3: key `plugins.orders.path`"),
-        "{text}"
-    );
+    assert!(text.contains("sluice.toml:3: key `plugins.orders.path`"), "{text}");
     assert!(text.contains("does not exist"), "{text}");
 }
 
@@ -185,10 +167,7 @@ fn check_refuses_a_route_naming_an_unknown_plugin() {
     let config = good_config().replace("plugin = \"orders\"", "plugin = \"ordrs\"");
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
-    assert!(
-        text.contains("sluice.toml:8: key `routes.0.plugin`"),
-        "{text}"
-    );
+    assert!(text.contains("sluice.toml:8: key `routes.0.plugin`"), "{text}");
 }
 
 #[test]
@@ -196,10 +175,7 @@ fn check_refuses_a_plugin_that_is_not_a_component_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("fake.wasm");
     std::fs::write(&fake, b"not wasm at all").unwrap();
-    let config = good_config().replace(
-        plugin("order_processor").to_str().unwrap(),
-        fake.to_str().unwrap(),
-    );
+    let config = good_config().replace(plugin("order_processor").to_str().unwrap(), fake.to_str().unwrap());
     let (ok, text) = check(dir.path(), &config);
     assert!(!ok);
     assert!(text.contains("is not WebAssembly"), "{text}");
@@ -214,9 +190,5 @@ fn the_shipped_default_config_is_valid() {
         .env("SLUICE_DATA_DIR", tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -106,11 +106,9 @@ fn thousand_messages_survive_a_sigkill_half_way() {
         })
     };
 
-    d.wait_for(
-        "half of the messages published",
-        Duration::from_secs(60),
-        || published.load(Ordering::SeqCst) >= N / 2,
-    );
+    d.wait_for("half of the messages published", Duration::from_secs(60), || {
+        published.load(Ordering::SeqCst) >= N / 2
+    });
     d.kill();
     let published_at_crash = published.load(Ordering::SeqCst);
     d.restart();
@@ -126,10 +124,7 @@ fn thousand_messages_survive_a_sigkill_half_way() {
     d.wait_for("the orders queue to drain", Duration::from_secs(30), || {
         d.queue_len("orders") == 0
     });
-    assert!(
-        d.queue("dlq.orders").is_empty(),
-        "nothing should be dead-lettered"
-    );
+    assert!(d.queue("dlq.orders").is_empty(), "nothing should be dead-lettered");
     assert!(
         published_at_crash < N,
         "the crash happened after all publishes; test proves nothing"

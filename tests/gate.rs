@@ -14,15 +14,9 @@ async fn contract(store: &dyn IdempotencyStore, ns: &str) {
     let key = |k: &str| format!("{ns}:{k}");
     let lease = Duration::from_secs(5);
     let ttl = Duration::from_secs(60);
-    assert_eq!(
-        store.claim(&key("a"), "w1", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("a"), "w1", lease).await.unwrap(), Claim::Acquired);
     match store.claim(&key("a"), "w2", lease).await.unwrap() {
-        Claim::Busy { retry_in } => assert!(
-            retry_in <= lease && retry_in > Duration::ZERO,
-            "{retry_in:?}"
-        ),
+        Claim::Busy { retry_in } => assert!(retry_in <= lease && retry_in > Duration::ZERO, "{retry_in:?}"),
         other => panic!("expected busy, got {other:?}"),
     }
     // Only the holder can release or complete.
@@ -32,20 +26,11 @@ async fn contract(store: &dyn IdempotencyStore, ns: &str) {
         Claim::Busy { .. }
     ));
     store.complete(&key("a"), "w1", ttl).await.unwrap();
-    assert_eq!(
-        store.claim(&key("a"), "w3", lease).await.unwrap(),
-        Claim::Done
-    );
+    assert_eq!(store.claim(&key("a"), "w3", lease).await.unwrap(), Claim::Done);
 
-    assert_eq!(
-        store.claim(&key("b"), "w1", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("b"), "w1", lease).await.unwrap(), Claim::Acquired);
     store.release(&key("b"), "w1").await.unwrap();
-    assert_eq!(
-        store.claim(&key("b"), "w2", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("b"), "w2", lease).await.unwrap(), Claim::Acquired);
 
     // A lease that runs out frees the key (a crashed worker).
     assert_eq!(
@@ -56,25 +41,16 @@ async fn contract(store: &dyn IdempotencyStore, ns: &str) {
         Claim::Acquired
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(
-        store.claim(&key("c"), "w2", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("c"), "w2", lease).await.unwrap(), Claim::Acquired);
 
     // A done key is forgotten after its TTL.
-    assert_eq!(
-        store.claim(&key("d"), "w1", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("d"), "w1", lease).await.unwrap(), Claim::Acquired);
     store
         .complete(&key("d"), "w1", Duration::from_millis(100))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(
-        store.claim(&key("d"), "w2", lease).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(store.claim(&key("d"), "w2", lease).await.unwrap(), Claim::Acquired);
 }
 
 fn unique() -> String {
@@ -106,24 +82,16 @@ async fn redis_store_keeps_the_contract_and_is_shared_between_replicas() {
     let b = RedisStore::connect(&url, "sluice-test:").await.unwrap();
     let key = format!("{ns}:shared");
     assert_eq!(
-        a.claim(&key, "replica-a", Duration::from_secs(5))
-            .await
-            .unwrap(),
+        a.claim(&key, "replica-a", Duration::from_secs(5)).await.unwrap(),
         Claim::Acquired
     );
     assert!(matches!(
-        b.claim(&key, "replica-b", Duration::from_secs(5))
-            .await
-            .unwrap(),
+        b.claim(&key, "replica-b", Duration::from_secs(5)).await.unwrap(),
         Claim::Busy { .. }
     ));
-    a.complete(&key, "replica-a", Duration::from_secs(60))
-        .await
-        .unwrap();
+    a.complete(&key, "replica-a", Duration::from_secs(60)).await.unwrap();
     assert_eq!(
-        b.claim(&key, "replica-b", Duration::from_secs(5))
-            .await
-            .unwrap(),
+        b.claim(&key, "replica-b", Duration::from_secs(5)).await.unwrap(),
         Claim::Done
     );
 }

@@ -62,17 +62,12 @@ fn a_handler_failing_n_times_succeeds_on_attempt_n_plus_1_with_n_retries() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &flaky_config(5));
     d.publish("flaky.in", &[("fail-times", "3")], b"x");
-    d.wait_for("success", Duration::from_secs(30), || {
-        d.queue("done").len() == 1
-    });
+    d.wait_for("success", Duration::from_secs(30), || d.queue("done").len() == 1);
     assert_eq!(
         d.metric("sluice_messages_total{route=\"flaky\",outcome=\"retry\"}"),
         3.0
     );
-    assert_eq!(
-        d.metric("sluice_messages_total{route=\"flaky\",outcome=\"ok\"}"),
-        1.0
-    );
+    assert_eq!(d.metric("sluice_messages_total{route=\"flaky\",outcome=\"ok\"}"), 1.0);
     // Each failed attempt published to flaky.attempt before failing; only the
     // successful attempt's publish is visible.
     let attempts = d.queue("attempts");
@@ -97,20 +92,12 @@ fn exhausted_retries_dead_letter_with_every_failure_header() {
     assert_eq!(header(dl, "x-trace").as_deref(), Some("abc"));
     assert_eq!(header(dl, "fail-times").as_deref(), Some("9"));
     assert_eq!(header(dl, "sluice-attempts").as_deref(), Some("3"));
-    assert_eq!(
-        header(dl, "sluice-error-kind").as_deref(),
-        Some("retryable")
-    );
+    assert_eq!(header(dl, "sluice-error-kind").as_deref(), Some("retryable"));
     assert_eq!(header(dl, "sluice-route").as_deref(), Some("flaky"));
     assert!(header(dl, "sluice-error").unwrap().contains("attempt 3"));
-    assert!(header(dl, "sluice-plugin")
-        .unwrap()
-        .starts_with("flaky@sha256:"));
+    assert!(header(dl, "sluice-plugin").unwrap().starts_with("flaky@sha256:"));
     let origin = header(dl, "sluice-origin").unwrap();
-    assert!(
-        origin.starts_with("embedded://flaky.in?queue=flaky&seq="),
-        "{origin}"
-    );
+    assert!(origin.starts_with("embedded://flaky.in?queue=flaky&seq="), "{origin}");
     assert!(header(dl, "sluice-failed-at").unwrap().ends_with('Z'));
     assert!(
         d.queue("attempts").is_empty(),
@@ -175,11 +162,7 @@ fn a_duplicate_key_runs_the_handler_once_even_after_a_restart() {
     assert!(d.terminate().success());
     d.restart();
     d.publish("orders.created", &[("Idempotency-Key", "k-1")], b"third");
-    d.publish(
-        "orders.created",
-        &[("Idempotency-Key", "k-2")],
-        b"other key",
-    );
+    d.publish("orders.created", &[("Idempotency-Key", "k-2")], b"other key");
     d.wait_for("settled after restart", Duration::from_secs(30), || {
         d.queue_len("orders") == 0 && d.queue("recorded").len() == 2
     });
@@ -187,11 +170,7 @@ fn a_duplicate_key_runs_the_handler_once_even_after_a_restart() {
         d.metric("sluice_messages_total{route=\"orders\",outcome=\"duplicate\"}"),
         1.0
     );
-    let payloads: Vec<Value> = d
-        .queue("recorded")
-        .iter()
-        .map(|m| m["payload"].clone())
-        .collect();
+    let payloads: Vec<Value> = d.queue("recorded").iter().map(|m| m["payload"].clone()).collect();
     assert_eq!(payloads, [Value::from("first"), Value::from("other key")]);
 }
 
@@ -209,11 +188,9 @@ fn a_key_whose_worker_crashed_is_handled_after_its_lease_expires() {
     let claimed = Instant::now();
     d.kill();
     d.restart();
-    d.wait_for(
-        "the message after the lease",
-        Duration::from_secs(60),
-        || d.queue("recorded").len() == 1,
-    );
+    d.wait_for("the message after the lease", Duration::from_secs(60), || {
+        d.queue("recorded").len() == 1
+    });
     // The redelivered copy found the dead worker's lease and waited for it.
     assert!(
         d.metric("sluice_messages_total{route=\"orders\",outcome=\"retry\"}") >= 1.0,
@@ -239,20 +216,14 @@ fn publishes_are_visible_exactly_once_when_a_message_is_handled_again() {
         &idempotent_config("memory", &plugin("fixture_record"), 0, "30s"),
     );
     d.publish("orders.created", &[("Idempotency-Key", "k-9")], b"effect");
-    d.wait_for("handled", Duration::from_secs(30), || {
-        d.queue("recorded").len() == 1
-    });
+    d.wait_for("handled", Duration::from_secs(30), || d.queue("recorded").len() == 1);
     assert!(d.terminate().success());
     d.restart();
     d.publish("orders.created", &[("Idempotency-Key", "k-9")], b"effect");
     d.wait_for("handled again", Duration::from_secs(30), || {
         d.metric("sluice_messages_total{route=\"orders\",outcome=\"ok\"}") == 1.0
     });
-    assert_eq!(
-        d.queue("recorded").len(),
-        1,
-        "the rerun's publish must be deduplicated"
-    );
+    assert_eq!(d.queue("recorded").len(), 1, "the rerun's publish must be deduplicated");
     assert_eq!(
         header(&d.queue("recorded")[0], "Nats-Msg-Id").as_deref(),
         Some("orders:k-9:0")
@@ -288,11 +259,7 @@ fn key_ordering_keeps_each_keys_sequence_while_keys_run_in_parallel() {
             if rng.next().is_multiple_of(50) {
                 headers.push(("sleep-ms".to_owned(), "2".to_owned()));
             }
-            (
-                "seq.in".to_owned(),
-                headers,
-                format!("{key}:{seq}").into_bytes(),
-            )
+            ("seq.in".to_owned(), headers, format!("{key}:{seq}").into_bytes())
         })
         .collect();
     prefill(&dir.path().join("data"), "ordered", "seq.in", messages);
@@ -370,20 +337,14 @@ subjects = ["recorded"]
             let status = d.status();
             status["queues"].clone()
         };
-        if let Some(q) = queues
-            .as_array()
-            .and_then(|qs| qs.iter().find(|q| q["name"] == "slow"))
-        {
+        if let Some(q) = queues.as_array().and_then(|qs| qs.iter().find(|q| q["name"] == "slow")) {
             max_taken = max_taken.max(q["in_flight"].as_u64().unwrap_or(0));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(d.queue_len("recorded") > 0, "nothing handled:\n{}", d.log());
     assert!(max_gauge <= 4.0, "in-flight gauge reached {max_gauge}");
-    assert!(
-        max_taken <= 4,
-        "{max_taken} messages taken from the queue at once"
-    );
+    assert!(max_taken <= 4, "{max_taken} messages taken from the queue at once");
     assert!(
         d.queue_len("slow") as usize > QUEUED - 1000,
         "the queue is not being drained in bulk"
@@ -431,18 +392,11 @@ subjects = ["recorded"]
             .args(["--admin", &admin])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let listing = dlq(&["list"]);
-    assert!(
-        listing.contains("dlq.fixable — 3 dead letters (trap: 3)"),
-        "{listing}"
-    );
+    assert!(listing.contains("dlq.fixable — 3 dead letters (trap: 3)"), "{listing}");
     assert!(listing.contains("fixture asked to trap"), "{listing}");
 
     // The fix: a handler that works, swapped in while the daemon is down.
@@ -451,23 +405,15 @@ subjects = ["recorded"]
     d.restart();
     let replayed = dlq(&["replay", "--all"]);
     assert!(replayed.contains("replayed 3"), "{replayed}");
-    d.wait_for(
-        "the replayed messages handled",
-        Duration::from_secs(30),
-        || d.queue("recorded").len() == 3,
-    );
+    d.wait_for("the replayed messages handled", Duration::from_secs(30), || {
+        d.queue("recorded").len() == 3
+    });
     assert!(d.queue("dlq.fixable").is_empty());
     for m in d.queue("recorded") {
         assert_eq!(m["payload"], "trap");
         assert!(header(&m, "n").is_some(), "original headers kept: {m}");
-        assert!(
-            header(&m, "sluice-error").is_none(),
-            "failure headers stripped: {m}"
-        );
+        assert!(header(&m, "sluice-error").is_none(), "failure headers stripped: {m}");
         assert_eq!(header(&m, "sluice-replays").as_deref(), Some("1"));
     }
-    assert_eq!(
-        d.metric("sluice_messages_total{route=\"fixable\",outcome=\"ok\"}"),
-        3.0
-    );
+    assert_eq!(d.metric("sluice_messages_total{route=\"fixable\",outcome=\"ok\"}"), 3.0);
 }

@@ -2,9 +2,7 @@
 //! and reported with the right kind, and the next message is handled normally.
 
 use sluice::config::Isolation;
-use sluice::engine::{
-    Engine, EngineSettings, FailureKind, Outcome, Plugin, PluginError, PluginSpec,
-};
+use sluice::engine::{Engine, EngineSettings, FailureKind, Outcome, Plugin, PluginError, PluginSpec};
 use sluice::message::{Header, Message};
 use sluice_tests::plugin;
 use std::time::{Duration, Instant};
@@ -49,25 +47,14 @@ fn failure(outcome: &Outcome) -> (FailureKind, String) {
 async fn infinite_loop_is_interrupted_at_its_deadline_and_the_route_goes_on() {
     let engine = engine();
     for isolation in [Isolation::Fresh, Isolation::Reuse] {
-        let p = load(
-            &engine,
-            "fixture_spin",
-            isolation,
-            Duration::from_millis(300),
-        );
+        let p = load(&engine, "fixture_spin", isolation, Duration::from_millis(300));
         let started = Instant::now();
         let inv = p.invoke("r", &msg(b"spin")).await;
         let took = started.elapsed();
         let (kind, reason) = failure(&inv.outcome);
         assert_eq!(kind, FailureKind::Timeout, "{reason}");
-        assert!(
-            took >= Duration::from_millis(300),
-            "stopped early: {took:?}"
-        );
-        assert!(
-            took < Duration::from_millis(300 + 700),
-            "not stopped in time: {took:?}"
-        );
+        assert!(took >= Duration::from_millis(300), "stopped early: {took:?}");
+        assert!(took < Duration::from_millis(300 + 700), "not stopped in time: {took:?}");
         let next = p.invoke("r", &msg(b"ok")).await;
         assert!(
             matches!(next.outcome, Outcome::Ok { .. }),
@@ -80,12 +67,7 @@ async fn infinite_loop_is_interrupted_at_its_deadline_and_the_route_goes_on() {
 #[tokio::test]
 async fn spinning_plugin_does_not_starve_other_tasks() {
     let engine = engine();
-    let p = load(
-        &engine,
-        "fixture_spin",
-        Isolation::Fresh,
-        Duration::from_millis(500),
-    );
+    let p = load(&engine, "fixture_spin", Isolation::Fresh, Duration::from_millis(500));
     // One worker thread: the spinning guest must yield for the ticker task to run.
     let handle = tokio::spawn(async move { p.invoke("r", &msg(b"spin")).await });
     let ticks = tokio::spawn(async {
@@ -98,10 +80,7 @@ async fn spinning_plugin_does_not_starve_other_tasks() {
         n
     });
     let n = ticks.await.unwrap();
-    assert!(
-        n >= 5,
-        "other task ran only {n} times while the plugin spun"
-    );
+    assert!(n >= 5, "other task ran only {n} times while the plugin spun");
     let inv = handle.await.unwrap();
     assert_eq!(failure(&inv.outcome).0, FailureKind::Timeout);
 }
@@ -116,11 +95,7 @@ async fn one_gib_allocation_is_stopped_by_the_memory_cap() {
         assert_eq!(kind, FailureKind::Memory, "{reason}");
         assert!(reason.contains("64 MiB"), "{reason}");
         let next = p.invoke("r", &msg(b"ok")).await;
-        assert!(
-            matches!(next.outcome, Outcome::Ok { .. }),
-            "{:?}",
-            next.outcome
-        );
+        assert!(matches!(next.outcome, Outcome::Ok { .. }), "{:?}", next.outcome);
     }
 }
 
@@ -134,23 +109,14 @@ async fn trap_is_reported_with_the_panic_message() {
         assert_eq!(kind, FailureKind::Trap, "{reason}");
         assert!(reason.contains("fixture asked to trap"), "{reason}");
         let next = p.invoke("r", &msg(b"fine")).await;
-        assert!(
-            matches!(next.outcome, Outcome::Ok { .. }),
-            "{:?}",
-            next.outcome
-        );
+        assert!(matches!(next.outcome, Outcome::Ok { .. }), "{:?}", next.outcome);
     }
 }
 
 #[tokio::test]
 async fn publishes_are_kept_on_success_and_dropped_on_failure() {
     let engine = engine();
-    let p = load(
-        &engine,
-        "fixture_flaky",
-        Isolation::Fresh,
-        Duration::from_secs(5),
-    );
+    let p = load(&engine, "fixture_flaky", Isolation::Fresh, Duration::from_secs(5));
     let mut m = msg(b"x");
     m.headers.push(Header::new("fail-times", "1"));
     let first = p.invoke("r", &m).await;
@@ -158,16 +124,8 @@ async fn publishes_are_kept_on_success_and_dropped_on_failure() {
     assert!(first.publishes.is_empty());
     m.attempt = 2;
     let second = p.invoke("r", &m).await;
-    assert!(
-        matches!(second.outcome, Outcome::Ok { .. }),
-        "{:?}",
-        second.outcome
-    );
-    let subjects: Vec<&str> = second
-        .publishes
-        .iter()
-        .map(|p| p.subject.as_str())
-        .collect();
+    assert!(matches!(second.outcome, Outcome::Ok { .. }), "{:?}", second.outcome);
+    let subjects: Vec<&str> = second.publishes.iter().map(|p| p.subject.as_str()).collect();
     assert_eq!(subjects, ["flaky.attempt", "flaky.done"]);
 }
 
@@ -204,11 +162,7 @@ fn bad_wasm_files_are_refused_with_the_reason() {
     let err = check("core.wasm", b"\0asm\x01\0\0\0", "core WebAssembly module");
     assert!(matches!(err, PluginError::CoreModule { .. }));
     // The smallest component: magic + component version/layer, no exports.
-    let err = check(
-        "empty.wasm",
-        b"\0asm\x0d\0\x01\0",
-        "does not export `handle`",
-    );
+    let err = check("empty.wasm", b"\0asm\x0d\0\x01\0", "does not export `handle`");
     assert!(matches!(err, PluginError::MissingExport { .. }));
     let mut truncated = std::fs::read(plugin("noop")).unwrap();
     truncated.truncate(truncated.len() / 2);

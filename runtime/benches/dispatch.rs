@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 fn noop_path() -> PathBuf {
     let dir = std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"));
     dir.join("noop.wasm")
 }
 
@@ -60,11 +58,7 @@ fn run(plugin: &Arc<Plugin>, threads: usize, per_thread: usize) -> Stats {
                         let t = Instant::now();
                         let inv = plugin.invoke("bench", &msg).await;
                         samples.push(t.elapsed());
-                        assert!(
-                            matches!(inv.outcome, Outcome::Ok { .. }),
-                            "{:?}",
-                            inv.outcome
-                        );
+                        assert!(matches!(inv.outcome, Outcome::Ok { .. }), "{:?}", inv.outcome);
                     }
                     samples
                 })

@@ -28,16 +28,13 @@ const WAIT_MS: &str = "2";
 fn fixture() -> PathBuf {
     std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
         .join("fixture_record.wasm")
 }
 
 async fn run(engine: &Engine, concurrency: u32) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = EmbeddedBroker::open(&dir.path().join("embedded.redb"), Duration::from_secs(60))
-        .expect("broker");
+    let broker = EmbeddedBroker::open(&dir.path().join("embedded.redb"), Duration::from_secs(60)).expect("broker");
     let pattern = |p: &str| vec![SubjectPattern::parse(p).expect("pattern")];
     broker.declare_queue("bench", pattern("bench.in"), None);
     broker.declare_queue("recorded", pattern("recorded"), None);
@@ -61,10 +58,12 @@ async fn run(engine: &Engine, concurrency: u32) -> Duration {
     let route = Arc::new(Route {
         name: "bench".into(),
         source_description: "embedded bench.in".into(),
+        source_broker: "embedded",
         source,
         sink: sink.clone(),
         dead_letter_sink: sink,
         dead_letter_subject: "dlq.bench".into(),
+        dead_letter_broker: "embedded",
         plugin,
         policy: Policy {
             retry: RetryConfig::default(),
@@ -102,10 +101,7 @@ async fn run(engine: &Engine, concurrency: u32) -> Duration {
 
 fn main() {
     if !fixture().is_file() {
-        eprintln!(
-            "{} is missing: run `cargo xtask plugins`",
-            fixture().display()
-        );
+        eprintln!("{} is missing: run `cargo xtask plugins`", fixture().display());
         std::process::exit(2);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -117,9 +113,7 @@ fn main() {
         ..Default::default()
     })
     .expect("engine");
-    println!(
-        "ordering = \"key\": {MESSAGES} messages over {KEYS} keys, handler waits {WAIT_MS} ms each"
-    );
+    println!("ordering = \"key\": {MESSAGES} messages over {KEYS} keys, handler waits {WAIT_MS} ms each");
     let one = rt.block_on(run(&engine, 1));
     let eight = rt.block_on(run(&engine, 8));
     let rate = |d: Duration| MESSAGES as f64 / d.as_secs_f64();
@@ -133,8 +127,5 @@ fn main() {
         eight.as_secs_f64() * 1e3,
         rate(eight)
     );
-    println!(
-        "speed-up 8 vs 1: {:.1}x",
-        one.as_secs_f64() / eight.as_secs_f64()
-    );
+    println!("speed-up 8 vs 1: {:.1}x", one.as_secs_f64() / eight.as_secs_f64());
 }

@@ -3,9 +3,10 @@
 
 use crate::admin::{self, AdminState};
 use crate::brokers::embedded::{EmbeddedBroker, StoreError};
+use crate::brokers::nats::{ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::{Sink, Source};
 use crate::config::{BrokerKind, Config, GateStore, PluginConfig};
-use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec};
+use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec, Requester};
 use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, RedisStore};
 use crate::metrics::Metrics;
 use crate::pipeline::keys::KeySource;
@@ -30,14 +31,13 @@ pub enum DaemonError {
     #[error("cannot create the data directory {dir}: {source}")]
     DataDir { dir: String, source: std::io::Error },
     #[error("cannot listen on {addr} for the admin API: {source} (set [admin] listen to another address)")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Listen { addr: String, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
     #[error("idempotency store: {0}")]
     Gate(#[from] GateError),
+    #[error(transparent)]
+    Nats(#[from] NatsSetupError),
 }
 
 /// The idempotency stores the routes of a config use, opened once.
@@ -57,13 +57,9 @@ impl GateStores {
             };
             match idem.store {
                 GateStore::File if stores.file.is_none() => {
-                    stores.file = Some(Arc::new(FileStore::open(
-                        &config.data_dir.join("idempotency.redb"),
-                    )?));
+                    stores.file = Some(Arc::new(FileStore::open(&config.data_dir.join("idempotency.redb"))?));
                 }
-                GateStore::Memory if stores.memory.is_none() => {
-                    stores.memory = Some(Arc::new(MemoryStore::new()))
-                }
+                GateStore::Memory if stores.memory.is_none() => stores.memory = Some(Arc::new(MemoryStore::new())),
                 GateStore::Redis if stores.redis.is_none() => {
                     let url = config.stores.redis_url.as_deref().unwrap_or_default();
                     stores.redis = Some(Arc::new(RedisStore::connect(url, "sluice:idem:").await?));
@@ -103,7 +99,7 @@ pub fn build_engine(config: &Config) -> Result<Engine, DaemonError> {
     })?)
 }
 
-pub fn plugin_spec(name: &str, plugin: &PluginConfig) -> PluginSpec {
+pub fn plugin_spec(name: &str, plugin: &PluginConfig, requester: Option<Arc<dyn Requester>>) -> PluginSpec {
     PluginSpec {
         name: name.to_owned(),
         path: plugin.path.clone(),
@@ -115,7 +111,7 @@ pub fn plugin_spec(name: &str, plugin: &PluginConfig) -> PluginSpec {
         publish_allow: plugin.publish.clone(),
         request_allow: plugin.request.clone(),
         settings: plugin.settings(),
-        requester: None,
+        requester,
     }
 }
 
@@ -123,10 +119,11 @@ pub fn plugin_spec(name: &str, plugin: &PluginConfig) -> PluginSpec {
 pub fn load_plugins(
     engine: &Engine,
     config: &Config,
+    requester: Option<Arc<dyn Requester>>,
 ) -> Result<BTreeMap<String, Arc<Plugin>>, DaemonError> {
     let mut plugins = BTreeMap::new();
     for (name, plugin) in &config.plugins {
-        let loaded = engine.load(plugin_spec(name, plugin))?;
+        let loaded = engine.load(plugin_spec(name, plugin, requester.clone()))?;
         tracing::info!(
             plugin = %name,
             hash = %&loaded.hash()[..12],
@@ -136,6 +133,86 @@ pub fn load_plugins(
         plugins.insert(name.clone(), Arc::new(loaded));
     }
     Ok(plugins)
+}
+
+/// The broker dead letters of `route` go to: its own, unless it says.
+pub fn dead_letter_broker(route: &crate::config::RouteConfig) -> BrokerKind {
+    route
+        .dead_letter
+        .as_ref()
+        .and_then(|d| d.broker)
+        .unwrap_or(route.source.broker)
+}
+
+/// The brokers a config uses.
+pub struct Brokers {
+    pub embedded: EmbeddedBroker,
+    pub nats: Option<NatsBroker>,
+}
+
+impl Brokers {
+    pub async fn open(config: &Config) -> Result<Self, DaemonError> {
+        let embedded = open_broker(config)?;
+        let nats = match &config.brokers.nats {
+            Some(n) => Some(NatsBroker::connect(n).await?),
+            None => None,
+        };
+        Ok(Self { embedded, nats })
+    }
+
+    fn nats(&self) -> Result<&NatsBroker, DaemonError> {
+        self.nats
+            .as_ref()
+            .ok_or_else(|| DaemonError::Invalid("a route uses NATS but [brokers.nats] is missing".into()))
+    }
+
+    fn sink(&self, kind: BrokerKind) -> Result<Arc<dyn Sink>, DaemonError> {
+        Ok(match kind {
+            BrokerKind::Embedded => Arc::new(self.embedded.clone()),
+            BrokerKind::Nats | BrokerKind::Jetstream => Arc::new(self.nats()?.clone()),
+        })
+    }
+
+    /// Request/reply for handlers, where a broker offers it.
+    pub fn requester(&self) -> Option<Arc<dyn Requester>> {
+        self.nats.clone().map(|n| Arc::new(n) as Arc<dyn Requester>)
+    }
+
+    async fn source(&self, r: &crate::config::RouteConfig) -> Result<(Arc<dyn Source>, String), DaemonError> {
+        let s = &r.source;
+        Ok(match s.broker {
+            BrokerKind::Embedded => (
+                Arc::new(self.embedded.source(&r.name)),
+                format!("embedded {}", s.subject),
+            ),
+            BrokerKind::Nats => {
+                let src = self.nats()?.core_source(&s.subject, s.queue_group.as_deref()).await?;
+                let group = s
+                    .queue_group
+                    .as_ref()
+                    .map(|g| format!(" (queue group {g})"))
+                    .unwrap_or_default();
+                (Arc::new(src), format!("nats {}{group}", s.subject))
+            }
+            BrokerKind::Jetstream => {
+                let settings = ConsumerSettings {
+                    stream: s.stream.clone().unwrap_or_default(),
+                    durable: s.consumer.clone().unwrap_or_else(|| r.name.clone()),
+                    filter_subject: s.subject.clone(),
+                    ack_wait: s.ack_wait.unwrap_or(Duration::from_secs(30)),
+                    max_deliver: s.max_deliver.unwrap_or(-1),
+                    max_ack_pending: s.max_ack_pending.unwrap_or(1000),
+                };
+                let src = self.nats()?.jetstream_source(&settings).await?;
+                let description = format!("jetstream {}/{} {}", settings.stream, settings.durable, s.subject);
+                (Arc::new(src), description)
+            }
+        })
+    }
+
+    pub fn close(&self) {
+        self.embedded.close();
+    }
 }
 
 fn pattern(text: &str) -> Result<SubjectPattern, DaemonError> {
@@ -158,96 +235,85 @@ pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
         source,
     })?;
     for route in &config.routes {
-        match route.source.broker {
-            BrokerKind::Embedded => {
-                broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None)
-            }
+        if route.source.broker == BrokerKind::Embedded {
+            broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None);
         }
-        let dlq = route.dead_letter_subject();
-        broker.declare_queue(&dlq, vec![pattern(&dlq)?], None);
+        if dead_letter_broker(route) == BrokerKind::Embedded {
+            let dlq = route.dead_letter_subject();
+            broker.declare_queue(&dlq, vec![pattern(&dlq)?], None);
+        }
     }
     for q in &config.brokers.embedded.queues {
-        let patterns = q
-            .subjects
-            .iter()
-            .map(|s| pattern(s))
-            .collect::<Result<_, _>>()?;
+        let patterns = q.subjects.iter().map(|s| pattern(s)).collect::<Result<_, _>>()?;
         broker.declare_queue(&q.name, patterns, q.max_len);
     }
     Ok(broker)
 }
 
-pub fn build_routes(
+pub async fn build_routes(
     config: &Config,
-    broker: &EmbeddedBroker,
+    brokers: &Brokers,
     plugins: &BTreeMap<String, Arc<Plugin>>,
     gates: &GateStores,
     metrics: &Arc<Metrics>,
 ) -> Result<Vec<Arc<Route>>, DaemonError> {
-    config
-        .routes
-        .iter()
-        .map(|r| {
-            let plugin = plugins.get(&r.plugin).cloned().ok_or_else(|| {
-                DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin))
-            })?;
-            let (source, description): (Arc<dyn Source>, String) = match r.source.broker {
-                BrokerKind::Embedded => (
-                    Arc::new(broker.source(&r.name)),
-                    format!("embedded {}", r.source.subject),
-                ),
-            };
-            let sink: Arc<dyn Sink> = Arc::new(broker.clone());
-            let gate = match &r.idempotency {
-                Some(idem) if idem.key != "none" => Some(Gate {
-                    key: key_source(&idem.key)?,
-                    store: gates.get(idem.store).ok_or_else(|| {
-                        DaemonError::Invalid(format!(
-                            "route {}: idempotency store not open",
-                            r.name
-                        ))
-                    })?,
-                    ttl: idem.ttl,
-                    lease: idem.lease,
-                }),
-                _ => None,
-            };
-            Ok(Arc::new(Route {
-                name: r.name.clone(),
-                source_description: description,
-                source,
-                sink: sink.clone(),
-                dead_letter_sink: sink,
-                dead_letter_subject: r.dead_letter_subject(),
-                plugin,
-                policy: Policy {
-                    retry: r.retry.clone(),
-                    on_failure: r.on_failure,
-                },
-                concurrency: r.concurrency,
-                ordering: r.ordering,
-                ordering_key: match &r.key {
-                    Some(k) => key_source(k)?,
-                    None => KeySource::MessageKey,
-                },
-                gate,
-                metrics: metrics.clone(),
-                status: Arc::new(RouteStatus::default()),
-            }))
-        })
-        .collect()
+    let mut routes = Vec::new();
+    for r in &config.routes {
+        let plugin = plugins
+            .get(&r.plugin)
+            .cloned()
+            .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))?;
+        let (source, description) = brokers.source(r).await?;
+        let gate = match &r.idempotency {
+            Some(idem) if idem.key != "none" => Some(Gate {
+                key: key_source(&idem.key)?,
+                store: gates
+                    .get(idem.store)
+                    .ok_or_else(|| DaemonError::Invalid(format!("route {}: idempotency store not open", r.name)))?,
+                ttl: idem.ttl,
+                lease: idem.lease,
+            }),
+            _ => None,
+        };
+        routes.push(Arc::new(Route {
+            name: r.name.clone(),
+            source_description: description,
+            source_broker: r.source.broker.as_str(),
+            source,
+            sink: brokers.sink(r.source.broker)?,
+            dead_letter_sink: brokers.sink(dead_letter_broker(r))?,
+            dead_letter_subject: r.dead_letter_subject(),
+            dead_letter_broker: dead_letter_broker(r).as_str(),
+            plugin,
+            policy: Policy {
+                retry: r.retry.clone(),
+                on_failure: r.on_failure,
+            },
+            concurrency: r.concurrency,
+            ordering: r.ordering,
+            ordering_key: match &r.key {
+                Some(k) => key_source(k)?,
+                None => KeySource::MessageKey,
+            },
+            gate,
+            metrics: metrics.clone(),
+            status: Arc::new(RouteStatus::default()),
+        }));
+    }
+    Ok(routes)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then stops fetching, lets
 /// in-flight messages finish within the grace period, and returns. A second
 /// signal ends the process at once.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let broker = open_broker(&config)?;
+    let brokers = Brokers::open(&config).await?;
+    let broker = brokers.embedded.clone();
     let engine = build_engine(&config)?;
-    let plugins = load_plugins(&engine, &config)?;
+    let plugins = load_plugins(&engine, &config, brokers.requester())?;
     let metrics = Arc::new(Metrics::new());
     let gates = GateStores::open(&config).await?;
-    let routes = build_routes(&config, &broker, &plugins, &gates, &metrics)?;
+    let routes = build_routes(&config, &brokers, &plugins, &gates, &metrics).await?;
 
     let state = Arc::new(AdminState {
         metrics,
@@ -292,7 +358,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    broker.close();
+    brokers.close();
     gates.close();
     tracing::info!("stopped");
     Ok(())

@@ -3,9 +3,7 @@
 
 use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError, Stored};
 use crate::message::{find_header, Header, Outbound};
-use crate::pipeline::dead_letter::{
-    ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE,
-};
+use crate::pipeline::dead_letter::{ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE};
 use crate::pipeline::REPLAYS_HEADER;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,9 +65,7 @@ pub enum DlqError {
 }
 
 fn header(stored: &Stored, name: &str) -> String {
-    find_header(&stored.headers, name)
-        .unwrap_or_default()
-        .to_owned()
+    find_header(&stored.headers, name).unwrap_or_default().to_owned()
 }
 
 pub fn summary(seq: u64, stored: &Stored) -> Summary {
@@ -87,11 +83,7 @@ pub fn summary(seq: u64, stored: &Stored) -> Summary {
     }
 }
 
-pub fn list(
-    broker: &EmbeddedBroker,
-    queue: &str,
-    limit: usize,
-) -> Result<Vec<Summary>, StoreError> {
+pub fn list(broker: &EmbeddedBroker, queue: &str, limit: usize) -> Result<Vec<Summary>, StoreError> {
     Ok(broker
         .peek(queue, limit)?
         .iter()
@@ -131,10 +123,7 @@ pub async fn replay(
             continue;
         }
         if !routes.contains(&s.route) {
-            return Err(DlqError::UnknownRoute {
-                seq,
-                route: s.route,
-            });
+            return Err(DlqError::UnknownRoute { seq, route: s.route });
         }
         let replays: u32 = find_header(&stored.headers, REPLAYS_HEADER)
             .and_then(|v| v.parse().ok())
@@ -143,9 +132,7 @@ pub async fn replay(
             .headers
             .into_iter()
             .filter(|h| {
-                !FAILURE_HEADERS
-                    .iter()
-                    .any(|f| h.name.eq_ignore_ascii_case(f))
+                !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f))
                     && !h.name.eq_ignore_ascii_case(REPLAYS_HEADER)
             })
             .collect();

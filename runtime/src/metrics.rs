@@ -56,25 +56,16 @@ impl Metrics {
         let messages = Family::<RouteOutcome, Counter>::default();
         let failures = Family::<RouteFailure, Counter>::default();
         let in_flight = Family::<RouteLabel, Gauge>::default();
-        let handler_duration = Family::<RouteLabel, Histogram>::new_with_constructor(
-            duration_histogram as fn() -> Histogram,
-        );
+        let handler_duration =
+            Family::<RouteLabel, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
         let settle_errors = Family::<RouteLabel, Counter>::default();
-        registry.register(
-            "messages",
-            "Messages settled, by route and outcome",
-            messages.clone(),
-        );
+        registry.register("messages", "Messages settled, by route and outcome", messages.clone());
         registry.register(
             "handler_failures",
             "Handler failures, by route and kind",
             failures.clone(),
         );
-        registry.register(
-            "in_flight",
-            "Messages being handled now, by route",
-            in_flight.clone(),
-        );
+        registry.register("in_flight", "Messages being handled now, by route", in_flight.clone());
         registry.register(
             "handler_duration_seconds",
             "Time spent in the handler per message, by route",

@@ -57,9 +57,7 @@ impl SubjectPattern {
                 return Err(SubjectError::BadWildcard(text.to_owned()));
             }
         }
-        Ok(Self {
-            text: text.to_owned(),
-        })
+        Ok(Self { text: text.to_owned() })
     }
 
     pub fn as_str(&self) -> &str {

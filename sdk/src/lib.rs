@@ -97,20 +97,12 @@ pub fn publish_json<T: serde::Serialize>(subject: &str, value: &T) -> Result<(),
 }
 
 /// Queues a message with headers. Sent only if the handler returns Ok.
-pub fn publish_with_headers(
-    subject: &str,
-    headers: &[(&str, &str)],
-    payload: impl AsRef<[u8]>,
-) -> Result<(), Error> {
+pub fn publish_with_headers(subject: &str, headers: &[(&str, &str)], payload: impl AsRef<[u8]>) -> Result<(), Error> {
     host::publish(subject, &headers_to_wit(headers), payload.as_ref()).map_err(host_error)
 }
 
 /// Sends a request and waits for its answer (NATS request/reply).
-pub fn request(
-    subject: &str,
-    payload: impl AsRef<[u8]>,
-    timeout: Duration,
-) -> Result<Vec<u8>, Error> {
+pub fn request(subject: &str, payload: impl AsRef<[u8]>, timeout: Duration) -> Result<Vec<u8>, Error> {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     host::request(subject, payload.as_ref(), ms).map_err(host_error)
 }

@@ -36,20 +36,15 @@ impl Message {
     }
     /// The payload as UTF-8 text; invalid UTF-8 is a permanent error.
     pub fn text(&self) -> Result<&str, Error> {
-        std::str::from_utf8(&self.raw.payload)
-            .map_err(|e| Error::permanent(format!("payload is not UTF-8: {e}")))
+        std::str::from_utf8(&self.raw.payload).map_err(|e| Error::permanent(format!("payload is not UTF-8: {e}")))
     }
     /// The payload parsed as JSON; malformed JSON is a permanent error.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.raw.payload)
-            .map_err(|e| Error::permanent(format!("malformed JSON payload: {e}")))
+        serde_json::from_slice(&self.raw.payload).map_err(|e| Error::permanent(format!("malformed JSON payload: {e}")))
     }
     /// All headers, as (name, value) pairs.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.raw
-            .headers
-            .iter()
-            .map(|h| (h.name.as_str(), h.value.as_str()))
+        self.raw.headers.iter().map(|h| (h.name.as_str(), h.value.as_str()))
     }
     /// The first header called `name` (ASCII case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {

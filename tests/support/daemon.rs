@@ -37,22 +37,12 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn try_publish(
-        &self,
-        subject: &str,
-        headers: &[(&str, &str)],
-        payload: &[u8],
-    ) -> Result<(), String> {
+    pub fn try_publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
         publish_to(&self.admin, subject, headers, payload)
     }
 }
 
-fn publish_to(
-    admin: &str,
-    subject: &str,
-    headers: &[(&str, &str)],
-    payload: &[u8],
-) -> Result<(), String> {
+fn publish_to(admin: &str, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
     let mut req = agent().post(format!("http://{admin}/v1/publish/{subject}"));
     for (k, v) in headers {
         req = req.header("x-sluice-header", format!("{k}={v}"));
@@ -143,12 +133,7 @@ impl Daemon {
     }
 
     /// Publishes through the admin API; Err on any failure (daemon down).
-    pub fn try_publish(
-        &self,
-        subject: &str,
-        headers: &[(&str, &str)],
-        payload: &[u8],
-    ) -> Result<(), String> {
+    pub fn try_publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
         publish_to(&self.admin, subject, headers, payload)
     }
 
@@ -219,9 +204,7 @@ impl Daemon {
 
     fn signal(&self, sig: &str) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args([sig, &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
         }
     }
 

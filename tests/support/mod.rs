@@ -54,11 +54,8 @@ pub fn prefill(data_dir: &std::path::Path, queue: &str, pattern: &str, messages:
         .enable_all()
         .build()
         .expect("runtime");
-    let broker = EmbeddedBroker::open(
-        &data_dir.join("embedded.redb"),
-        std::time::Duration::from_secs(60),
-    )
-    .expect("open broker");
+    let broker =
+        EmbeddedBroker::open(&data_dir.join("embedded.redb"), std::time::Duration::from_secs(60)).expect("open broker");
     broker.declare_queue(
         queue,
         vec![sluice::subject::SubjectPattern::parse(pattern).expect("pattern")],
@@ -68,19 +65,13 @@ pub fn prefill(data_dir: &std::path::Path, queue: &str, pattern: &str, messages:
         .into_iter()
         .map(|(subject, headers, payload)| Outbound {
             subject,
-            headers: headers
-                .into_iter()
-                .map(|(n, v)| Header::new(n, v))
-                .collect(),
+            headers: headers.into_iter().map(|(n, v)| Header::new(n, v)).collect(),
             payload,
         })
         .collect();
     rt.block_on(async {
         for chunk in outbound.chunks(1000) {
-            broker
-                .publish(chunk.to_vec())
-                .await
-                .expect("prefill publish");
+            broker.publish(chunk.to_vec()).await.expect("prefill publish");
         }
     });
     broker.close();

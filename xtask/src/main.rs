@@ -49,9 +49,7 @@ fn cargo() -> Command {
 
 fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd
-        .status()
-        .with_context(|| format!("cannot start {shown}"))?;
+    let st = cmd.status().with_context(|| format!("cannot start {shown}"))?;
     if !st.success() {
         bail!("{shown} failed ({st})");
     }
@@ -60,9 +58,7 @@ fn status(cmd: &mut Command) -> Result<()> {
 
 /// Adds the wasm32-wasip2 target through rustup when it is not installed.
 fn ensure_wasm_target() -> Result<()> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output();
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
     match installed {
         Ok(out) if out.status.success() => {
             if !String::from_utf8_lossy(&out.stdout)
@@ -99,15 +95,10 @@ fn plugin_packages(root: &Path) -> Result<Vec<String>> {
     manifests.sort();
     let mut names = Vec::new();
     for manifest in manifests {
-        let text = std::fs::read_to_string(&manifest)
-            .with_context(|| format!("reading {}", manifest.display()))?;
+        let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
         let name = text
             .lines()
-            .find_map(|l| {
-                l.trim()
-                    .strip_prefix("name = ")
-                    .map(|n| n.trim_matches('"').to_owned())
-            })
+            .find_map(|l| l.trim().strip_prefix("name = ").map(|n| n.trim_matches('"').to_owned()))
             .with_context(|| format!("no package name in {}", manifest.display()))?;
         names.push(name);
     }
@@ -151,6 +142,7 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     services::ensure_redis()?;
+    services::ensure_nats(root)?;
     plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();
@@ -168,9 +160,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     status(
         cargo()
-            .args([
-                "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering",
-            ])
+            .args(["bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering"])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
     )

@@ -41,10 +41,7 @@ fn apt_install(program: &str, package: &str) -> Result<()> {
         .args(["install", "-y", "-qq", package])
         .status()?
         .success()
-        || (Command::new("apt-get")
-            .args(["update", "-qq"])
-            .status()?
-            .success()
+        || (Command::new("apt-get").args(["update", "-qq"]).status()?.success()
             && Command::new("apt-get")
                 .args(["install", "-y", "-qq", package])
                 .status()?
@@ -92,4 +89,24 @@ pub fn ensure_redis() -> Result<()> {
         bail!("redis-server failed to start ({status})");
     }
     wait_for(6379, "redis-server", Duration::from_secs(20))
+}
+
+/// nats-server with JetStream, for the NATS tests.
+pub fn ensure_nats(root: &std::path::Path) -> Result<()> {
+    if std::env::var_os("SLUICE_NATS_URL").is_some() || listening(4222) {
+        return Ok(());
+    }
+    apt_install("nats-server", "nats-server")?;
+    let dir = root.join("target/test-services/nats");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = std::fs::File::create(dir.join("nats-server.log"))?;
+    eprintln!("xtask: starting nats-server with JetStream on 127.0.0.1:4222");
+    Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd"])
+        .arg(dir.join("store"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting nats-server")?;
+    wait_for(4222, "nats-server", Duration::from_secs(20))
 }

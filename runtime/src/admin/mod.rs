@@ -68,11 +68,7 @@ pub async fn serve(
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if !state.ready.load(Ordering::Relaxed) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or stopping\n",
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping\n").into_response();
     }
     let down: Vec<&str> = state
         .routes
@@ -93,10 +89,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.encode(),
     )
         .into_response()
@@ -137,7 +130,7 @@ pub fn status_view(state: &AdminState) -> StatusView {
                 plugin_hash: r.plugin.hash().to_owned(),
                 isolation: r.plugin.isolation().as_str(),
                 concurrency: r.concurrency,
-                dead_letter: r.dead_letter_subject.clone(),
+                dead_letter: format!("{} {}", r.dead_letter_broker, r.dead_letter_subject),
                 counts: r.status.view(),
             })
             .collect(),
@@ -159,9 +152,7 @@ fn message_headers(headers: &HeaderMap) -> Result<Vec<Header>, String> {
         .get_all(MESSAGE_HEADER)
         .iter()
         .map(|v| {
-            let text = v
-                .to_str()
-                .map_err(|_| format!("{MESSAGE_HEADER} is not text"))?;
+            let text = v.to_str().map_err(|_| format!("{MESSAGE_HEADER} is not text"))?;
             let (name, value) = text
                 .split_once('=')
                 .ok_or_else(|| format!("{MESSAGE_HEADER} {text:?} is not Name=value"))?;
@@ -248,11 +239,7 @@ async fn queue_messages(
 }
 
 fn dead_letter_queues(state: &AdminState) -> std::collections::BTreeSet<String> {
-    state
-        .routes
-        .iter()
-        .map(|r| r.dead_letter_subject.clone())
-        .collect()
+    state.routes.iter().map(|r| r.dead_letter_subject.clone()).collect()
 }
 
 /// None if `queue` is a dead-letter queue of this daemon, else the 404.
@@ -296,19 +283,13 @@ async fn dlq_list(
     }
 }
 
-async fn dlq_show(
-    State(state): State<Arc<AdminState>>,
-    Path((queue, seq)): Path<(String, u64)>,
-) -> Response {
+async fn dlq_show(State(state): State<Arc<AdminState>>, Path((queue, seq)): Path<(String, u64)>) -> Response {
     if let Some(r) = unknown_dlq(&state, &queue) {
         return r;
     }
     match state.broker.get(&queue, seq) {
         Ok(Some(s)) => Json(StoredView::new(seq, s)).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no dead letter #{seq} in {queue}"),
-        ),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter #{seq} in {queue}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -321,7 +302,12 @@ async fn dlq_replay(
     if let Some(r) = unknown_dlq(&state, &queue) {
         return r;
     }
-    let routes = state.routes.iter().map(|r| r.name.clone()).collect();
+    let routes = state
+        .routes
+        .iter()
+        .filter(|r| r.source_broker == "embedded")
+        .map(|r| r.name.clone())
+        .collect();
     match crate::dlq::replay(&state.broker, &queue, &filter, &routes).await {
         Ok(n) => Json(serde_json::json!({ "replayed": n })).into_response(),
         Err(e @ (crate::dlq::DlqError::NoFilter | crate::dlq::DlqError::UnknownRoute { .. })) => {

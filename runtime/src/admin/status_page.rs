@@ -62,6 +62,8 @@ pub fn html(view: &StatusView) -> String {
             q.delayed
         );
     }
-    out.push_str("</table><p><a href=\"/metrics\">metrics</a> · <a href=\"/v1/status\">status JSON</a></p></body></html>");
+    out.push_str(
+        "</table><p><a href=\"/metrics\">metrics</a> · <a href=\"/v1/status\">status JSON</a></p></body></html>",
+    );
     out
 }

@@ -14,15 +14,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("{broker}: not connected: {reason}")]
-    Disconnected {
-        broker: &'static str,
-        reason: String,
-    },
+    Disconnected { broker: &'static str, reason: String },
     #[error("{broker}: {reason}")]
-    Failed {
-        broker: &'static str,
-        reason: String,
-    },
+    Failed { broker: &'static str, reason: String },
     #[error("{broker}: shutting down")]
     Closed { broker: &'static str },
 }

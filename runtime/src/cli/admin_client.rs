@@ -13,10 +13,7 @@ impl AdminClient {
     pub fn new(admin: &str) -> Self {
         Self {
             base: format!("http://{admin}"),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into(),
+            agent: ureq::Agent::config_builder().http_status_as_error(false).build().into(),
         }
     }
 
@@ -27,10 +24,7 @@ impl AdminClient {
         )
     }
 
-    fn finish<T: DeserializeOwned>(
-        &self,
-        mut response: ureq::http::Response<ureq::Body>,
-    ) -> anyhow::Result<T> {
+    fn finish<T: DeserializeOwned>(&self, mut response: ureq::http::Response<ureq::Body>) -> anyhow::Result<T> {
         let status = response.status();
         let body = response.body_mut().read_to_string().unwrap_or_default();
         if !status.is_success() {
@@ -52,26 +46,13 @@ impl AdminClient {
         self.finish(response)
     }
 
-    pub fn post_json<T: DeserializeOwned, B: Serialize>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
+    pub fn post_json<T: DeserializeOwned, B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let body = serde_json::to_vec(body)?;
-        self.post(
-            path,
-            &[("content-type", "application/json".to_owned())],
-            &body,
-        )
+        self.post(path, &[("content-type", "application/json".to_owned())], &body)
     }
 
     /// POSTs raw bytes with extra request headers; expects a JSON answer.
-    pub fn post<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        headers: &[(&str, String)],
-        body: &[u8],
-    ) -> anyhow::Result<T> {
+    pub fn post<T: DeserializeOwned>(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> anyhow::Result<T> {
         let mut request = self.agent.post(format!("{}{path}", self.base));
         for (name, value) in headers {
             request = request.header(*name, value);

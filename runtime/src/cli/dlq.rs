@@ -10,12 +10,7 @@ pub struct DlqArgs {
     #[command(subcommand)]
     command: DlqCommand,
     /// Admin API address of the daemon.
-    #[arg(
-        long,
-        global = true,
-        default_value = "127.0.0.1:9595",
-        env = "SLUICE_ADMIN"
-    )]
+    #[arg(long, global = true, default_value = "127.0.0.1:9595", env = "SLUICE_ADMIN")]
     admin: String,
     /// The dead-letter queue (default: the only one).
     #[arg(long, short, global = true)]
@@ -66,10 +61,7 @@ fn choose_queue(client: &AdminClient, queue: Option<String>) -> anyhow::Result<S
         [] => bail!("this daemon has no dead-letter queues"),
         many => bail!(
             "several dead-letter queues; pick one with --queue: {}",
-            many.iter()
-                .map(|q| q.queue.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            many.iter().map(|q| q.queue.as_str()).collect::<Vec<_>>().join(", ")
         ),
     }
 }
@@ -94,16 +86,9 @@ pub fn run(args: DlqArgs) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             for q in wanted {
-                let kinds: Vec<String> =
-                    q.by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-                println!(
-                    "{} — {} dead letters ({})",
-                    q.queue,
-                    q.messages,
-                    kinds.join(", ")
-                );
-                let items: Vec<Summary> =
-                    client.get_json(&format!("/v1/dlq/{}/messages?limit={limit}", q.queue))?;
+                let kinds: Vec<String> = q.by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+                println!("{} — {} dead letters ({})", q.queue, q.messages, kinds.join(", "));
+                let items: Vec<Summary> = client.get_json(&format!("/v1/dlq/{}/messages?limit={limit}", q.queue))?;
                 if !items.is_empty() {
                     println!(
                         "  {:>8}  {:<10} {:>8}  {:<12} {:<24} {:<25} ERROR",
@@ -121,28 +106,15 @@ pub fn run(args: DlqArgs) -> anyhow::Result<i32> {
         }
         DlqCommand::Show { seq } => {
             let queue = choose_queue(&client, args.queue)?;
-            let v: serde_json::Value =
-                client.get_json(&format!("/v1/dlq/{queue}/messages/{seq}"))?;
+            let v: serde_json::Value = client.get_json(&format!("/v1/dlq/{queue}/messages/{seq}"))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
         }
-        DlqCommand::Replay {
-            seqs,
-            kind,
-            route,
-            all,
-        } => {
+        DlqCommand::Replay { seqs, kind, route, all } => {
             let queue = choose_queue(&client, args.queue)?;
-            let filter = Filter {
-                seqs,
-                kind,
-                route,
-                all,
-            };
+            let filter = Filter { seqs, kind, route, all };
             if filter.is_empty() {
-                bail!(
-                    "say which dead letters to replay: sequence numbers, --kind, --route or --all"
-                );
+                bail!("say which dead letters to replay: sequence numbers, --kind, --route or --all");
             }
             let v: serde_json::Value = client
                 .post_json(&format!("/v1/dlq/{queue}/replay"), &filter)

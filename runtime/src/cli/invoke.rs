@@ -67,11 +67,7 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<i32> {
         id: "invoke-1".into(),
         subject: args.subject,
         key: args.key,
-        headers: args
-            .headers
-            .into_iter()
-            .map(|(n, v)| Header::new(n, v))
-            .collect(),
+        headers: args.headers.into_iter().map(|(n, v)| Header::new(n, v)).collect(),
         payload: read_payload(&args.payload)?,
         attempt: args.attempt.max(1),
         timestamp_ms: now_ms(),

@@ -29,22 +29,12 @@ pub struct Cli {
 enum Command {
     /// Run the daemon.
     Run {
-        #[arg(
-            long,
-            short,
-            default_value = "config/sluice.toml",
-            env = "SLUICE_CONFIG"
-        )]
+        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
     /// Validate the config and load every plugin, then exit.
     Check {
-        #[arg(
-            long,
-            short,
-            default_value = "config/sluice.toml",
-            env = "SLUICE_CONFIG"
-        )]
+        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
     /// Run a handler once on a message, without a broker; prints the outcome,
@@ -69,7 +59,7 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Check { config } => {
             let config = config::load(&config)?;
             let engine = crate::daemon::build_engine(&config)?;
-            let plugins = crate::daemon::load_plugins(&engine, &config)?;
+            let plugins = crate::daemon::load_plugins(&engine, &config, None)?;
             println!(
                 "{}: ok ({} routes, {} plugins)",
                 config.file.display(),
@@ -104,13 +94,10 @@ pub(crate) fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
     match arg.strip_prefix('@') {
         Some("-") => {
             let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
-                .context("reading the payload from stdin")?;
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading the payload from stdin")?;
             Ok(buf)
         }
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("reading the payload from {path}"))
-        }
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the payload from {path}")),
         None => Ok(arg.as_bytes().to_vec()),
     }
 }

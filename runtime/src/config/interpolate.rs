@@ -7,10 +7,7 @@ pub struct InterpolationError {
     pub message: String,
 }
 
-pub fn interpolate(
-    raw: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, InterpolationError> {
+pub fn interpolate(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, InterpolationError> {
     let mut out = String::with_capacity(raw.len());
     for (index, line) in raw.split_inclusive('\n').enumerate() {
         let line_no = index + 1;
@@ -50,10 +47,7 @@ fn expand_line(
     line_no: usize,
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<String, InterpolationError> {
-    let err = |message: String| InterpolationError {
-        line: line_no,
-        message,
-    };
+    let err = |message: String| InterpolationError { line: line_no, message };
     let mut out = String::with_capacity(line.len());
     let mut rest = line;
     while let Some(pos) = rest.find('$') {
@@ -63,18 +57,14 @@ fn expand_line(
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| err("`${` without a closing `}`".into()))?;
+            let end = body.find('}').ok_or_else(|| err("`${` without a closing `}`".into()))?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(err(format!(
-                    "`${{{expr}}}` is not a valid variable reference"
-                )));
+                return Err(err(format!("`${{{expr}}}` is not a valid variable reference")));
             }
             let value = match (lookup(name).filter(|v| !v.is_empty()), default) {
                 (Some(v), _) => v,
@@ -86,9 +76,7 @@ fn expand_line(
                 }
             };
             if value.contains('\n') {
-                return Err(err(format!(
-                    "environment variable `{name}` contains a newline"
-                )));
+                return Err(err(format!("environment variable `{name}` contains a newline")));
             }
             out.push_str(&value);
             rest = &body[end + 1..];
@@ -115,11 +103,7 @@ mod tests {
 
     #[test]
     fn expands_defaults_and_escapes() {
-        let out = interpolate(
-            "a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n",
-            env,
-        )
-        .unwrap();
+        let out = interpolate("a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n", env).unwrap();
         assert_eq!(out, "a = \"db.local:42\" # ${NOPE}\nb = \"$x d\"\n");
     }
 

@@ -2,7 +2,7 @@
 
 use super::interpolate::interpolate;
 use super::locate::KeyLines;
-use super::{Config, GateStore, RouteConfig};
+use super::{BrokerKind, Config, GateStore, RouteConfig};
 use crate::pipeline::keys::KeySource;
 use crate::subject::{validate_subject, SubjectPattern};
 use std::collections::BTreeSet;
@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read the config file: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}", .0)]
     Invalid(Located),
 }
@@ -64,17 +61,11 @@ pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
             message,
         })
     };
-    let text = interpolate(raw, |name| std::env::var(name).ok())
-        .map_err(|e| invalid(Some(e.line), "", e.message))?;
+    let text = interpolate(raw, |name| std::env::var(name).ok()).map_err(|e| invalid(Some(e.line), "", e.message))?;
     let lines = KeyLines::scan(&text);
 
-    let deserializer = toml::de::Deserializer::parse(&text).map_err(|e| {
-        invalid(
-            e.span().map(|s| line_at(&text, s.start)),
-            "",
-            e.message().to_owned(),
-        )
-    })?;
+    let deserializer = toml::de::Deserializer::parse(&text)
+        .map_err(|e| invalid(e.span().map(|s| line_at(&text, s.start)), "", e.message().to_owned()))?;
     let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = dotted(e.path());
         let inner = e.into_inner();
@@ -92,8 +83,7 @@ pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
         plugin.path = base.join(&plugin.path);
     }
 
-    validate(&config)
-        .map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
+    validate(&config).map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
     Ok(config)
 }
 
@@ -144,8 +134,7 @@ fn validate(config: &Config) -> Result<(), Problem> {
         }
         for (list, patterns) in [("publish", &plugin.publish), ("request", &plugin.request)] {
             for (i, p) in patterns.iter().enumerate() {
-                SubjectPattern::parse(p)
-                    .map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
+                SubjectPattern::parse(p).map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
             }
         }
     }
@@ -156,33 +145,23 @@ fn validate(config: &Config) -> Result<(), Problem> {
             return Err((key("name"), "must be non-empty and without spaces".into()));
         }
         if !names.insert(route.name.as_str()) {
-            return Err((
-                key("name"),
-                format!("route `{}` is defined twice", route.name),
-            ));
+            return Err((key("name"), format!("route `{}` is defined twice", route.name)));
         }
         if !config.plugins.contains_key(&route.plugin) {
             let known: Vec<&str> = config.plugins.keys().map(String::as_str).collect();
             return Err((
                 key("plugin"),
-                format!(
-                    "no plugin `{}` is defined (known: {})",
-                    route.plugin,
-                    known.join(", ")
-                ),
+                format!("no plugin `{}` is defined (known: {})", route.plugin, known.join(", ")),
             ));
         }
         validate_route(route, &key)?;
+        validate_source(config, route, &key)?;
         if let Some(k) = &route.key {
             KeySource::parse(k).map_err(|e| (key("key"), e))?;
         }
         if let Some(idem) = &route.idempotency {
             KeySource::parse(&idem.key).map_err(|e| (key("idempotency.key"), e))?;
-            let timeout = config
-                .plugins
-                .get(&route.plugin)
-                .map(|p| p.timeout)
-                .unwrap_or_default();
+            let timeout = config.plugins.get(&route.plugin).map(|p| p.timeout).unwrap_or_default();
             if idem.lease <= timeout {
                 return Err((
                     key("idempotency.lease"),
@@ -190,34 +169,78 @@ fn validate(config: &Config) -> Result<(), Problem> {
                 ));
             }
             if idem.store == GateStore::Redis && config.stores.redis_url.is_none() {
-                return Err((
-                    key("idempotency.store"),
-                    "\"redis\" needs `[stores] redis_url`".into(),
-                ));
+                return Err((key("idempotency.store"), "\"redis\" needs `[stores] redis_url`".into()));
+            }
+        }
+    }
+    if let Some(nats) = &config.brokers.nats {
+        for (i, stream) in nats.streams.iter().enumerate() {
+            for (j, s) in stream.subjects.iter().enumerate() {
+                SubjectPattern::parse(s)
+                    .map_err(|e| (format!("brokers.nats.streams.{i}.subjects.{j}"), e.to_string()))?;
             }
         }
     }
     for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
         let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");
         if names.contains(q.name.as_str()) {
-            return Err((
-                key("name"),
-                format!("queue `{}` has the name of a route", q.name),
-            ));
+            return Err((key("name"), format!("queue `{}` has the name of a route", q.name)));
         }
         for (j, s) in q.subjects.iter().enumerate() {
-            SubjectPattern::parse(s)
-                .map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
+            SubjectPattern::parse(s).map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
+    let s = &route.source;
+    let needs_nats = matches!(s.broker, BrokerKind::Nats | BrokerKind::Jetstream)
+        || route
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.broker)
+            .is_some_and(|b| b != BrokerKind::Embedded);
+    if needs_nats && config.brokers.nats.is_none() {
+        return Err((key("source.broker"), "needs a `[brokers.nats]` table".into()));
+    }
+    let only = |field: &str, set: bool, kind: &str| -> Result<(), Problem> {
+        if set && s.broker.as_str() != kind {
+            return Err((
+                key(&format!("source.{field}")),
+                format!("only applies to broker = \"{kind}\""),
+            ));
+        }
+        Ok(())
+    };
+    only("queue_group", s.queue_group.is_some(), "nats")?;
+    only("stream", s.stream.is_some(), "jetstream")?;
+    only("consumer", s.consumer.is_some(), "jetstream")?;
+    only("ack_wait", s.ack_wait.is_some(), "jetstream")?;
+    only("max_deliver", s.max_deliver.is_some(), "jetstream")?;
+    only("max_ack_pending", s.max_ack_pending.is_some(), "jetstream")?;
+    if s.broker == BrokerKind::Jetstream {
+        if s.stream.is_none() {
+            return Err((key("source"), "a JetStream source needs `stream`".into()));
+        }
+        if let Some(max) = s.max_deliver {
+            if max > 0 && max < i64::from(route.retry.max_attempts) {
+                return Err((
+                    key("source.max_deliver"),
+                    format!(
+                        "is below retry.max_attempts ({}): JetStream would stop redelivering before sluice dead-letters",
+                        route.retry.max_attempts
+                    ),
+                ));
+            }
         }
     }
     Ok(())
 }
 
 fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
-    SubjectPattern::parse(&route.source.subject)
-        .map_err(|e| (key("source.subject"), e.to_string()))?;
-    validate_subject(&route.dead_letter_subject())
-        .map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
+    SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
+    validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
     if route.concurrency == 0 || route.concurrency > 10_000 {
         return Err((key("concurrency"), "must be between 1 and 10000".into()));
     }
@@ -229,10 +252,7 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
         return Err((key("retry.multiplier"), "must be a number >= 1".into()));
     }
     if retry.initial_backoff > retry.max_backoff {
-        return Err((
-            key("retry.initial_backoff"),
-            "is larger than retry.max_backoff".into(),
-        ));
+        return Err((key("retry.initial_backoff"), "is larger than retry.max_backoff".into()));
     }
     Ok(())
 }
@@ -242,9 +262,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        parse_str(text, Path::new("conf/test.toml"))
-            .unwrap_err()
-            .to_string()
+        parse_str(text, Path::new("conf/test.toml")).unwrap_err().to_string()
     }
 
     #[test]
@@ -264,10 +282,7 @@ mod tests {
     #[test]
     fn missing_plugin_file_names_path_key() {
         let e = err("[plugins.p]\n# the file\npath = \"nope.wasm\"\n");
-        assert!(
-            e.starts_with("conf/test.toml:3: key `plugins.p.path`"),
-            "{e}"
-        );
+        assert!(e.starts_with("conf/test.toml:3: key `plugins.p.path`"), "{e}");
         assert!(e.contains("does not exist"), "{e}");
     }
 

@@ -49,10 +49,8 @@ impl KeyLines {
                 lines.insert(table.clone(), line_no);
             } else if let Some((key, _)) = line.split_once('=') {
                 let key = key.trim();
-                let plausible = !key.is_empty()
-                    && key
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
+                let plausible =
+                    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
                 if plausible {
                     let mut path = table.clone();
                     path.extend(split_key(key));
@@ -65,9 +63,7 @@ impl KeyLines {
 
     /// The line of `path`, or of its nearest ancestor that appears in the text.
     pub fn line_of(&self, path: &[String]) -> Option<usize> {
-        (1..=path.len())
-            .rev()
-            .find_map(|n| self.lines.get(&path[..n]).copied())
+        (1..=path.len()).rev().find_map(|n| self.lines.get(&path[..n]).copied())
     }
 }
 

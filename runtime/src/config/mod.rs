@@ -101,6 +101,9 @@ fn yes() -> bool {
 pub struct BrokersConfig {
     #[serde(default)]
     pub embedded: EmbeddedConfig,
+    /// NATS and JetStream; routes with `broker = "nats"` or `"jetstream"`
+    /// need it.
+    pub nats: Option<crate::brokers::nats::NatsConfig>,
 }
 
 /// The embedded broker is always there; routes' queues and dead-letter queues
@@ -203,6 +206,20 @@ fn default_reuse_max() -> u32 {
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
     Embedded,
+    /// Core NATS: at-most-once.
+    Nats,
+    /// A JetStream durable pull consumer.
+    Jetstream,
+}
+
+impl BrokerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Nats => "nats",
+            Self::Jetstream => "jetstream",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,8 +227,23 @@ pub enum BrokerKind {
 pub struct SourceConfig {
     #[serde(default = "default_broker")]
     pub broker: BrokerKind,
-    /// Subject pattern (`orders.>`).
+    /// Subject pattern (`orders.>`); for JetStream, the consumer's filter.
     pub subject: String,
+    /// Core NATS: replicas in the same queue group share the messages.
+    pub queue_group: Option<String>,
+    /// JetStream: the stream (declared under `[[brokers.nats.streams]]` or
+    /// existing).
+    pub stream: Option<String>,
+    /// JetStream: durable consumer name (default: the route name).
+    pub consumer: Option<String>,
+    /// JetStream: redelivery after this long without an ack.
+    #[serde(default, with = "humantime_serde")]
+    pub ack_wait: Option<Duration>,
+    /// JetStream: deliveries at most (default unlimited; sluice dead-letters
+    /// after `retry.max_attempts`).
+    pub max_deliver: Option<i64>,
+    /// JetStream: unacknowledged messages at most.
+    pub max_ack_pending: Option<i64>,
 }
 
 fn default_broker() -> BrokerKind {

@@ -62,12 +62,7 @@ impl MemoryLimiter {
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.hit = true;
             return Ok(false);
@@ -75,12 +70,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -179,11 +169,7 @@ fn headers_from_wit(headers: Vec<types::Header>) -> Vec<Header> {
         .collect()
 }
 
-fn check_allowed(
-    allow: &[SubjectPattern],
-    subject: &str,
-    what: &str,
-) -> Result<(), types::HostError> {
+fn check_allowed(allow: &[SubjectPattern], subject: &str, what: &str) -> Result<(), types::HostError> {
     validate_subject(subject).map_err(|e| types::HostError::Failed(e.to_string()))?;
     if allow.iter().any(|p| p.matches(subject)) {
         Ok(())
@@ -227,9 +213,7 @@ impl host::Host for HostState {
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
         check_allowed(&self.plugin.publish_allow, &subject, "publish")?;
-        if self.publishes.len() >= MAX_PUBLISHES
-            || self.publish_bytes + payload.len() > MAX_PUBLISH_BYTES
-        {
+        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes + payload.len() > MAX_PUBLISH_BYTES {
             return Err(types::HostError::Failed(format!(
                 "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
                 MAX_PUBLISH_BYTES >> 20
@@ -257,11 +241,7 @@ impl host::Host for HostState {
             ));
         };
         requester
-            .request(
-                &subject,
-                payload,
-                Duration::from_millis(u64::from(timeout_ms)),
-            )
+            .request(&subject, payload, Duration::from_millis(u64::from(timeout_ms)))
             .await
             .map_err(|e| match e {
                 RequestError::Timeout => types::HostError::Timeout,

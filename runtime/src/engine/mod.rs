@@ -91,8 +91,7 @@ impl Engine {
         let wasmtime = wasmtime::Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
 
         let mut linker = Linker::<HostState>::new(&wasmtime);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| EngineError(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| EngineError(e.to_string()))?;
         bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| EngineError(e.to_string()))?;
 
@@ -125,14 +124,12 @@ impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("sluice-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            });
+        let spawned = std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        });
         if let Err(e) = spawned {
             // Without the ticker deadlines never fire; the backstop timeout
             // in the plugin still bounds each call.

@@ -126,11 +126,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn patterns(
-    name: &str,
-    list: &'static str,
-    items: &[String],
-) -> Result<Vec<SubjectPattern>, PluginError> {
+fn patterns(name: &str, list: &'static str, items: &[String]) -> Result<Vec<SubjectPattern>, PluginError> {
     items
         .iter()
         .map(|p| {
@@ -157,11 +153,7 @@ impl Plugin {
 
     /// Checks and prepares a plugin from its bytes (`spec.path` is only used
     /// in messages).
-    pub fn from_bytes(
-        engine: &Engine,
-        spec: PluginSpec,
-        bytes: &[u8],
-    ) -> Result<Self, PluginError> {
+    pub fn from_bytes(engine: &Engine, spec: PluginSpec, bytes: &[u8]) -> Result<Self, PluginError> {
         let name = spec.name.clone();
         let path = spec.path.clone();
         if spec.fuel.is_some() && !engine.settings.fuel {
@@ -176,14 +168,13 @@ impl Plugin {
         }
         let hash = sha256_hex(bytes);
         let wasmtime = &engine.wasmtime;
-        let component =
-            cache::compile(wasmtime, bytes, &hash, engine.settings.cache_dir.as_deref()).map_err(
-                |e| PluginError::Invalid {
-                    name: name.clone(),
-                    path: path.clone(),
-                    reason: format!("{e:#}"),
-                },
-            )?;
+        let component = cache::compile(wasmtime, bytes, &hash, engine.settings.cache_dir.as_deref()).map_err(|e| {
+            PluginError::Invalid {
+                name: name.clone(),
+                path: path.clone(),
+                reason: format!("{e:#}"),
+            }
+        })?;
 
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(wasmtime).map(|(n, _)| n.to_owned()).collect();
@@ -207,10 +198,7 @@ impl Plugin {
             path: path.clone(),
             reason: format!("{e:#}"),
         };
-        let instance_pre = engine
-            .linker
-            .instantiate_pre(&component)
-            .map_err(other_world)?;
+        let instance_pre = engine.linker.instantiate_pre(&component).map_err(other_world)?;
         let pre = HandlerPre::new(instance_pre).map_err(other_world)?;
 
         let ctx = Arc::new(PluginContext {
@@ -259,10 +247,7 @@ impl Plugin {
     }
 
     fn new_store(&self) -> Store<HostState> {
-        let mut store = Store::new(
-            &self.engine.wasmtime,
-            HostState::new(self.ctx.clone(), self.memory_cap),
-        );
+        let mut store = Store::new(&self.engine.wasmtime, HostState::new(self.ctx.clone(), self.memory_cap));
         store.limiter(|s| &mut s.limiter);
         store
     }
@@ -359,11 +344,7 @@ impl Plugin {
         };
         warm.store.data_mut().reset(route, &msg.id);
         self.arm(&mut warm.store);
-        let result = tokio::time::timeout(
-            self.timeout,
-            warm.handler.call_handle(&mut warm.store, wit_msg),
-        )
-        .await;
+        let result = tokio::time::timeout(self.timeout, warm.handler.call_handle(&mut warm.store, wit_msg)).await;
         let outcome = self.classify(result, warm.store.data());
         let publishes = warm.store.data_mut().take_publishes();
         warm.uses += 1;
@@ -391,21 +372,13 @@ impl Plugin {
             Ok(Ok(Ok(reply))) => {
                 return Outcome::Ok {
                     reply: reply.map(|r| Reply {
-                        headers: r
-                            .headers
-                            .into_iter()
-                            .map(|h| Header::new(h.name, h.value))
-                            .collect(),
+                        headers: r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect(),
                         payload: r.payload,
                     }),
                 }
             }
-            Ok(Ok(Err(types::HandlerError::Retryable(why)))) => {
-                return Outcome::failed(FailureKind::Retryable, why)
-            }
-            Ok(Ok(Err(types::HandlerError::Permanent(why)))) => {
-                return Outcome::failed(FailureKind::Permanent, why)
-            }
+            Ok(Ok(Err(types::HandlerError::Retryable(why)))) => return Outcome::failed(FailureKind::Retryable, why),
+            Ok(Ok(Err(types::HandlerError::Permanent(why)))) => return Outcome::failed(FailureKind::Permanent, why),
             Ok(Err(err)) => err,
         };
         if err.downcast_ref::<DeadlineExceeded>().is_some()

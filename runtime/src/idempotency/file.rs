@@ -71,9 +71,7 @@ fn update_in(
             Some(record) => {
                 let bytes = postcard::to_stdvec(&record).map_err(failed)?;
                 records.insert(key, bytes.as_slice()).map_err(failed)?;
-                by_expiry
-                    .insert((record.expires_ms, key), ())
-                    .map_err(failed)?;
+                by_expiry.insert((record.expires_ms, key), ()).map_err(failed)?;
             }
             None => {
                 records.remove(key).map_err(failed)?;
@@ -102,34 +100,22 @@ fn purge(
 }
 
 impl IdempotencyStore for FileStore {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, GateError>> {
+    fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>> {
         let owner = owner.to_owned();
-        Box::pin(
-            self.update(key, move |old, now| match Record::claim_result(old, now) {
-                Some(found) => (None, found),
-                None => (
-                    Some(Some(Record {
-                        done: false,
-                        owner,
-                        expires_ms: now + ms(lease),
-                    })),
-                    Claim::Acquired,
-                ),
-            }),
-        )
+        Box::pin(self.update(key, move |old, now| match Record::claim_result(old, now) {
+            Some(found) => (None, found),
+            None => (
+                Some(Some(Record {
+                    done: false,
+                    owner,
+                    expires_ms: now + ms(lease),
+                })),
+                Claim::Acquired,
+            ),
+        }))
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), GateError>> {
+    fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>> {
         let owner = owner.to_owned();
         Box::pin(async move {
             self.update(key, move |old, now| {
@@ -183,10 +169,7 @@ mod tests {
             s.close();
         }
         let s = FileStore::open(&path).unwrap();
-        assert_eq!(
-            s.claim("k", "b", Duration::from_secs(5)).await.unwrap(),
-            Claim::Done
-        );
+        assert_eq!(s.claim("k", "b", Duration::from_secs(5)).await.unwrap(), Claim::Done);
         assert_eq!(
             s.claim("x", "b", Duration::from_secs(5)).await.unwrap(),
             Claim::Acquired

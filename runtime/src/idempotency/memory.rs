@@ -37,12 +37,7 @@ impl MemoryStore {
 }
 
 impl IdempotencyStore for MemoryStore {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, GateError>> {
+    fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>> {
         let result = self.with(|records, now| {
             if let Some(found) = Record::claim_result(records.get(key), now) {
                 return found;
@@ -60,12 +55,7 @@ impl IdempotencyStore for MemoryStore {
         Box::pin(async move { Ok(result) })
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), GateError>> {
+    fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>> {
         self.with(|records, now| {
             if Record::held_by(records.get(key), owner, now) {
                 records.insert(
@@ -100,15 +90,9 @@ mod tests {
         let s = MemoryStore::new();
         let lease = Duration::from_secs(5);
         assert_eq!(s.claim("k", "a", lease).await.unwrap(), Claim::Acquired);
-        assert!(matches!(
-            s.claim("k", "b", lease).await.unwrap(),
-            Claim::Busy { .. }
-        ));
+        assert!(matches!(s.claim("k", "b", lease).await.unwrap(), Claim::Busy { .. }));
         s.release("k", "b").await.unwrap(); // not the holder: no effect
-        assert!(matches!(
-            s.claim("k", "b", lease).await.unwrap(),
-            Claim::Busy { .. }
-        ));
+        assert!(matches!(s.claim("k", "b", lease).await.unwrap(), Claim::Busy { .. }));
         s.release("k", "a").await.unwrap();
         assert_eq!(s.claim("k", "b", lease).await.unwrap(), Claim::Acquired);
         s.complete("k", "b", Duration::from_secs(60)).await.unwrap();

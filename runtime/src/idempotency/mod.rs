@@ -37,19 +37,9 @@ pub enum Claim {
 
 pub trait IdempotencyStore: Send + Sync {
     /// Takes the lease on `key` for `owner` unless it is done or leased.
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, GateError>>;
+    fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>>;
     /// Marks `key` done for `ttl` (if `owner` still holds it or nobody does).
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), GateError>>;
+    fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>>;
     /// Gives the lease back (the handler failed; a retry must run again).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), GateError>>;
 }

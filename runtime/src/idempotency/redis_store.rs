@@ -63,12 +63,7 @@ impl RedisStore {
 }
 
 impl IdempotencyStore for RedisStore {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Claim, GateError>> {
+    fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>> {
         Box::pin(async move {
             let mut con = self.connection.clone();
             let answer: String = self
@@ -92,12 +87,7 @@ impl IdempotencyStore for RedisStore {
         })
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        owner: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), GateError>> {
+    fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>> {
         Box::pin(async move {
             let mut con = self.connection.clone();
             let _: i64 = self

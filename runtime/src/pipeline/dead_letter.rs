@@ -14,9 +14,7 @@ pub const ORIGIN: &str = "sluice-origin";
 pub const FAILED_AT: &str = "sluice-failed-at";
 
 /// All headers sluice adds to a dead letter.
-pub const FAILURE_HEADERS: [&str; 7] = [
-    ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT,
-];
+pub const FAILURE_HEADERS: [&str; 7] = [ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT];
 
 pub struct FailureContext<'a> {
     pub kind: FailureKind,
@@ -33,11 +31,7 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
     let mut headers: Vec<Header> = msg
         .headers
         .iter()
-        .filter(|h| {
-            !FAILURE_HEADERS
-                .iter()
-                .any(|f| h.name.eq_ignore_ascii_case(f))
-        })
+        .filter(|h| !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f)))
         .cloned()
         .collect();
     headers.extend([
@@ -63,10 +57,7 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
 }
 
 /// Header values must stay on one line for every broker.
-fn one_line(text: &str) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+pub fn one_line(text: &str) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     flat.chars().take(1024).collect()
 }

@@ -93,11 +93,15 @@ pub struct Route {
     pub name: String,
     /// Shown on the status page (`embedded orders.>`).
     pub source_description: String,
+    /// The broker messages come from (`embedded`, `nats`, `jetstream`).
+    pub source_broker: &'static str,
     pub source: Arc<dyn Source>,
     /// Where handler publishes and replies go.
     pub sink: Arc<dyn Sink>,
     pub dead_letter_sink: Arc<dyn Sink>,
     pub dead_letter_subject: String,
+    /// The broker the dead letters go to (`embedded`, `nats`...).
+    pub dead_letter_broker: &'static str,
     pub plugin: Arc<Plugin>,
     pub policy: Policy,
     pub concurrency: u32,
@@ -140,10 +144,7 @@ const INTERRUPTED: Label = "interrupted";
 impl Route {
     /// Starts the route's workers. They stop taking messages when `shutdown`
     /// is cancelled and return once their current message is settled.
-    pub fn spawn(
-        self: &Arc<Self>,
-        shutdown: &CancellationToken,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
         match self.ordering {
             RouteOrdering::None => (0..self.concurrency)
                 .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
@@ -161,9 +162,7 @@ impl Route {
                     senders.push(tx);
                     handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone())));
                 }
-                handles.push(tokio::spawn(
-                    self.clone().dispatch(senders, shutdown.clone()),
-                ));
+                handles.push(tokio::spawn(self.clone().dispatch(senders, shutdown.clone())));
                 handles
             }
         }
@@ -200,17 +199,10 @@ impl Route {
 
     /// Ordered: hands each delivery to the lane of its key. A full lane
     /// blocks the dispatcher, which stops taking messages: backpressure.
-    async fn dispatch(
-        self: Arc<Self>,
-        lanes: Vec<mpsc::Sender<Box<dyn Delivery>>>,
-        shutdown: CancellationToken,
-    ) {
+    async fn dispatch(self: Arc<Self>, lanes: Vec<mpsc::Sender<Box<dyn Delivery>>>, shutdown: CancellationToken) {
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             let msg = delivery.message();
-            let key = self
-                .ordering_key
-                .extract(msg)
-                .unwrap_or_else(|| msg.id.clone());
+            let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
             let lane = &lanes[lane_of(&key, lanes.len())];
             tokio::select! {
                 // Dropped unsent: handed back to the broker.
@@ -220,11 +212,7 @@ impl Route {
         }
     }
 
-    async fn lane(
-        self: Arc<Self>,
-        mut rx: mpsc::Receiver<Box<dyn Delivery>>,
-        shutdown: CancellationToken,
-    ) {
+    async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Box<dyn Delivery>>, shutdown: CancellationToken) {
         loop {
             let delivery = tokio::select! {
                 biased;
@@ -237,12 +225,7 @@ impl Route {
     }
 
     /// Runs one delivery through gate, invoke, policy and settle.
-    async fn process(
-        &self,
-        delivery: Box<dyn Delivery>,
-        mode: RetryMode,
-        shutdown: &CancellationToken,
-    ) {
+    async fn process(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) {
         let msg = delivery.message();
         let span = tracing::info_span!(
             "message",
@@ -271,12 +254,7 @@ impl Route {
         .await
     }
 
-    async fn handle(
-        &self,
-        delivery: Box<dyn Delivery>,
-        mode: RetryMode,
-        shutdown: &CancellationToken,
-    ) -> Label {
+    async fn handle(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) -> Label {
         let owner = lease_owner();
         let gate_key = self
             .gate
@@ -317,7 +295,18 @@ impl Route {
         loop {
             let invocation = self.plugin.invoke(&self.name, &msg).await;
             self.observe(&invocation);
-            match self.policy.decide(&invocation.outcome, msg.attempt) {
+            let mut decision = self.policy.decide(&invocation.outcome, msg.attempt);
+            // A requester is waiting: answer with the error now rather than
+            // retry behind its back until it times out.
+            if let (Decision::Retry(_), Some(_), Outcome::Failed { kind, reason }) =
+                (&decision, &msg.reply_to, &invocation.outcome)
+            {
+                decision = Decision::DeadLetter {
+                    kind: *kind,
+                    reason: reason.clone(),
+                };
+            }
+            match decision {
                 Decision::Ack => {
                     let outbound = self.outbound(&msg, gate_key.as_deref(), invocation);
                     if let Err(e) = self.sink.publish(outbound).await {
@@ -395,16 +384,9 @@ impl Route {
     /// The handler's publishes and reply, each with a dedup id derived from
     /// the idempotency key (else the message id), so a rerun's publishes are
     /// recognised downstream.
-    fn outbound(
-        &self,
-        msg: &Message,
-        gate_key: Option<&str>,
-        invocation: Invocation,
-    ) -> Vec<Outbound> {
+    fn outbound(&self, msg: &Message, gate_key: Option<&str>, invocation: Invocation) -> Vec<Outbound> {
         let mut outbound = invocation.publishes;
-        if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) =
-            (invocation.outcome, &msg.reply_to)
-        {
+        if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) = (invocation.outcome, &msg.reply_to) {
             outbound.push(Outbound {
                 subject: reply_to.clone(),
                 headers: reply.headers,
@@ -419,8 +401,7 @@ impl Route {
         }
         for (i, m) in outbound.iter_mut().enumerate() {
             if find_header(&m.headers, DEDUP_HEADER).is_none() {
-                m.headers
-                    .push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
+                m.headers.push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
             }
         }
         outbound
@@ -434,13 +415,21 @@ impl Route {
         }
     }
 
-    async fn dead_letter(
-        &self,
-        delivery: Box<dyn Delivery>,
-        msg: &Message,
-        kind: FailureKind,
-        reason: &str,
-    ) -> Label {
+    async fn dead_letter(&self, delivery: Box<dyn Delivery>, msg: &Message, kind: FailureKind, reason: &str) -> Label {
+        if let Some(reply_to) = &msg.reply_to {
+            // The requester is waiting: tell it what went wrong.
+            let error_reply = Outbound {
+                subject: reply_to.clone(),
+                headers: vec![
+                    Header::new(dead_letter::ERROR, dead_letter::one_line(reason)),
+                    Header::new(dead_letter::ERROR_KIND, kind.as_str()),
+                ],
+                payload: Vec::new(),
+            };
+            if let Err(e) = self.sink.publish(vec![error_reply]).await {
+                tracing::warn!("cannot send the error reply to {reply_to}: {e}");
+            }
+        }
         let copy = dead_letter::copy(
             msg,
             &self.dead_letter_subject,
@@ -454,20 +443,13 @@ impl Route {
             },
         );
         if let Err(e) = self.dead_letter_sink.publish(vec![copy]).await {
-            return self
-                .settle_failed(delivery, "publishing the dead letter", e)
-                .await;
+            return self.settle_failed(delivery, "publishing the dead letter", e).await;
         }
         self.settle_result(delivery.dead_lettered().await, "dead_letter")
     }
 
     /// A publish failed: the message must not be acked; have it redelivered.
-    async fn settle_failed(
-        &self,
-        delivery: Box<dyn Delivery>,
-        what: &str,
-        e: BrokerError,
-    ) -> Label {
+    async fn settle_failed(&self, delivery: Box<dyn Delivery>, what: &str, e: BrokerError) -> Label {
         tracing::error!("{what} failed, the message will be redelivered: {e}");
         self.status.set_error(format!("{what}: {e}"));
         self.metrics

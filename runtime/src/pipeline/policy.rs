@@ -98,10 +98,7 @@ mod tests {
             p.decide(&failed(FailureKind::Retryable), 1),
             Decision::Retry(_)
         ));
-        assert!(matches!(
-            p.decide(&failed(FailureKind::Trap), 2),
-            Decision::Retry(_)
-        ));
+        assert!(matches!(p.decide(&failed(FailureKind::Trap), 2), Decision::Retry(_)));
         assert!(matches!(
             p.decide(&failed(FailureKind::Retryable), 3),
             Decision::DeadLetter { .. }
@@ -121,9 +118,6 @@ mod tests {
             p.decide(&failed(FailureKind::Timeout), 1),
             Decision::DeadLetter { .. }
         ));
-        assert!(matches!(
-            p.decide(&failed(FailureKind::Memory), 1),
-            Decision::Retry(_)
-        ));
+        assert!(matches!(p.decide(&failed(FailureKind::Memory), 1), Decision::Retry(_)));
     }
 }

@@ -20,9 +20,7 @@ pub(crate) fn failed<E: std::fmt::Display>(e: E) -> StorageError {
 /// Opens (or creates) a redb file, creating its folder.
 pub fn open_database(path: &std::path::Path) -> Result<redb::Database, StorageError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StorageError::Failed(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Failed(format!("{}: {e}", dir.display())))?;
     }
-    redb::Database::create(path)
-        .map_err(|e| StorageError::Failed(format!("{}: {e}", path.display())))
+    redb::Database::create(path).map_err(|e| StorageError::Failed(format!("{}: {e}", path.display())))
 }

@@ -26,9 +26,7 @@ const NAME: &str = "embedded";
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Storage(crate::storage::StorageError::Closed) => {
-                BrokerError::Closed { broker: NAME }
-            }
+            StoreError::Storage(crate::storage::StorageError::Closed) => BrokerError::Closed { broker: NAME },
             other => BrokerError::Failed {
                 broker: NAME,
                 reason: other.to_string(),

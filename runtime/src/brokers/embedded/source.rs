@@ -71,11 +71,7 @@ impl EmbeddedSource {
 
 impl Source for EmbeddedSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
-        Box::pin(async move {
-            self.next_delivery()
-                .await
-                .map(|d| Box::new(d) as Box<dyn Delivery>)
-        })
+        Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
     }
 }
 

@@ -90,21 +90,9 @@ impl QueueIndex {
 
 /// What the index learns after a commit.
 enum Effect {
-    Insert {
-        queue: String,
-        seq: u64,
-        not_before: u64,
-    },
-    Remove {
-        queue: String,
-        seq: u64,
-        not_before: u64,
-    },
-    Reschedule {
-        queue: String,
-        seq: u64,
-        not_before: u64,
-    },
+    Insert { queue: String, seq: u64, not_before: u64 },
+    Remove { queue: String, seq: u64, not_before: u64 },
+    Reschedule { queue: String, seq: u64, not_before: u64 },
 }
 
 pub enum Op {
@@ -216,10 +204,7 @@ impl Store {
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(MESSAGES).map_err(storage)?;
         let mut out = Vec::new();
-        for entry in table
-            .range((queue, 0)..=(queue, u64::MAX))
-            .map_err(storage)?
-        {
+        for entry in table.range((queue, 0)..=(queue, u64::MAX)).map_err(storage)? {
             if out.len() >= limit {
                 break;
             }
@@ -280,9 +265,7 @@ fn apply_op(
         let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
         match op {
             Op::Publish(outbound) => {
-                let bindings = bindings
-                    .read()
-                    .map_err(|_| storage("bindings lock poisoned"))?;
+                let bindings = bindings.read().map_err(|_| storage("bindings lock poisoned"))?;
                 let mut report = OpReport::default();
                 let now = now_ms();
                 let mut seqs = Sequences::open(txn)?;
@@ -297,9 +280,7 @@ fn apply_op(
                     let bytes = Stored::new(msg, now).encode()?;
                     for (queue, max_len) in bindings.queues_for(&msg.subject) {
                         let seq = seqs.next();
-                        messages
-                            .insert((queue, seq), bytes.as_slice())
-                            .map_err(storage)?;
+                        messages.insert((queue, seq), bytes.as_slice()).map_err(storage)?;
                         effects.push(Effect::Insert {
                             queue: queue.to_owned(),
                             seq,
@@ -327,10 +308,7 @@ fn apply_op(
                 for msg in &outbound {
                     let seq = seqs.next();
                     messages
-                        .insert(
-                            (queue.as_str(), seq),
-                            Stored::new(msg, now).encode()?.as_slice(),
-                        )
+                        .insert((queue.as_str(), seq), Stored::new(msg, now).encode()?.as_slice())
                         .map_err(storage)?;
                     effects.push(Effect::Insert {
                         queue: queue.clone(),
@@ -360,11 +338,7 @@ fn apply_op(
                     Some(old) => Stored::decode(old.value())?.not_before_ms,
                     None => return Err(StoreError::Gone { queue, seq }),
                 };
-                effects.push(Effect::Remove {
-                    queue,
-                    seq,
-                    not_before,
-                });
+                effects.push(Effect::Remove { queue, seq, not_before });
                 Ok(OpReport::default())
             }
             Op::Retry {
@@ -409,11 +383,7 @@ struct Sequences<'t> {
 impl<'t> Sequences<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
         let meta = txn.open_table(META).map_err(storage)?;
-        let next = meta
-            .get(NEXT_SEQ)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(1);
+        let next = meta.get(NEXT_SEQ).map_err(storage)?.map(|v| v.value()).unwrap_or(1);
         Ok(Self { meta, next })
     }
     fn next(&mut self) -> u64 {
@@ -502,10 +472,7 @@ fn trim(
         return Ok(());
     }
     let mut victims = Vec::new();
-    for entry in messages
-        .range((queue, 0)..=(queue, u64::MAX))
-        .map_err(storage)?
-    {
+    for entry in messages.range((queue, 0)..=(queue, u64::MAX)).map_err(storage)? {
         if victims.len() as i64 >= excess {
             break;
         }
@@ -533,23 +500,11 @@ fn apply_effects(index: &Index, effects: Vec<Effect>) {
     let mut touched: HashSet<String> = HashSet::new();
     for effect in effects {
         match effect {
-            Effect::Insert {
-                queue,
-                seq,
-                not_before,
-            } => {
-                index
-                    .entry(queue.clone())
-                    .or_default()
-                    .ready
-                    .insert((not_before, seq));
+            Effect::Insert { queue, seq, not_before } => {
+                index.entry(queue.clone()).or_default().ready.insert((not_before, seq));
                 touched.insert(queue);
             }
-            Effect::Remove {
-                queue,
-                seq,
-                not_before,
-            } => {
+            Effect::Remove { queue, seq, not_before } => {
                 if let Some(q) = index.get_mut(&queue) {
                     if !q.in_flight.remove(&seq) {
                         q.ready.remove(&(not_before, seq));
@@ -558,11 +513,7 @@ fn apply_effects(index: &Index, effects: Vec<Effect>) {
                     }
                 }
             }
-            Effect::Reschedule {
-                queue,
-                seq,
-                not_before,
-            } => {
+            Effect::Reschedule { queue, seq, not_before } => {
                 let q = index.entry(queue.clone()).or_default();
                 q.in_flight.remove(&seq);
                 q.ready.insert((not_before, seq));

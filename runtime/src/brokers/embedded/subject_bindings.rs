@@ -25,10 +25,7 @@ impl Bindings {
     }
 
     /// Each queue (once) with a pattern matching `subject`, and its cap.
-    pub fn queues_for<'a>(
-        &'a self,
-        subject: &'a str,
-    ) -> impl Iterator<Item = (&'a str, Option<u64>)> + 'a {
+    pub fn queues_for<'a>(&'a self, subject: &'a str) -> impl Iterator<Item = (&'a str, Option<u64>)> + 'a {
         self.queues
             .iter()
             .filter(move |q| q.patterns.iter().any(|p| p.matches(subject)))

@@ -27,7 +27,12 @@ impl CoreSource {
         queue_group: Option<&str>,
     ) -> Result<Self, NatsSetupError> {
         let result = match queue_group {
-            Some(group) => broker.client.queue_subscribe(subject.to_owned(), group.to_owned()).await,
+            Some(group) => {
+                broker
+                    .client
+                    .queue_subscribe(subject.to_owned(), group.to_owned())
+                    .await
+            }
             None => broker.client.subscribe(subject.to_owned()).await,
         };
         let subscriber = result.map_err(|e| NatsSetupError::Subscribe {

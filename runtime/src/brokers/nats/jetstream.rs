@@ -40,10 +40,14 @@ impl JetStreamSource {
             consumer: s.durable.clone(),
             reason,
         };
-        let stream = broker.js.get_stream(&s.stream).await.map_err(|e| NatsSetupError::Stream {
-            stream: s.stream.clone(),
-            reason: format!("{e} (declare it under [[brokers.nats.streams]])"),
-        })?;
+        let stream = broker
+            .js
+            .get_stream(&s.stream)
+            .await
+            .map_err(|e| NatsSetupError::Stream {
+                stream: s.stream.clone(),
+                reason: format!("{e} (declare it under [[brokers.nats.streams]])"),
+            })?;
         let wanted = consumer_config(s);
         let consumer: Consumer<pull::Config> = match stream.get_consumer::<pull::Config>(&s.durable).await {
             Ok(mut existing) => {
@@ -51,16 +55,28 @@ impl JetStreamSource {
                 let have = &info.config;
                 let mut diffs = Vec::new();
                 if have.filter_subject != wanted.filter_subject {
-                    diffs.push(format!("filter_subject is {:?}, config says {:?}", have.filter_subject, wanted.filter_subject));
+                    diffs.push(format!(
+                        "filter_subject is {:?}, config says {:?}",
+                        have.filter_subject, wanted.filter_subject
+                    ));
                 }
                 if have.ack_wait != wanted.ack_wait {
-                    diffs.push(format!("ack_wait is {:?}, config says {:?}", have.ack_wait, wanted.ack_wait));
+                    diffs.push(format!(
+                        "ack_wait is {:?}, config says {:?}",
+                        have.ack_wait, wanted.ack_wait
+                    ));
                 }
                 if have.max_deliver != wanted.max_deliver {
-                    diffs.push(format!("max_deliver is {}, config says {}", have.max_deliver, wanted.max_deliver));
+                    diffs.push(format!(
+                        "max_deliver is {}, config says {}",
+                        have.max_deliver, wanted.max_deliver
+                    ));
                 }
                 if have.max_ack_pending != wanted.max_ack_pending {
-                    diffs.push(format!("max_ack_pending is {}, config says {}", have.max_ack_pending, wanted.max_ack_pending));
+                    diffs.push(format!(
+                        "max_ack_pending is {}, config says {}",
+                        have.max_ack_pending, wanted.max_ack_pending
+                    ));
                 }
                 if !diffs.is_empty() {
                     return Err(err(format!(
@@ -165,14 +181,17 @@ impl JetStreamDelivery {
             }
         });
         Ok(Self {
-            origin: format!("jetstream://{}/{}?seq={seq}&consumer={}", s.stream, message.subject, s.durable),
+            origin: format!(
+                "jetstream://{}/{}?seq={seq}&consumer={}",
+                s.stream, message.subject, s.durable
+            ),
             message,
             acker,
             keepalive,
         })
     }
 
-    fn settle(self: Box<Self>, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+    fn settle(&self, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.keepalive.cancel();
         let acker = self.acker.clone();
         Box::pin(async move { acker.double_ack_with(kind).await.map_err(failed) })

@@ -88,14 +88,16 @@ impl NatsBroker {
                     other => tracing::debug!("NATS: {other}"),
                 }
             });
-        if let (Some(user), Some(password)) = (&config.user, &config.password) {
-            options = options.user_and_password(user.clone(), password.clone());
+        // An empty value (`${NATS_USER:-}`) means: not set.
+        let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        if let (Some(user), Some(password)) = (set(&config.user), set(&config.password)) {
+            options = options.user_and_password(user, password);
         }
-        if let Some(token) = &config.token {
-            options = options.token(token.clone());
+        if let Some(token) = set(&config.token) {
+            options = options.token(token);
         }
-        if let Some(seed) = &config.nkey_seed {
-            options = options.nkey(seed.clone());
+        if let Some(seed) = set(&config.nkey_seed) {
+            options = options.nkey(seed);
         }
         if let Some(path) = &config.credentials_file {
             options = options
@@ -175,7 +177,12 @@ impl NatsBroker {
 
     /// Sends a request and waits up to `timeout` (capped by the configured
     /// request timeout).
-    pub async fn request(&self, subject: &str, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, crate::engine::RequestError> {
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, crate::engine::RequestError> {
         use crate::engine::RequestError;
         let timeout = timeout.min(self.request_timeout);
         match tokio::time::timeout(timeout, self.client.request(subject.to_owned(), payload.into())).await {
@@ -250,16 +257,28 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
             a.sort();
             b.sort();
             if a != b {
-                diffs.push(format!("subjects are {:?}, config says {:?}", have.subjects, wanted.subjects));
+                diffs.push(format!(
+                    "subjects are {:?}, config says {:?}",
+                    have.subjects, wanted.subjects
+                ));
             }
             if have.retention != wanted.retention {
-                diffs.push(format!("retention is {:?}, config says {:?}", have.retention, wanted.retention));
+                diffs.push(format!(
+                    "retention is {:?}, config says {:?}",
+                    have.retention, wanted.retention
+                ));
             }
             if have.max_messages != wanted.max_messages {
-                diffs.push(format!("max_messages is {}, config says {}", have.max_messages, wanted.max_messages));
+                diffs.push(format!(
+                    "max_messages is {}, config says {}",
+                    have.max_messages, wanted.max_messages
+                ));
             }
             if have.max_age != wanted.max_age {
-                diffs.push(format!("max_age is {:?}, config says {:?}", have.max_age, wanted.max_age));
+                diffs.push(format!(
+                    "max_age is {:?}, config says {:?}",
+                    have.max_age, wanted.max_age
+                ));
             }
             if diffs.is_empty() {
                 Ok(())
@@ -270,7 +289,12 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
                 )))
             }
         }
-        Err(e) if matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+            ) =>
+        {
             js.create_stream(wanted).await.map_err(|e| err(e.to_string()))?;
             tracing::info!(stream = %s.name, "JetStream stream created");
             Ok(())

@@ -1,0 +1,441 @@
+//! NATS and JetStream against a real nats-server (`SLUICE_NATS_URL`, default
+//! 127.0.0.1:4222; `cargo xtask test` starts one when none is listening).
+//! Every test uses its own streams and subjects, so runs do not collide.
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde_json::Value;
+use sluice_tests::daemon::Daemon;
+use sluice_tests::{plugin, workspace};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+fn nats_url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn unique() -> String {
+    format!("t{}x{}", std::process::id(), sluice::message::now_ms() % 100_000_000)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn client() -> async_nats::Client {
+    async_nats::connect(nats_url()).await.unwrap_or_else(|e| {
+        panic!(
+            "nats-server at {} is needed (cargo xtask test starts one): {e}",
+            nats_url()
+        )
+    })
+}
+
+fn order(id: &str, event: &str) -> Vec<u8> {
+    serde_json::json!({ "order_id": id, "user_id": "u-1", "amount_cents": 4200, "event_type": event })
+        .to_string()
+        .into_bytes()
+}
+
+/// The shipped config/nats.toml, with the admin address, data directory
+/// and plugin folder of the test.
+fn shipped_nats_config() -> String {
+    let text = std::fs::read_to_string(workspace().join("config/nats.toml")).unwrap();
+    let plugins = plugin("noop").parent().unwrap().display().to_string();
+    text.replace("${SLUICE_ADMIN:-127.0.0.1:9595}", "{admin}")
+        .replace("${SLUICE_DATA_DIR:-../.sluice-nats}", "{data}")
+        .replace("${SLUICE_PLUGIN_DIR:-../target/wasm32-wasip2/release}", &plugins)
+        .replace("${NATS_URL:-nats://127.0.0.1:4222}", &nats_url())
+}
+
+#[test]
+fn shipped_config_handles_order_events_from_jetstream_and_answers_pricing_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &shipped_nats_config());
+    let id = unique();
+    rt().block_on(async {
+        let nats = client().await;
+        let mut enriched = nats.subscribe("enriched.orders.>").await.unwrap();
+        nats.flush().await.unwrap();
+        let js = jetstream::new(nats.clone());
+        for (subject, event) in [("orders.created", "created"), ("orders.paid", "paid")] {
+            js.publish(subject, order(&format!("{id}-{event}"), event).into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let mut seen = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.len() < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, enriched.next())
+                .await
+                .expect("enriched events")
+                .unwrap();
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["order_id"].as_str().unwrap_or("").starts_with(&id) {
+                assert_eq!(
+                    m.subject.as_str(),
+                    format!("enriched.orders.{}", v["event_type"].as_str().unwrap())
+                );
+                assert_eq!(v["amount"], "42.00");
+                seen.insert(v["order_id"].as_str().unwrap().to_owned());
+            }
+        }
+        for (product, price) in [("widget", 999), ("gadget", 2499), ("other", 100)] {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                nats.request("pricing.calculate", product.as_bytes().to_vec().into()),
+            )
+            .await
+            .expect("a reply in time")
+            .unwrap();
+            let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+            assert_eq!(v, serde_json::json!({ "price_cents": price }), "{product}");
+        }
+    });
+    drop(d);
+}
+
+fn core_trap_config(subject: &str) -> String {
+    format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[brokers.nats]
+url = "{url}"
+
+[plugins.trap]
+path = "{wasm}"
+
+[[routes]]
+name = "failing"
+plugin = "trap"
+source = {{ broker = "nats", subject = "{subject}" }}
+dead_letter = {{ broker = "nats", subject = "{subject}.dlq" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_trap").display(),
+    )
+}
+
+#[test]
+fn a_failing_request_handler_answers_with_an_error_not_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let subject = format!("svc.{}", unique());
+    let d = Daemon::start(dir.path(), &core_trap_config(&subject));
+    rt().block_on(async {
+        let nats = client().await;
+        let mut dlq = nats.subscribe(format!("{subject}.dlq")).await.unwrap();
+        nats.flush().await.unwrap();
+        let started = Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(10), nats.request(subject.clone(), "trap".into()))
+            .await
+            .expect("an answer, not a timeout")
+            .unwrap_or_else(|e| panic!("no answer ({e}):\n{}", d.log()));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let headers = reply.headers.expect("error headers");
+        assert!(headers
+            .get("sluice-error")
+            .unwrap()
+            .as_str()
+            .contains("fixture asked to trap"));
+        assert_eq!(headers.get("sluice-error-kind").unwrap().as_str(), "trap");
+        let dead = tokio::time::timeout(Duration::from_secs(10), dlq.next())
+            .await
+            .expect("a dead letter")
+            .unwrap();
+        assert_eq!(&dead.payload[..], b"trap");
+    });
+    drop(d);
+}
+
+struct Streams {
+    js: jetstream::Context,
+    names: Vec<String>,
+}
+
+impl Streams {
+    async fn count(&self, name: &str) -> u64 {
+        let mut s = self.js.get_stream(name).await.unwrap();
+        s.info().await.unwrap().state.messages
+    }
+
+    async fn delete(&self) {
+        for n in &self.names {
+            let _ = self.js.delete_stream(n).await;
+        }
+    }
+}
+
+#[test]
+fn jetstream_5000_messages_survive_a_sigkill_with_each_effect_exactly_once() {
+    const N: usize = 5000;
+    let id = unique();
+    let (input, output) = (format!("IN_{id}"), format!("OUT_{id}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{input}"
+subjects = ["{id}.in.>"]
+[[brokers.nats.streams]]
+name = "{output}"
+subjects = ["{id}.out"]
+duplicate_window = "10m"
+
+[plugins.record]
+path = "{wasm}"
+isolation = "reuse"
+publish = ["{id}.out"]
+[plugins.record.config]
+to = "{id}.out"
+
+[[routes]]
+name = "bulk"
+plugin = "record"
+source = {{ broker = "jetstream", stream = "{input}", subject = "{id}.in.>", ack_wait = "5s" }}
+concurrency = 8
+[routes.idempotency]
+key = "header:Idempotency-Key"
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_record").display(),
+    );
+    let rt = rt();
+    let streams = rt.block_on(async {
+        let js = jetstream::new(client().await);
+        Streams {
+            js,
+            names: vec![input.clone(), output.clone()],
+        }
+    });
+    let mut d = Daemon::start(dir.path(), &config);
+    rt.block_on(async {
+        let nats = client().await;
+        let js = jetstream::new(nats);
+        let mut acks = Vec::with_capacity(N);
+        for i in 0..N {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Idempotency-Key", format!("k-{i}").as_str());
+            acks.push(
+                js.publish_with_headers(format!("{id}.in.{}", i % 10), headers, i.to_string().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    });
+    d.wait_for("some handled", Duration::from_secs(60), || {
+        rt.block_on(streams.count(&output)) >= (N / 5) as u64
+    });
+    d.kill();
+    let at_crash = rt.block_on(streams.count(&output));
+    d.restart();
+    d.wait_for("every message handled", Duration::from_secs(180), || {
+        rt.block_on(streams.count(&output)) >= N as u64
+    });
+    // Let redeliveries of in-flight messages settle, then count again.
+    std::thread::sleep(Duration::from_secs(6));
+    let total = rt.block_on(streams.count(&output));
+    let payloads: BTreeSet<String> = rt.block_on(async {
+        let stream = streams.js.get_stream(&output).await.unwrap();
+        let mut out = BTreeSet::new();
+        for seq in 1..=total {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            out.insert(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+        out
+    });
+    rt.block_on(streams.delete());
+    assert!(
+        at_crash < N as u64,
+        "the crash came after everything was handled; the test proves nothing"
+    );
+    assert_eq!(total, N as u64, "each effect exactly once (dedup by Nats-Msg-Id)");
+    assert_eq!(payloads.len(), N, "none lost");
+}
+
+#[test]
+fn jetstream_retries_are_naks_whose_delays_follow_the_backoff() {
+    let id = unique();
+    let stream = format!("RETRY_{id}");
+    let probe = format!("{id}.probe");
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{stream}"
+subjects = ["{id}.work"]
+
+[plugins.flaky]
+path = "{wasm}"
+publish = ["flaky.>"]
+request = ["{probe}"]
+[plugins.flaky.config]
+fail_times = "2"
+probe = "{probe}"
+
+[[routes]]
+name = "retrying"
+plugin = "flaky"
+source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.work" }}
+[routes.retry]
+max_attempts = 5
+initial_backoff = "400ms"
+multiplier = 2.0
+jitter = "none"
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_flaky").display(),
+    );
+    let d = Daemon::start(dir.path(), &config);
+    let times = rt().block_on(async {
+        let nats = client().await;
+        let mut probes = nats.subscribe(probe.clone()).await.unwrap();
+        nats.flush().await.unwrap();
+        let js = jetstream::new(nats.clone());
+        js.publish(format!("{id}.work"), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let mut times = Vec::new();
+        while times.len() < 3 {
+            let m = tokio::time::timeout(Duration::from_secs(20), probes.next())
+                .await
+                .expect("attempt")
+                .unwrap();
+            times.push((String::from_utf8_lossy(&m.payload).into_owned(), Instant::now()));
+            if let Some(reply) = m.reply {
+                nats.publish(reply, "ok".into()).await.unwrap();
+            }
+        }
+        let _ = js.delete_stream(&stream).await;
+        times
+    });
+    let attempts: Vec<&str> = times.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(attempts, ["1", "2", "3"], "the delivery count is message.attempt");
+    let gap1 = times[1].1 - times[0].1;
+    let gap2 = times[2].1 - times[1].1;
+    assert!(
+        gap1 >= Duration::from_millis(380) && gap1 < Duration::from_millis(1400),
+        "first nak delay {gap1:?}, want ~400 ms"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(780) && gap2 < Duration::from_millis(1800),
+        "second nak delay {gap2:?}, want ~800 ms"
+    );
+    d.wait_for("success on delivery 3", Duration::from_secs(10), || {
+        d.metric("sluice_messages_total{route=\"retrying\",outcome=\"ok\"}") == 1.0
+    });
+    assert_eq!(
+        d.metric("sluice_messages_total{route=\"retrying\",outcome=\"retry\"}"),
+        2.0
+    );
+}
+
+#[test]
+fn a_poison_message_is_dead_lettered_with_its_headers_then_termed_not_redelivered() {
+    let id = unique();
+    let (stream, dlq_stream) = (format!("POISON_{id}"), format!("POISON_DLQ_{id}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{stream}"
+subjects = ["{id}.orders.>"]
+[[brokers.nats.streams]]
+name = "{dlq_stream}"
+subjects = ["{id}.dlq"]
+
+[plugins.orders]
+path = "{wasm}"
+publish = ["enriched.orders.>"]
+
+[[routes]]
+name = "poison"
+plugin = "orders"
+source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.orders.>", ack_wait = "1s" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("order_processor").display(),
+    );
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let js = rt.block_on(async { jetstream::new(client().await) });
+    rt.block_on(async {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("x-trace", "t-9");
+        js.publish_with_headers(format!("{id}.orders.created"), h, "{oops".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    d.wait_for("the dead letter", Duration::from_secs(30), || {
+        rt.block_on(async {
+            js.get_stream(&dlq_stream)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .messages
+        }) == 1
+    });
+    let dead = rt.block_on(async {
+        js.get_stream(&dlq_stream)
+            .await
+            .unwrap()
+            .get_raw_message(1)
+            .await
+            .unwrap()
+    });
+    assert_eq!(&dead.payload[..], b"{oops");
+    let h = &dead.headers;
+    let get = |name: &str| {
+        h.get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(get("x-trace"), "t-9");
+    assert_eq!(get("sluice-error-kind"), "permanent");
+    assert_eq!(get("sluice-attempts"), "1");
+    assert_eq!(get("sluice-route"), "poison");
+    assert!(get("sluice-plugin").starts_with("orders@sha256:"));
+    assert!(get("sluice-origin").starts_with(&format!("jetstream://{stream}/{id}.orders.created?seq=1")));
+    assert!(get("sluice-error").contains("JSON"));
+    assert!(!get("sluice-failed-at").is_empty());
+    // Termed: nothing is redelivered after ack_wait.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.metric("sluice_handler_duration_seconds_count{route=\"poison\"}"), 1.0);
+    rt.block_on(async {
+        let _ = js.delete_stream(&stream).await;
+        let _ = js.delete_stream(&dlq_stream).await;
+    });
+}
