@@ -8,13 +8,11 @@
 
 use sluice::brokers::embedded::EmbeddedBroker;
 use sluice::brokers::{Sink, Source};
-use sluice::config::{FailureMapping, Ordering, RetryConfig};
+use sluice::config::Ordering;
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::message::{Header, Outbound};
-use sluice::metrics::Metrics;
 use sluice::pipeline::keys::KeySource;
-use sluice::pipeline::policy::Policy;
-use sluice::pipeline::{Route, RouteStatus};
+use sluice::pipeline::Route;
 use sluice::subject::SubjectPattern;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,27 +53,11 @@ async fn run(engine: &Engine, concurrency: u32) -> Duration {
     let plugin = Arc::new(engine.load(spec).expect("load fixture_record"));
     let sink: Arc<dyn Sink> = Arc::new(broker.clone());
     let source: Arc<dyn Source> = Arc::new(broker.source("bench"));
-    let route = Arc::new(Route {
-        name: "bench".into(),
-        source_description: "embedded bench.in".into(),
-        source_broker: "embedded",
-        source,
-        sink: sink.clone(),
-        dead_letter_sink: sink,
-        dead_letter_subject: "dlq.bench".into(),
-        dead_letter_broker: "embedded",
-        plugin,
-        policy: Policy {
-            retry: RetryConfig::default(),
-            on_failure: FailureMapping::default(),
-        },
-        concurrency,
-        ordering: Ordering::Key,
-        ordering_key: KeySource::Header("k".into()),
-        gate: None,
-        metrics: Arc::new(Metrics::new()),
-        status: Arc::new(RouteStatus::default()),
-    });
+    let mut route = Route::new("bench", source, "embedded", sink, plugin);
+    route.concurrency = concurrency;
+    route.ordering = Ordering::Key;
+    route.ordering_key = KeySource::Header("k".into());
+    let route = Arc::new(route);
     let stop = CancellationToken::new();
     let started = Instant::now();
     let workers = route.spawn(&stop);

@@ -298,6 +298,7 @@ pub async fn build_routes(
             gate,
             metrics: metrics.clone(),
             status: Arc::new(RouteStatus::default()),
+            series: std::sync::OnceLock::new(),
         }));
     }
     Ok(routes)

@@ -27,6 +27,29 @@ pub struct RouteFailure {
     pub kind: String,
 }
 
+/// Handles on one route's series.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub ok: Counter,
+    pub retry: Counter,
+    pub dead_letter: Counter,
+    pub duplicate: Counter,
+    pub in_flight: Gauge,
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn count(&self, outcome: &str) {
+        match outcome {
+            "ok" => self.ok.inc(),
+            "retry" => self.retry.inc(),
+            "dead_letter" => self.dead_letter.inc(),
+            "duplicate" => self.duplicate.inc(),
+            _ => 0,
+        };
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub messages: Family<RouteOutcome, Counter>,
@@ -87,13 +110,28 @@ impl Metrics {
         }
     }
 
-    pub fn count(&self, route: &str, outcome: &str) {
-        self.messages
-            .get_or_create(&RouteOutcome {
-                route: route.to_owned(),
-                outcome: outcome.to_owned(),
-            })
-            .inc();
+    /// The series of one route, looked up once: the per-message path then
+    /// touches atomics only.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let outcome = |o: &str| {
+            self.messages
+                .get_or_create(&RouteOutcome {
+                    route: route.to_owned(),
+                    outcome: o.to_owned(),
+                })
+                .clone()
+        };
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            ok: outcome("ok"),
+            retry: outcome("retry"),
+            dead_letter: outcome("dead_letter"),
+            duplicate: outcome("duplicate"),
+            in_flight: self.in_flight.get_or_create(&label).clone(),
+            duration: self.handler_duration.get_or_create(&label).clone(),
+        }
     }
 
     /// The Prometheus text exposition.

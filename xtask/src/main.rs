@@ -160,7 +160,9 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     status(
         cargo()
-            .args(["bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering"])
+            .args([
+                "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats",
+            ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
     )

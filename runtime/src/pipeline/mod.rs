@@ -15,7 +15,7 @@ use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin};
 use crate::idempotency::{Claim, IdempotencyStore};
 use crate::message::{find_header, Header, Message, Outbound};
-use crate::metrics::{Metrics, RouteFailure, RouteLabel};
+use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics};
 use keys::KeySource;
 use policy::{Decision, Policy};
 use serde::Serialize;
@@ -111,6 +111,44 @@ pub struct Route {
     pub gate: Option<Gate>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<RouteStatus>,
+    /// This route's series in `metrics`, looked up on first use.
+    pub series: std::sync::OnceLock<RouteMetrics>,
+}
+
+impl Route {
+    /// A route with default policy (retries, no gate, unordered, one worker)
+    /// whose dead letters go to `dlq.<name>` on `sink`. Fields are public to
+    /// adjust.
+    pub fn new(
+        name: &str,
+        source: Arc<dyn Source>,
+        source_broker: &'static str,
+        sink: Arc<dyn Sink>,
+        plugin: Arc<Plugin>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            source_description: format!("{source_broker} (programmatic)"),
+            source,
+            source_broker,
+            sink: sink.clone(),
+            dead_letter_sink: sink,
+            dead_letter_subject: format!("dlq.{name}"),
+            dead_letter_broker: source_broker,
+            plugin,
+            policy: Policy {
+                retry: crate::config::RetryConfig::default(),
+                on_failure: crate::config::FailureMapping::default(),
+            },
+            concurrency: 1,
+            ordering: RouteOrdering::None,
+            ordering_key: KeySource::MessageKey,
+            gate: None,
+            metrics: Arc::new(Metrics::new()),
+            status: Arc::new(RouteStatus::default()),
+            series: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// How a failed attempt waits for the next.
@@ -236,10 +274,7 @@ impl Route {
             outcome = tracing::field::Empty,
         );
         async {
-            let label = RouteLabel {
-                route: self.name.clone(),
-            };
-            let gauge = self.metrics.in_flight.get_or_create(&label).clone();
+            let gauge = &self.series().in_flight;
             gauge.inc();
             self.status.in_flight.fetch_add(1, Ordering::Relaxed);
             let outcome = self.handle(delivery, mode, shutdown).await;
@@ -255,7 +290,12 @@ impl Route {
     }
 
     async fn handle(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) -> Label {
-        let owner = lease_owner();
+        // Lease owners matter only with a gate; no allocation otherwise.
+        let owner = if self.gate.is_some() {
+            lease_owner()
+        } else {
+            String::new()
+        };
         let gate_key = self
             .gate
             .as_ref()
@@ -291,7 +331,8 @@ impl Route {
             }
         }
 
-        let mut msg: Message = delivery.message().clone();
+        // Cloned only if a retry in place needs a new attempt number.
+        let mut msg: std::borrow::Cow<'_, Message> = std::borrow::Cow::Borrowed(delivery.message());
         loop {
             let invocation = self.plugin.invoke(&self.name, &msg).await;
             self.observe(&invocation);
@@ -339,20 +380,25 @@ impl Route {
                         self.release(gate_key.as_deref(), &owner).await;
                         return INTERRUPTED;
                     }
-                    msg.attempt += 1;
+                    msg.to_mut().attempt += 1;
                 }
                 Decision::DeadLetter { kind, reason } => {
                     tracing::warn!(kind = %kind, dead_letter = %self.dead_letter_subject, "dead-lettering: {reason}");
                     // Released, not done: a replayed copy must run again.
                     self.release(gate_key.as_deref(), &owner).await;
+                    let msg = msg.into_owned();
                     return self.dead_letter(delivery, &msg, kind, &reason).await;
                 }
             }
         }
     }
 
+    fn series(&self) -> &RouteMetrics {
+        self.series.get_or_init(|| self.metrics.route(&self.name))
+    }
+
     fn count(&self, outcome: Label) {
-        self.metrics.count(&self.name, outcome);
+        self.series().count(outcome);
         let counter = match outcome {
             "ok" => &self.status.handled,
             "retry" => &self.status.retried,
@@ -363,12 +409,7 @@ impl Route {
     }
 
     fn observe(&self, invocation: &Invocation) {
-        self.metrics
-            .handler_duration
-            .get_or_create(&RouteLabel {
-                route: self.name.clone(),
-            })
-            .observe(invocation.duration.as_secs_f64());
+        self.series().duration.observe(invocation.duration.as_secs_f64());
         if let Outcome::Failed { kind, reason } = &invocation.outcome {
             self.metrics
                 .failures

@@ -9,16 +9,71 @@ use crate::message::Message;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::AckKind;
 use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 
 pub struct JetStreamSource {
     broker: NatsBroker,
     consumer: Consumer<pull::Config>,
     messages: Mutex<Option<pull::Stream>>,
     settings: ConsumerSettings,
+    in_flight: Arc<InFlight>,
+}
+
+type AckerRef = Arc<async_nats::jetstream::message::Acker>;
+
+/// Deliveries being handled, so one task per source can send `in_progress`
+/// for those that run long (a task per message would cost more than the
+/// message).
+#[derive(Default)]
+struct InFlight {
+    entries: std::sync::Mutex<HashMap<u64, (AckerRef, Instant)>>,
+    next: AtomicU64,
+}
+
+impl InFlight {
+    fn add(&self, acker: AckerRef) -> u64 {
+        let id = self.next.fetch_add(1, AtomicOrdering::Relaxed);
+        if let Ok(mut e) = self.entries.lock() {
+            e.insert(id, (acker, Instant::now()));
+        }
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.remove(&id);
+        }
+    }
+
+    /// Every `every`, tells the server that deliveries older than `every`
+    /// are still being worked on; ends with the source.
+    fn start_keepalive(this: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(this);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(this) = weak.upgrade() else { return };
+                let long: Vec<AckerRef> = match this.entries.lock() {
+                    Ok(e) => e
+                        .values()
+                        .filter(|(_, since)| since.elapsed() >= every)
+                        .map(|(a, _)| a.clone())
+                        .collect(),
+                    Err(_) => return,
+                };
+                drop(this);
+                for acker in long {
+                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                        tracing::debug!("in-progress ack failed: {e}");
+                    }
+                }
+            }
+        });
+    }
 }
 
 fn consumer_config(s: &ConsumerSettings) -> pull::Config {
@@ -92,11 +147,14 @@ impl JetStreamSource {
                 c
             }
         };
+        let in_flight = Arc::new(InFlight::default());
+        InFlight::start_keepalive(&in_flight, (s.ack_wait / 3).max(Duration::from_millis(100)));
         Ok(Self {
             broker,
             consumer,
             messages: Mutex::new(None),
             settings: s.clone(),
+            in_flight,
         })
     }
 
@@ -108,7 +166,7 @@ impl JetStreamSource {
             }
             let Some(stream) = guard.as_mut() else { continue };
             match stream.next().await {
-                Some(Ok(m)) => return JetStreamDelivery::new(m, &self.settings),
+                Some(Ok(m)) => return JetStreamDelivery::new(m, &self.settings, &self.in_flight),
                 Some(Err(e)) => {
                     // Missed heartbeats after a server restart and the like:
                     // start a fresh pull on the next call.
@@ -133,14 +191,19 @@ impl Source for JetStreamSource {
 
 pub struct JetStreamDelivery {
     message: Message,
-    acker: Arc<async_nats::jetstream::message::Acker>,
+    acker: AckerRef,
     origin: String,
-    /// Stops the in-progress heartbeat once settled (or dropped).
-    keepalive: CancellationToken,
+    /// Its entry in the source's in-flight set (for `in_progress` acks).
+    in_flight: Arc<InFlight>,
+    id: u64,
 }
 
 impl JetStreamDelivery {
-    fn new(m: async_nats::jetstream::Message, s: &ConsumerSettings) -> Result<Self, BrokerError> {
+    fn new(
+        m: async_nats::jetstream::Message,
+        s: &ConsumerSettings,
+        in_flight: &Arc<InFlight>,
+    ) -> Result<Self, BrokerError> {
         let (attempt, seq, published_ms) = {
             let info = m.info().map_err(|e| failed(format!("not a JetStream message: {e}")))?;
             let ms = info.published.unix_timestamp_nanos() / 1_000_000;
@@ -163,23 +226,7 @@ impl JetStreamDelivery {
             reply_to: None,
         };
         let acker = Arc::new(acker);
-        let keepalive = CancellationToken::new();
-        // Tell the server we are still working well before ack_wait ends,
-        // so a long handler is not redelivered to someone else meanwhile.
-        let every = (s.ack_wait / 3).max(Duration::from_millis(100));
-        let (ka, token) = (acker.clone(), keepalive.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {
-                        if let Err(e) = ka.ack_with(AckKind::Progress).await {
-                            tracing::debug!("in-progress ack failed: {e}");
-                        }
-                    }
-                }
-            }
-        });
+        let id = in_flight.add(acker.clone());
         Ok(Self {
             origin: format!(
                 "jetstream://{}/{}?seq={seq}&consumer={}",
@@ -187,14 +234,19 @@ impl JetStreamDelivery {
             ),
             message,
             acker,
-            keepalive,
+            in_flight: in_flight.clone(),
+            id,
         })
     }
 
     fn settle(&self, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.keepalive.cancel();
+        self.in_flight.remove(self.id);
         let acker = self.acker.clone();
-        Box::pin(async move { acker.double_ack_with(kind).await.map_err(failed) })
+        // A plain ack is a publish on the same connection; waiting for the
+        // server's confirmation (double ack) would cost a round trip per
+        // message, and a lost ack only means a redelivery, which the
+        // idempotency gate absorbs.
+        Box::pin(async move { acker.ack_with(kind).await.map_err(failed) })
     }
 }
 
@@ -223,6 +275,6 @@ impl Delivery for JetStreamDelivery {
 impl Drop for JetStreamDelivery {
     fn drop(&mut self) {
         // Unsettled: JetStream redelivers it after ack_wait.
-        self.keepalive.cancel();
+        self.in_flight.remove(self.id);
     }
 }
