@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const PAYLOAD: [u8; 100] = [b'x'; 100];
-const CONCURRENCY: u32 = 16;
+/// Workers of the sluice route (`SLUICE_BENCH_CONCURRENCY`, default 16).
+fn concurrency() -> u32 {
+    std::env::var("SLUICE_BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(16)
+}
 
 fn url() -> String {
     std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -107,7 +110,7 @@ async fn sluice_core(
         Arc::new(broker.clone()) as Arc<dyn Sink>,
         plugin(engine, isolation),
     );
-    route.concurrency = CONCURRENCY;
+    route.concurrency = concurrency();
     tokio::time::sleep(Duration::from_millis(50)).await;
     run_route(route, n, publish_core(&broker_client(broker), subject, n)).await
 }
@@ -168,7 +171,7 @@ async fn sluice_jetstream(
         Arc::new(broker.clone()) as Arc<dyn Sink>,
         plugin(engine, isolation),
     );
-    route.concurrency = CONCURRENCY;
+    route.concurrency = concurrency();
     run_route(route, n, async {}).await
 }
 
@@ -202,7 +205,7 @@ fn main() {
         })
         .expect("engine");
         let tag = format!("b{}", std::process::id());
-        println!("NATS, {n} messages of 100 B, sluice concurrency {CONCURRENCY}, noop plugin");
+        println!("NATS, {n} messages of 100 B, sluice concurrency {}, noop plugin", concurrency());
         println!("{:<10} {:<16} {:>12} {:>10}", "mode", "consumer", "msg/s", "vs native");
 
         let native = native_core(&client, &format!("{tag}.native"), n).await;

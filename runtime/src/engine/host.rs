@@ -87,6 +87,8 @@ pub struct HostState {
     pub(crate) message_id: String,
     pub(crate) publishes: Vec<Outbound>,
     publish_bytes: usize,
+    /// When the current message's time is up; waiting host calls stop here.
+    pub(crate) deadline: std::time::Instant,
 }
 
 impl HostState {
@@ -110,6 +112,7 @@ impl HostState {
             message_id: String::new(),
             publishes: Vec::new(),
             publish_bytes: 0,
+            deadline: std::time::Instant::now(),
         }
     }
 
@@ -240,8 +243,14 @@ impl host::Host for HostState {
                 "no broker with request/reply is configured".into(),
             ));
         };
+        // Never past the message's own deadline.
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = Duration::from_millis(u64::from(timeout_ms)).min(left);
+        if timeout.is_zero() {
+            return Err(types::HostError::Timeout);
+        }
         requester
-            .request(&subject, payload, Duration::from_millis(u64::from(timeout_ms)))
+            .request(&subject, payload, timeout)
             .await
             .map_err(|e| match e {
                 RequestError::Timeout => types::HostError::Timeout,
