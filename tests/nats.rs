@@ -594,3 +594,92 @@ store = "memory"
     });
     assert_eq!(payloads.len(), N, "none lost");
 }
+
+#[test]
+fn jetstream_dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
+    let id = unique();
+    let (work, dead, out) = (format!("W_{id}"), format!("D_{id}"), format!("O_{id}"));
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("handler.wasm");
+    std::fs::copy(plugin("fixture_trap"), &wasm).unwrap();
+    let config = format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{work}"
+subjects = ["{id}.work.>"]
+[[brokers.nats.streams]]
+name = "{dead}"
+subjects = ["{id}.dlq"]
+[[brokers.nats.streams]]
+name = "{out}"
+subjects = ["{id}.out"]
+
+[plugins.handler]
+path = "{wasm}"
+publish = ["{id}.out"]
+[plugins.handler.config]
+to = "{id}.out"
+
+[[routes]]
+name = "fixable"
+plugin = "handler"
+source = {{ broker = "jetstream", stream = "{work}", subject = "{id}.work.>" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+[routes.on_failure]
+trap = "dead_letter"
+"#,
+        url = nats_url(),
+        wasm = wasm.display(),
+    );
+    let mut d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let js = rt.block_on(async { jetstream::new(client().await) });
+    let count =
+        |name: &str| rt.block_on(async { js.get_stream(name).await.unwrap().info().await.unwrap().state.messages });
+    rt.block_on(async {
+        for i in 0..2 {
+            js.publish(format!("{id}.work.{i}"), "trap".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    d.wait_for("two dead letters", Duration::from_secs(30), || count(&dead) == 2);
+    let dlq = |admin: &str, args: &[&str]| {
+        let out = std::process::Command::new(sluice_tests::sluice_bin())
+            .arg("dlq")
+            .args(args)
+            .args(["--admin", admin, "--queue", &format!("{id}.dlq")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = dlq(&d.admin, &["list"]);
+    assert!(listing.contains("2 dead letters (trap: 2)"), "{listing}");
+    assert!(
+        listing.contains(&format!("{id}.work.0")),
+        "origin subject shown: {listing}"
+    );
+
+    assert!(d.terminate().success());
+    std::fs::copy(plugin("fixture_record"), &wasm).unwrap();
+    d.restart();
+    let replayed = dlq(&d.admin, &["replay", "--all"]);
+    assert!(replayed.contains("replayed 2"), "{replayed}");
+    d.wait_for("the replayed messages handled", Duration::from_secs(30), || {
+        count(&out) == 2
+    });
+    assert_eq!(count(&dead), 0, "replayed dead letters are removed");
+    rt.block_on(async {
+        for s in [&work, &dead, &out] {
+            let _ = js.delete_stream(s).await;
+        }
+    });
+}

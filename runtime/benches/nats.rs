@@ -23,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 const PAYLOAD: [u8; 100] = [b'x'; 100];
 /// Workers of the sluice route (`SLUICE_BENCH_CONCURRENCY`, default 16).
 fn concurrency() -> u32 {
-    std::env::var("SLUICE_BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(16)
+    std::env::var("SLUICE_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
 }
 
 fn url() -> String {
@@ -205,7 +208,10 @@ fn main() {
         })
         .expect("engine");
         let tag = format!("b{}", std::process::id());
-        println!("NATS, {n} messages of 100 B, sluice concurrency {}, noop plugin", concurrency());
+        println!(
+            "NATS, {n} messages of 100 B, sluice concurrency {}, noop plugin",
+            concurrency()
+        );
         println!("{:<10} {:<16} {:>12} {:>10}", "mode", "consumer", "msg/s", "vs native");
 
         let native = native_core(&client, &format!("{tag}.native"), n).await;

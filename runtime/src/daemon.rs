@@ -144,6 +144,43 @@ pub fn dead_letter_broker(route: &crate::config::RouteConfig) -> BrokerKind {
         .unwrap_or(route.source.broker)
 }
 
+/// The dead-letter destinations `sluice dlq` can read: embedded queues, and
+/// NATS subjects a declared stream stores.
+pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<String, crate::dlq::Backend> {
+    use crate::dlq::Backend;
+    let embedded_routes: std::collections::BTreeSet<String> = config
+        .routes
+        .iter()
+        .filter(|r| r.source.broker == BrokerKind::Embedded)
+        .map(|r| r.name.clone())
+        .collect();
+    let mut out = BTreeMap::new();
+    for r in &config.routes {
+        let subject = r.dead_letter_subject();
+        let backend = match (dead_letter_broker(r), &brokers.nats) {
+            (BrokerKind::Embedded, _) => Backend::Embedded {
+                broker: brokers.embedded.clone(),
+                queue: subject.clone(),
+                routes: embedded_routes.clone(),
+            },
+            (_, Some(nats)) => match nats.stream_for(&subject) {
+                Some(stream) => Backend::Stream {
+                    nats: nats.clone(),
+                    stream: stream.to_owned(),
+                    subject: subject.clone(),
+                },
+                None => {
+                    tracing::warn!(route = %r.name, "dead letters go to {subject} on core NATS, where nothing keeps them: declare a stream for it to keep and replay them");
+                    continue;
+                }
+            },
+            (_, None) => continue,
+        };
+        out.insert(subject, backend);
+    }
+    out
+}
+
 /// The brokers a config uses.
 pub struct Brokers {
     pub embedded: EmbeddedBroker,
@@ -321,6 +358,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         broker: broker.clone(),
         routes: routes.clone(),
         ready: false.into(),
+        dead_letters: dead_letter_backends(&config, &brokers),
     });
     let admin_stop = CancellationToken::new();
     let admin = admin::serve(config.admin.listen, state.clone(), admin_stop.clone())

@@ -1,10 +1,13 @@
-//! Dead-letter tooling for the embedded broker: list, show and replay dead
-//! letters back to the route they failed on.
+//! Dead-letter tooling: list, show and replay dead letters back to where
+//! they failed, for the embedded broker's queues and for JetStream streams
+//! that store a dead-letter subject.
 
-use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError, Stored};
+use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError};
+use crate::brokers::nats::NatsBroker;
+use crate::brokers::{BrokerError, Sink};
 use crate::message::{find_header, Header, Outbound};
 use crate::pipeline::dead_letter::{ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE};
-use crate::pipeline::REPLAYS_HEADER;
+use crate::pipeline::{DEDUP_HEADER, REPLAYS_HEADER};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,97 +61,197 @@ impl Filter {
 pub enum DlqError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("say which dead letters to replay: sequence numbers, --kind, --route or --all")]
     NoFilter,
     #[error("dead letter #{seq} came from route `{route}`, which is not an embedded route of this daemon")]
     UnknownRoute { seq: u64, route: String },
+    #[error("dead letter #{seq} has no origin subject to go back to (sluice-origin: {origin:?})")]
+    NoOrigin { seq: u64, origin: String },
 }
 
-fn header(stored: &Stored, name: &str) -> String {
-    find_header(&stored.headers, name).unwrap_or_default().to_owned()
+/// Where one dead-letter destination is kept.
+#[derive(Clone)]
+pub enum Backend {
+    /// A queue of the embedded broker; replays go straight to the route's
+    /// queue. `routes` are the embedded routes of the daemon.
+    Embedded {
+        broker: EmbeddedBroker,
+        queue: String,
+        routes: BTreeSet<String>,
+    },
+    /// A JetStream stream that stores the dead-letter subject; replays are
+    /// published to the origin subject.
+    Stream {
+        nats: NatsBroker,
+        stream: String,
+        subject: String,
+    },
 }
 
-pub fn summary(seq: u64, stored: &Stored) -> Summary {
-    let origin = header(stored, ORIGIN);
+fn header(headers: &[Header], name: &str) -> String {
+    find_header(headers, name).unwrap_or_default().to_owned()
+}
+
+/// The subject a dead letter came from, from its `sluice-origin`
+/// (`embedded://S?..`, `nats://S`, `jetstream://STREAM/S?..`).
+pub fn origin_subject(origin: &str) -> Option<&str> {
+    if let Some((subject, _)) = parse_origin(origin) {
+        return Some(subject);
+    }
+    if let Some(rest) = origin.strip_prefix("nats://") {
+        return Some(rest.split('?').next().unwrap_or(rest));
+    }
+    let rest = origin.strip_prefix("jetstream://")?;
+    let (_, rest) = rest.split_once('/')?;
+    Some(rest.split('?').next().unwrap_or(rest))
+}
+
+pub fn summary(seq: u64, headers: &[Header]) -> Summary {
+    let origin = header(headers, ORIGIN);
     Summary {
         seq,
-        route: header(stored, ROUTE),
-        subject: parse_origin(&origin)
-            .map(|(subject, _)| subject.to_owned())
-            .unwrap_or(origin),
-        kind: header(stored, ERROR_KIND),
-        error: header(stored, ERROR),
-        attempts: header(stored, ATTEMPTS),
-        failed_at: header(stored, FAILED_AT),
+        route: header(headers, ROUTE),
+        subject: origin_subject(&origin).map(str::to_owned).unwrap_or(origin),
+        kind: header(headers, ERROR_KIND),
+        error: header(headers, ERROR),
+        attempts: header(headers, ATTEMPTS),
+        failed_at: header(headers, FAILED_AT),
     }
 }
 
-pub fn list(broker: &EmbeddedBroker, queue: &str, limit: usize) -> Result<Vec<Summary>, StoreError> {
-    Ok(broker
-        .peek(queue, limit)?
-        .iter()
-        .map(|(seq, stored)| summary(*seq, stored))
-        .collect())
+/// A replayed copy: failure headers stripped, the replay counted.
+fn replayed(subject: String, headers: Vec<Header>, payload: Vec<u8>) -> Outbound {
+    let replays: u32 = find_header(&headers, REPLAYS_HEADER)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut headers: Vec<Header> = headers
+        .into_iter()
+        .filter(|h| {
+            !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f))
+                && !h.name.eq_ignore_ascii_case(REPLAYS_HEADER)
+                && !h.name.eq_ignore_ascii_case(DEDUP_HEADER)
+        })
+        .collect();
+    headers.push(Header::new(REPLAYS_HEADER, (replays + 1).to_string()));
+    Outbound {
+        subject,
+        headers,
+        payload,
+    }
 }
 
-pub fn queue_summary(broker: &EmbeddedBroker, queue: &str) -> Result<QueueSummary, StoreError> {
-    let all = list(broker, queue, SCAN_LIMIT)?;
-    let mut by_kind = BTreeMap::new();
-    for s in &all {
-        *by_kind.entry(s.kind.clone()).or_insert(0) += 1;
-    }
-    Ok(QueueSummary {
-        queue: queue.to_owned(),
-        messages: all.len(),
-        by_kind,
-    })
-}
-
-/// Moves the matching dead letters back to their route's queue, without the
-/// `sluice-*` failure headers and with the attempt count reset; returns how
-/// many. `routes` are the embedded routes of the daemon.
-pub async fn replay(
-    broker: &EmbeddedBroker,
-    queue: &str,
-    filter: &Filter,
-    routes: &BTreeSet<String>,
-) -> Result<usize, DlqError> {
-    if filter.is_empty() {
-        return Err(DlqError::NoFilter);
-    }
-    let mut per_route: BTreeMap<String, (Vec<Outbound>, Vec<u64>)> = BTreeMap::new();
-    for (seq, stored) in broker.peek(queue, SCAN_LIMIT)? {
-        let s = summary(seq, &stored);
-        if !filter.matches(seq, &s) {
-            continue;
+impl Backend {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Embedded { queue, .. } => queue,
+            Self::Stream { subject, .. } => subject,
         }
-        if !routes.contains(&s.route) {
-            return Err(DlqError::UnknownRoute { seq, route: s.route });
+    }
+
+    /// Dead letters, oldest first: (sequence, message).
+    pub async fn letters(&self, limit: usize) -> Result<Vec<(u64, Outbound)>, DlqError> {
+        Ok(match self {
+            Self::Embedded { broker, queue, .. } => broker
+                .peek(queue, limit)?
+                .into_iter()
+                .map(|(seq, s)| {
+                    (
+                        seq,
+                        Outbound {
+                            subject: s.subject,
+                            headers: s.headers,
+                            payload: s.payload,
+                        },
+                    )
+                })
+                .collect(),
+            Self::Stream { nats, stream, subject } => nats.stored(stream, subject, limit).await?,
+        })
+    }
+
+    pub async fn get(&self, seq: u64) -> Result<Option<Outbound>, DlqError> {
+        Ok(match self {
+            Self::Embedded { broker, queue, .. } => broker.get(queue, seq)?.map(|s| Outbound {
+                subject: s.subject,
+                headers: s.headers,
+                payload: s.payload,
+            }),
+            Self::Stream { nats, stream, subject } => nats.stored_one(stream, subject, seq).await?,
+        })
+    }
+
+    pub async fn list(&self, limit: usize) -> Result<Vec<Summary>, DlqError> {
+        Ok(self
+            .letters(limit)
+            .await?
+            .iter()
+            .map(|(seq, m)| summary(*seq, &m.headers))
+            .collect())
+    }
+
+    pub async fn queue_summary(&self) -> Result<QueueSummary, DlqError> {
+        let all = self.list(SCAN_LIMIT).await?;
+        let mut by_kind = BTreeMap::new();
+        for s in &all {
+            *by_kind.entry(s.kind.clone()).or_insert(0) += 1;
         }
-        let replays: u32 = find_header(&stored.headers, REPLAYS_HEADER)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut headers: Vec<Header> = stored
-            .headers
-            .into_iter()
-            .filter(|h| {
-                !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f))
-                    && !h.name.eq_ignore_ascii_case(REPLAYS_HEADER)
-            })
-            .collect();
-        headers.push(Header::new(REPLAYS_HEADER, (replays + 1).to_string()));
-        let entry = per_route.entry(s.route).or_default();
-        entry.0.push(Outbound {
-            subject: s.subject,
-            headers,
-            payload: stored.payload,
-        });
-        entry.1.push(seq);
+        Ok(QueueSummary {
+            queue: self.name().to_owned(),
+            messages: all.len(),
+            by_kind,
+        })
     }
-    let mut moved = 0;
-    for (route, (messages, seqs)) in per_route {
-        moved += seqs.len();
-        broker.move_messages(&route, messages, queue, seqs).await?;
+
+    /// Sends the matching dead letters back where they came from, without
+    /// the `sluice-*` failure headers and with the attempt count reset;
+    /// returns how many.
+    pub async fn replay(&self, filter: &Filter) -> Result<usize, DlqError> {
+        if filter.is_empty() {
+            return Err(DlqError::NoFilter);
+        }
+        let mut selected = Vec::new();
+        for (seq, m) in self.letters(SCAN_LIMIT).await? {
+            let s = summary(seq, &m.headers);
+            if filter.matches(seq, &s) {
+                selected.push((seq, s, m));
+            }
+        }
+        match self {
+            Self::Embedded { broker, queue, routes } => {
+                let mut per_route: BTreeMap<String, (Vec<Outbound>, Vec<u64>)> = BTreeMap::new();
+                for (seq, s, m) in selected {
+                    if !routes.contains(&s.route) {
+                        return Err(DlqError::UnknownRoute { seq, route: s.route });
+                    }
+                    let entry = per_route.entry(s.route).or_default();
+                    entry.0.push(replayed(s.subject, m.headers, m.payload));
+                    entry.1.push(seq);
+                }
+                let mut moved = 0;
+                for (route, (messages, seqs)) in per_route {
+                    moved += seqs.len();
+                    broker.move_messages(&route, messages, queue, seqs).await?;
+                }
+                Ok(moved)
+            }
+            Self::Stream { nats, stream, .. } => {
+                let mut moved = 0;
+                for (seq, s, m) in selected {
+                    let origin = header(&m.headers, ORIGIN);
+                    let Some(subject) = origin_subject(&origin).map(str::to_owned) else {
+                        return Err(DlqError::NoOrigin { seq, origin });
+                    };
+                    // Published (and confirmed) before it is deleted: a crash
+                    // in between replays it twice, never zero times.
+                    let _ = s;
+                    Sink::publish(nats, vec![replayed(subject, m.headers, m.payload)]).await?;
+                    nats.delete_stored(stream, seq).await?;
+                    moved += 1;
+                }
+                Ok(moved)
+            }
+        }
     }
-    Ok(moved)
 }

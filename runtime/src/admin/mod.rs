@@ -28,6 +28,8 @@ pub struct AdminState {
     pub routes: Vec<Arc<Route>>,
     /// Set once plugins are loaded and sources started; cleared on shutdown.
     pub ready: AtomicBool,
+    /// Dead-letter destinations `sluice dlq` can read, by name.
+    pub dead_letters: std::collections::BTreeMap<String, crate::dlq::Backend>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -238,32 +240,35 @@ async fn queue_messages(
     }
 }
 
-fn dead_letter_queues(state: &AdminState) -> std::collections::BTreeSet<String> {
-    state.routes.iter().map(|r| r.dead_letter_subject.clone()).collect()
-}
-
-/// None if `queue` is a dead-letter queue of this daemon, else the 404.
-fn unknown_dlq(state: &AdminState, queue: &str) -> Option<Response> {
-    let queues = dead_letter_queues(state);
-    if queues.contains(queue) {
-        None
-    } else {
-        Some(error(
+/// The backend of dead-letter destination `queue`, or the 404 to answer.
+fn dead_letters<'a>(state: &'a AdminState, queue: &str) -> Result<&'a crate::dlq::Backend, Box<Response>> {
+    state.dead_letters.get(queue).ok_or_else(|| {
+        Box::new(error(
             StatusCode::NOT_FOUND,
             format!(
-                "{queue} is not a dead-letter queue of this daemon (they are: {})",
-                queues.into_iter().collect::<Vec<_>>().join(", ")
+                "{queue} is not a dead-letter destination this daemon can read (they are: {})",
+                state.dead_letters.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         ))
+    })
+}
+
+fn dlq_error(e: crate::dlq::DlqError) -> Response {
+    use crate::dlq::DlqError;
+    match e {
+        DlqError::NoFilter | DlqError::UnknownRoute { .. } | DlqError::NoOrigin { .. } => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
     }
 }
 
 async fn dlq_queues(State(state): State<Arc<AdminState>>) -> Response {
     let mut out = Vec::new();
-    for q in dead_letter_queues(&state) {
-        match crate::dlq::queue_summary(&state.broker, &q) {
+    for backend in state.dead_letters.values() {
+        match backend.queue_summary().await {
             Ok(s) => out.push(s),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => return dlq_error(e),
         }
     }
     Json(out).into_response()
@@ -274,23 +279,31 @@ async fn dlq_list(
     Path(queue): Path<String>,
     Query(limit): Query<Limit>,
 ) -> Response {
-    if let Some(r) = unknown_dlq(&state, &queue) {
-        return r;
-    }
-    match crate::dlq::list(&state.broker, &queue, limit.limit.unwrap_or(1000)) {
+    let backend = match dead_letters(&state, &queue) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    match backend.list(limit.limit.unwrap_or(1000)).await {
         Ok(list) => Json(list).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => dlq_error(e),
     }
 }
 
 async fn dlq_show(State(state): State<Arc<AdminState>>, Path((queue, seq)): Path<(String, u64)>) -> Response {
-    if let Some(r) = unknown_dlq(&state, &queue) {
-        return r;
-    }
-    match state.broker.get(&queue, seq) {
-        Ok(Some(s)) => Json(StoredView::new(seq, s)).into_response(),
+    let backend = match dead_letters(&state, &queue) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    match backend.get(seq).await {
+        Ok(Some(m)) => Json(serde_json::json!({
+            "seq": seq,
+            "subject": m.subject,
+            "headers": m.headers,
+            "payload": serde_json::to_value(&m).ok().map(|v| v["payload"].clone()),
+        }))
+        .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter #{seq} in {queue}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => dlq_error(e),
     }
 }
 
@@ -299,21 +312,13 @@ async fn dlq_replay(
     Path(queue): Path<String>,
     Json(filter): Json<crate::dlq::Filter>,
 ) -> Response {
-    if let Some(r) = unknown_dlq(&state, &queue) {
-        return r;
-    }
-    let routes = state
-        .routes
-        .iter()
-        .filter(|r| r.source_broker == "embedded")
-        .map(|r| r.name.clone())
-        .collect();
-    match crate::dlq::replay(&state.broker, &queue, &filter, &routes).await {
+    let backend = match dead_letters(&state, &queue) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    match backend.replay(&filter).await {
         Ok(n) => Json(serde_json::json!({ "replayed": n })).into_response(),
-        Err(e @ (crate::dlq::DlqError::NoFilter | crate::dlq::DlqError::UnknownRoute { .. })) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => dlq_error(e),
     }
 }
 

@@ -310,7 +310,7 @@ fn default_multiplier() -> f64 {
 
 /// Whether a failure of some kind is retried or dead-lettered at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum FailureAction {
     Retry,
     DeadLetter,

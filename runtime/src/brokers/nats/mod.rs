@@ -49,8 +49,9 @@ pub enum NatsSetupError {
 pub struct NatsBroker {
     pub(crate) client: async_nats::Client,
     pub(crate) js: async_nats::jetstream::Context,
-    /// Subjects stored by a declared stream: publishes to them wait for a PubAck.
-    stream_subjects: Arc<Vec<SubjectPattern>>,
+    /// Subjects stored by a declared stream (stream name, pattern): publishes
+    /// to them wait for a PubAck.
+    stream_subjects: Arc<Vec<(String, SubjectPattern)>>,
     request_timeout: Duration,
 }
 
@@ -60,6 +61,14 @@ pub(crate) fn to_header_map(headers: &[Header]) -> async_nats::HeaderMap {
         map.append(h.name.as_str(), h.value.as_str());
     }
     map
+}
+
+fn stored_outbound(m: async_nats::jetstream::message::StreamMessage) -> Outbound {
+    Outbound {
+        subject: m.subject.to_string(),
+        headers: from_header_map(Some(&m.headers)),
+        payload: m.payload.to_vec(),
+    }
 }
 
 pub(crate) fn from_header_map(map: Option<&async_nats::HeaderMap>) -> Vec<Header> {
@@ -124,7 +133,7 @@ impl NatsBroker {
             declare_stream(&js, s).await?;
             for subject in &s.subjects {
                 if let Ok(p) = SubjectPattern::parse(subject) {
-                    stream_subjects.push(p);
+                    stream_subjects.push((s.name.clone(), p));
                 }
             }
         }
@@ -151,7 +160,54 @@ impl NatsBroker {
     }
 
     fn stored_by_stream(&self, subject: &str) -> bool {
-        self.stream_subjects.iter().any(|p| p.matches(subject))
+        self.stream_for(subject).is_some()
+    }
+
+    /// The declared stream that stores `subject`, if any.
+    pub fn stream_for(&self, subject: &str) -> Option<&str> {
+        self.stream_subjects
+            .iter()
+            .find(|(_, p)| p.matches(subject))
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Messages of `stream` on `subject`, oldest first: (sequence, message).
+    pub async fn stored(&self, stream: &str, subject: &str, limit: usize) -> Result<Vec<(u64, Outbound)>, BrokerError> {
+        let mut s = self.js.get_stream(stream).await.map_err(failed)?;
+        let state = s.info().await.map_err(failed)?.state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if out.len() >= limit {
+                break;
+            }
+            // Deleted sequences leave gaps.
+            if let Ok(m) = s.get_raw_message(seq).await {
+                if m.subject.as_str() == subject {
+                    out.push((seq, stored_outbound(m)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One message of `stream`, if it is on `subject`.
+    pub async fn stored_one(&self, stream: &str, subject: &str, seq: u64) -> Result<Option<Outbound>, BrokerError> {
+        let s = self.js.get_stream(stream).await.map_err(failed)?;
+        Ok(s.get_raw_message(seq)
+            .await
+            .ok()
+            .filter(|m| m.subject.as_str() == subject)
+            .map(stored_outbound))
+    }
+
+    /// Deletes one message of `stream`.
+    pub async fn delete_stored(&self, stream: &str, seq: u64) -> Result<(), BrokerError> {
+        let s = self.js.get_stream(stream).await.map_err(failed)?;
+        s.delete_message(seq).await.map_err(failed)?;
+        Ok(())
     }
 
     /// Publishes one message: JetStream with PubAck where a declared stream
