@@ -165,7 +165,7 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
             },
             (_, Some(nats)) => match nats.stream_for(&subject) {
                 Some(stream) => Backend::Stream {
-                    nats: nats.clone(),
+                    nats: Box::new(nats.clone()),
                     stream: stream.to_owned(),
                     subject: subject.clone(),
                 },

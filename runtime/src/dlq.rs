@@ -84,7 +84,7 @@ pub enum Backend {
     /// A JetStream stream that stores the dead-letter subject; replays are
     /// published to the origin subject.
     Stream {
-        nats: NatsBroker,
+        nats: Box<NatsBroker>,
         stream: String,
         subject: String,
     },
@@ -246,7 +246,7 @@ impl Backend {
                     // Published (and confirmed) before it is deleted: a crash
                     // in between replays it twice, never zero times.
                     let _ = s;
-                    Sink::publish(nats, vec![replayed(subject, m.headers, m.payload)]).await?;
+                    Sink::publish(nats.as_ref(), vec![replayed(subject, m.headers, m.payload)]).await?;
                     nats.delete_stored(stream, seq).await?;
                     moved += 1;
                 }
