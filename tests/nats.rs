@@ -683,3 +683,42 @@ trap = "dead_letter"
         }
     });
 }
+
+#[test]
+fn an_existing_stream_with_other_settings_is_refused_with_the_difference() {
+    let id = unique();
+    let stream = format!("CLASH_{id}");
+    let rt = rt();
+    let js = rt.block_on(async { jetstream::new(client().await) });
+    rt.block_on(async {
+        js.create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{id}.a")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"data\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[brokers.nats]\nurl = \"{}\"\n[[brokers.nats.streams]]\nname = \"{stream}\"\nsubjects = [\"{id}.b\"]\n",
+            sluice_tests::daemon::free_port(),
+            nats_url()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    rt.block_on(async {
+        let _ = js.delete_stream(&stream).await;
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("JetStream stream `{stream}`")), "{err}");
+    assert!(err.contains("subjects is") && err.contains(&format!("{id}.b")), "{err}");
+}

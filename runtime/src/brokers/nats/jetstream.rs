@@ -3,7 +3,7 @@
 //! survives a crash), `in_progress` while a handler runs long, `term` once
 //! the dead-lettered copy is stored.
 
-use super::{failed, from_header_map, ConsumerSettings, NatsBroker, NatsSetupError};
+use super::{differ, failed, from_header_map, ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
 use crate::message::Message;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
@@ -109,30 +109,20 @@ impl JetStreamSource {
                 let info = existing.info().await.map_err(|e| err(e.to_string()))?;
                 let have = &info.config;
                 let mut diffs = Vec::new();
-                if have.filter_subject != wanted.filter_subject {
-                    diffs.push(format!(
-                        "filter_subject is {:?}, config says {:?}",
-                        have.filter_subject, wanted.filter_subject
-                    ));
-                }
-                if have.ack_wait != wanted.ack_wait {
-                    diffs.push(format!(
-                        "ack_wait is {:?}, config says {:?}",
-                        have.ack_wait, wanted.ack_wait
-                    ));
-                }
-                if have.max_deliver != wanted.max_deliver {
-                    diffs.push(format!(
-                        "max_deliver is {}, config says {}",
-                        have.max_deliver, wanted.max_deliver
-                    ));
-                }
-                if have.max_ack_pending != wanted.max_ack_pending {
-                    diffs.push(format!(
-                        "max_ack_pending is {}, config says {}",
-                        have.max_ack_pending, wanted.max_ack_pending
-                    ));
-                }
+                differ(
+                    &mut diffs,
+                    "filter_subject",
+                    &have.filter_subject,
+                    &wanted.filter_subject,
+                );
+                differ(&mut diffs, "ack_wait", &have.ack_wait, &wanted.ack_wait);
+                differ(&mut diffs, "max_deliver", &have.max_deliver, &wanted.max_deliver);
+                differ(
+                    &mut diffs,
+                    "max_ack_pending",
+                    &have.max_ack_pending,
+                    &wanted.max_ack_pending,
+                );
                 if !diffs.is_empty() {
                     return Err(err(format!(
                         "exists with other settings: {} (change the config, or delete the consumer)",

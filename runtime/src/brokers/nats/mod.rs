@@ -280,6 +280,14 @@ impl crate::engine::Requester for NatsBroker {
     }
 }
 
+/// Notes a setting of an existing stream or consumer that differs from the
+/// config, in words for the operator.
+pub(crate) fn differ<T: PartialEq + std::fmt::Debug>(diffs: &mut Vec<String>, what: &str, have: &T, want: &T) {
+    if have != want {
+        diffs.push(format!("{what} is {have:?}, config says {want:?}"));
+    }
+}
+
 fn stream_config(s: &StreamConfig) -> stream::Config {
     stream::Config {
         name: s.name.clone(),
@@ -308,34 +316,13 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
             let info = existing.info().await.map_err(|e| err(e.to_string()))?;
             let have = &info.config;
             let mut diffs = Vec::new();
-            let mut a = have.subjects.clone();
-            let mut b = wanted.subjects.clone();
+            let (mut a, mut b) = (have.subjects.clone(), wanted.subjects.clone());
             a.sort();
             b.sort();
-            if a != b {
-                diffs.push(format!(
-                    "subjects are {:?}, config says {:?}",
-                    have.subjects, wanted.subjects
-                ));
-            }
-            if have.retention != wanted.retention {
-                diffs.push(format!(
-                    "retention is {:?}, config says {:?}",
-                    have.retention, wanted.retention
-                ));
-            }
-            if have.max_messages != wanted.max_messages {
-                diffs.push(format!(
-                    "max_messages is {}, config says {}",
-                    have.max_messages, wanted.max_messages
-                ));
-            }
-            if have.max_age != wanted.max_age {
-                diffs.push(format!(
-                    "max_age is {:?}, config says {:?}",
-                    have.max_age, wanted.max_age
-                ));
-            }
+            differ(&mut diffs, "subjects", &a, &b);
+            differ(&mut diffs, "retention", &have.retention, &wanted.retention);
+            differ(&mut diffs, "max_messages", &have.max_messages, &wanted.max_messages);
+            differ(&mut diffs, "max_age", &have.max_age, &wanted.max_age);
             if diffs.is_empty() {
                 Ok(())
             } else {
