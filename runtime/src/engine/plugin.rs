@@ -246,20 +246,14 @@ impl Plugin {
         self.timeout
     }
 
+    /// A store whose epoch callback, set once, lets the guest yield every
+    /// few ticks and interrupts it once the current message's deadline (in
+    /// the store data, set by `arm`) has passed.
     fn new_store(&self) -> Store<HostState> {
         let mut store = Store::new(&self.engine.wasmtime, HostState::new(self.ctx.clone(), self.memory_cap));
         store.limiter(|s| &mut s.limiter);
-        store
-    }
-
-    /// Arms the deadline for one message: the epoch callback lets the guest
-    /// yield every few ticks and interrupts it once `timeout` has passed.
-    fn arm(&self, store: &mut Store<HostState>) {
-        let deadline = Instant::now() + self.timeout;
-        store.data_mut().deadline = deadline;
-        store.set_epoch_deadline(YIELD_EVERY_TICKS);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {
                 // tokio's yield_now lets the I/O driver and timers run too;
@@ -270,6 +264,13 @@ impl Plugin {
                 ))
             }
         });
+        store
+    }
+
+    /// Arms the deadline for one message.
+    fn arm(&self, store: &mut Store<HostState>) {
+        store.data_mut().deadline = Instant::now() + self.timeout;
+        store.set_epoch_deadline(YIELD_EVERY_TICKS);
         if self.engine.settings.fuel {
             // Without a budget of its own a plugin runs unmetered in practice.
             let _ = store.set_fuel(self.fuel.unwrap_or(u64::MAX));

@@ -434,6 +434,9 @@ impl Route {
                 payload: reply.payload,
             });
         }
+        if outbound.is_empty() {
+            return outbound;
+        }
         let mut base = gate_key
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));

@@ -19,7 +19,7 @@ pub struct JetStreamSource {
     broker: NatsBroker,
     consumer: Consumer<pull::Config>,
     messages: Mutex<Option<pull::Stream>>,
-    settings: ConsumerSettings,
+    names: Arc<(String, String)>,
     in_flight: Arc<InFlight>,
 }
 
@@ -143,7 +143,7 @@ impl JetStreamSource {
             broker,
             consumer,
             messages: Mutex::new(None),
-            settings: s.clone(),
+            names: Arc::new((s.stream.clone(), s.durable.clone())),
             in_flight,
         })
     }
@@ -156,7 +156,7 @@ impl JetStreamSource {
             }
             let Some(stream) = guard.as_mut() else { continue };
             match stream.next().await {
-                Some(Ok(m)) => return JetStreamDelivery::new(m, &self.settings, &self.in_flight),
+                Some(Ok(m)) => return JetStreamDelivery::new(m, &self.names, &self.in_flight),
                 Some(Err(e)) => {
                     // Missed heartbeats after a server restart and the like:
                     // start a fresh pull on the next call.
@@ -182,7 +182,8 @@ impl Source for JetStreamSource {
 pub struct JetStreamDelivery {
     message: Message,
     acker: AckerRef,
-    origin: String,
+    /// Stream and consumer, for `origin()` (formatted only when needed).
+    names: Arc<(String, String)>,
     /// Its entry in the source's in-flight set (for `in_progress` acks).
     in_flight: Arc<InFlight>,
     id: u64,
@@ -191,7 +192,7 @@ pub struct JetStreamDelivery {
 impl JetStreamDelivery {
     fn new(
         m: async_nats::jetstream::Message,
-        s: &ConsumerSettings,
+        names: &Arc<(String, String)>,
         in_flight: &Arc<InFlight>,
     ) -> Result<Self, BrokerError> {
         let (attempt, seq, published_ms) = {
@@ -218,10 +219,7 @@ impl JetStreamDelivery {
         let acker = Arc::new(acker);
         let id = in_flight.add(acker.clone());
         Ok(Self {
-            origin: format!(
-                "jetstream://{}/{}?seq={seq}&consumer={}",
-                s.stream, message.subject, s.durable
-            ),
+            names: names.clone(),
             message,
             acker,
             in_flight: in_flight.clone(),
@@ -246,7 +244,11 @@ impl Delivery for JetStreamDelivery {
     }
 
     fn origin(&self) -> String {
-        self.origin.clone()
+        let (stream, consumer) = &*self.names;
+        format!(
+            "jetstream://{stream}/{}?seq={}&consumer={consumer}",
+            self.message.subject, self.message.id
+        )
     }
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
