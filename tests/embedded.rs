@@ -180,3 +180,54 @@ fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
         enriched_order_ids(&d).len() == N
     });
 }
+
+#[test]
+fn status_json_and_page_reflect_ok_retry_and_dead_letter_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+data_dir = "{{data}}"
+[admin]
+listen = "{{admin}}"
+[plugins.flaky]
+path = "{}"
+publish = ["flaky.>"]
+[[routes]]
+name = "flaky"
+plugin = "flaky"
+source = {{ subject = "flaky.in" }}
+[routes.retry]
+max_attempts = 2
+initial_backoff = "10ms"
+"#,
+        plugin("fixture_flaky").display()
+    );
+    let d = Daemon::start(dir.path(), &config);
+    d.publish("flaky.in", &[("fail-times", "0")], b"ok at once");
+    d.publish("flaky.in", &[("fail-times", "1")], b"ok on attempt 2");
+    d.publish("flaky.in", &[("fail-times", "9")], b"dead letter");
+    d.wait_for("all settled", Duration::from_secs(30), || {
+        let s = d.status();
+        s["routes"][0]["handled"] == 2 && s["routes"][0]["dead_lettered"] == 1
+    });
+    let route = &d.status()["routes"][0];
+    assert_eq!(route["name"], "flaky");
+    assert_eq!(route["retried"], 2, "{route}");
+    assert_eq!(route["in_flight"], 0);
+    assert_eq!(route["source"], "embedded flaky.in");
+    assert_eq!(route["plugin_hash"].as_str().unwrap().len(), 64);
+    assert!(
+        route["last_error"].as_str().unwrap().contains("failing attempt"),
+        "{route}"
+    );
+    let page = ureq::get(format!("http://{}/", d.admin))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        page.contains("<td>flaky</td>") && page.contains("failing attempt"),
+        "{page}"
+    );
+}

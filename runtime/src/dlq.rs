@@ -238,14 +238,13 @@ impl Backend {
             }
             Self::Stream { nats, stream, .. } => {
                 let mut moved = 0;
-                for (seq, s, m) in selected {
+                for (seq, _, m) in selected {
                     let origin = header(&m.headers, ORIGIN);
                     let Some(subject) = origin_subject(&origin).map(str::to_owned) else {
                         return Err(DlqError::NoOrigin { seq, origin });
                     };
                     // Published (and confirmed) before it is deleted: a crash
                     // in between replays it twice, never zero times.
-                    let _ = s;
                     Sink::publish(nats.as_ref(), vec![replayed(subject, m.headers, m.payload)]).await?;
                     nats.delete_stored(stream, seq).await?;
                     moved += 1;
