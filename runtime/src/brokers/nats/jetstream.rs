@@ -149,6 +149,12 @@ impl JetStreamSource {
     }
 
     async fn next_delivery(&self) -> Result<JetStreamDelivery, BrokerError> {
+        let m = self.next_message().await?;
+        // Built outside the lock, so other workers can take the next one.
+        JetStreamDelivery::new(m, &self.names, &self.in_flight)
+    }
+
+    async fn next_message(&self) -> Result<async_nats::jetstream::Message, BrokerError> {
         let mut guard = self.messages.lock().await;
         loop {
             if guard.is_none() {
@@ -156,7 +162,7 @@ impl JetStreamSource {
             }
             let Some(stream) = guard.as_mut() else { continue };
             match stream.next().await {
-                Some(Ok(m)) => return JetStreamDelivery::new(m, &self.names, &self.in_flight),
+                Some(Ok(m)) => return Ok(m),
                 Some(Err(e)) => {
                     // Missed heartbeats after a server restart and the like:
                     // start a fresh pull on the next call.
