@@ -231,3 +231,30 @@ initial_backoff = "10ms"
         "{page}"
     );
 }
+
+#[test]
+fn a_traceparent_goes_out_as_a_child_on_publishes_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &orders_config(1));
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    d.publish("orders.created", &[("traceparent", &parent)], &order(7));
+    d.publish("orders.created", &[("traceparent", &parent)], b"{bad");
+    d.wait_for("the publish and the dead letter", Duration::from_secs(30), || {
+        d.queue("enriched").len() == 1 && d.queue("dlq.orders").len() == 1
+    });
+    for m in [&d.queue("enriched")[0], &d.queue("dlq.orders")[0]] {
+        let tps: Vec<&str> = m["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["name"] == "traceparent")
+            .filter_map(|h| h["value"].as_str())
+            .collect();
+        assert_eq!(tps.len(), 1, "one traceparent: {m}");
+        let tp = tps[0];
+        assert!(tp.starts_with(&format!("00-{trace}-")), "same trace: {tp}");
+        assert!(tp.ends_with("-01"), "same flags: {tp}");
+        assert_ne!(tp, parent, "a child span, not the parent: {tp}");
+    }
+}

@@ -9,6 +9,7 @@
 pub mod dead_letter;
 pub mod keys;
 pub mod policy;
+pub mod trace;
 
 use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
@@ -437,6 +438,11 @@ impl Route {
         if outbound.is_empty() {
             return outbound;
         }
+        if let Some(tp) = trace::child_of(msg) {
+            for m in &mut outbound {
+                trace::stamp(&mut m.headers, &tp);
+            }
+        }
         let mut base = gate_key
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));
@@ -474,7 +480,7 @@ impl Route {
                 tracing::warn!("cannot send the error reply to {reply_to}: {e}");
             }
         }
-        let copy = dead_letter::copy(
+        let mut copy = dead_letter::copy(
             msg,
             &self.dead_letter_subject,
             dead_letter::FailureContext {
@@ -486,6 +492,9 @@ impl Route {
                 origin: delivery.origin(),
             },
         );
+        if let Some(tp) = trace::child_of(msg) {
+            trace::stamp(&mut copy.headers, &tp);
+        }
         if let Err(e) = self.dead_letter_sink.publish(vec![copy]).await {
             return self.settle_failed(delivery, "publishing the dead letter", e).await;
         }

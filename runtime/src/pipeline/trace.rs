@@ -1,0 +1,79 @@
+//! W3C trace context: a `traceparent` on an incoming message is continued by
+//! everything the handling sends (publishes, reply, dead letter) as a child
+//! span with the same trace id.
+
+use crate::message::{find_header, Header, Message};
+
+pub const TRACEPARENT: &str = "traceparent";
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The `traceparent` of the handling of `msg`: same version, trace id and
+/// flags, a new span id. None if the message carries no valid one.
+pub fn child_of(msg: &Message) -> Option<String> {
+    let parent = find_header(&msg.headers, TRACEPARENT)?;
+    let mut parts = parent.trim().split('-');
+    let (version, trace_id, span_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        && is_hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && is_hex(span_id, 16)
+        && is_hex(flags, 2);
+    if !valid {
+        return None;
+    }
+    let mut span = rand::random::<u64>();
+    if span == 0 {
+        span = 1;
+    }
+    Some(format!("{version}-{trace_id}-{span:016x}-{flags}"))
+}
+
+/// Sets (or replaces) the `traceparent` of outgoing headers.
+pub fn stamp(headers: &mut Vec<Header>, traceparent: &str) {
+    headers.retain(|h| !h.name.eq_ignore_ascii_case(TRACEPARENT));
+    headers.push(Header::new(TRACEPARENT, traceparent));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tp: &str) -> Message {
+        Message {
+            id: "1".into(),
+            subject: "s".into(),
+            key: None,
+            headers: vec![Header::new("traceparent", tp)],
+            payload: Vec::new(),
+            attempt: 1,
+            timestamp_ms: 0,
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn child_keeps_trace_and_flags_with_a_new_span() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = child_of(&msg(parent)).unwrap();
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(child.ends_with("-01"));
+        assert_ne!(child, parent);
+        assert_eq!(child.len(), parent.len());
+    }
+
+    #[test]
+    fn invalid_parents_are_ignored() {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(child_of(&msg(bad)), None, "{bad}");
+        }
+    }
+}
