@@ -12,10 +12,7 @@ use std::time::Duration;
 fn orders_config(concurrency: u32) -> String {
     format!(
         r#"
-data_dir = "{{data}}"
 shutdown_grace = "10s"
-[admin]
-listen = "{{admin}}"
 [[brokers.embedded.queues]]
 name = "enriched"
 subjects = ["enriched.>"]
@@ -186,9 +183,6 @@ fn status_json_and_page_reflect_ok_retry_and_dead_letter_counts() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [plugins.flaky]
 path = "{}"
 publish = ["flaky.>"]

@@ -104,9 +104,6 @@ fn shipped_config_handles_order_events_from_jetstream_and_answers_pricing_reques
 fn core_trap_config(subject: &str) -> String {
     format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 
@@ -181,9 +178,6 @@ fn jetstream_5000_messages_survive_a_sigkill_with_each_effect_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 [[brokers.nats.streams]]
@@ -282,9 +276,6 @@ fn jetstream_retries_are_naks_whose_delays_follow_the_backoff() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 [[brokers.nats.streams]]
@@ -365,9 +356,6 @@ fn a_poison_message_is_dead_lettered_with_its_headers_then_termed_not_redelivere
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 [[brokers.nats.streams]]
@@ -506,9 +494,6 @@ fn sluice_reconnects_after_a_nats_server_restart_and_loses_nothing() {
     let url = server.url();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 [[brokers.nats.streams]]
@@ -604,9 +589,6 @@ fn jetstream_dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
     std::fs::copy(plugin("fixture_trap"), &wasm).unwrap();
     let config = format!(
         r#"
-data_dir = "{{data}}"
-[admin]
-listen = "{{admin}}"
 [brokers.nats]
 url = "{url}"
 [[brokers.nats.streams]]

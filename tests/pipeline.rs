@@ -21,10 +21,7 @@ fn header(msg: &Value, name: &str) -> Option<String> {
 fn base(extra: &str) -> String {
     format!(
         r#"
-data_dir = "{{data}}"
 shutdown_grace = "10s"
-[admin]
-listen = "{{admin}}"
 {extra}
 "#
     )

@@ -63,13 +63,20 @@ impl Daemon {
         }
     }
 
-    /// Writes `config` (with `{admin}` and `{data}` replaced) into `dir` and
-    /// starts the daemon on it.
+    /// Writes `config` into `dir` and starts the daemon on it, with its data
+    /// in `dir/data` and its admin API on a free port: a config without
+    /// `data_dir` gets both added; one with them uses the `{data}` and
+    /// `{admin}` placeholders.
     pub fn start(dir: &Path, config: &str) -> Self {
         let admin = format!("127.0.0.1:{}", free_port());
-        let text = config
-            .replace("{admin}", &admin)
-            .replace("{data}", &dir.join("data").display().to_string());
+        let data = dir.join("data").display().to_string();
+        let text = if config.contains("data_dir") {
+            config.replace("{admin}", &admin).replace("{data}", &data)
+        } else {
+            // Top-level key first, the [admin] table last: both stay valid
+            // whatever the config's own layout.
+            format!("data_dir = \"{data}\"\n{config}\n[admin]\nlisten = \"{admin}\"\n")
+        };
         let path = dir.join("sluice.toml");
         std::fs::write(&path, text).expect("write config");
         let mut d = Self {
