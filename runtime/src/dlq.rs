@@ -5,9 +5,9 @@
 use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError};
 use crate::brokers::nats::NatsBroker;
 use crate::brokers::{BrokerError, Sink};
-use crate::message::{find_header, Header, Outbound};
+use crate::message::{find_header, Header, Outbound, DEDUP_HEADER};
 use crate::pipeline::dead_letter::{ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE};
-use crate::pipeline::{DEDUP_HEADER, REPLAYS_HEADER};
+use crate::pipeline::REPLAYS_HEADER;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 

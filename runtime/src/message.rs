@@ -19,6 +19,10 @@ impl Header {
     }
 }
 
+/// The header that names a message for de-duplication (JetStream's name;
+/// the embedded broker honours it too). sluice stamps it on every publish.
+pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
+
 /// Finds the first header called `name`, ignoring ASCII case.
 pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
     headers

@@ -15,7 +15,7 @@ use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin};
 use crate::idempotency::{Claim, IdempotencyStore};
-use crate::message::{find_header, Header, Message, Outbound};
+use crate::message::{find_header, Header, Message, Outbound, DEDUP_HEADER};
 use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics};
 use keys::KeySource;
 use policy::{Decision, Policy};
@@ -39,8 +39,6 @@ const BUSY_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Header on a replayed dead letter: how often it was replayed. Part of the
 /// publish dedup ids, so a replay's publishes are not taken for duplicates.
 pub const REPLAYS_HEADER: &str = "sluice-replays";
-/// Dedup header stamped on every publish (JetStream's name for it).
-pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
 /// Deliveries waiting per ordering lane beyond the one being handled.
 const LANE_BUFFER: usize = 1;
 

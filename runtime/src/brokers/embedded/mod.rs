@@ -10,7 +10,7 @@ mod store;
 mod subject_bindings;
 
 pub use source::{origin, parse_origin, EmbeddedDelivery, EmbeddedSource};
-pub use store::{OpReport, StoreError, Stored, DEDUP_HEADER};
+pub use store::{OpReport, StoreError, Stored};
 
 use super::{BoxFuture, BrokerError, Sink};
 use crate::message::{now_ms, Outbound};

@@ -6,7 +6,7 @@
 //! message that was in flight when the process died is delivered again.
 
 use super::subject_bindings::Bindings;
-use crate::message::{find_header, now_ms, Header, Outbound};
+use crate::message::{find_header, now_ms, Header, Outbound, DEDUP_HEADER};
 use crate::storage::{failed, open_database, GroupCommit, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -22,8 +22,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
 const DEDUP_BY_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedup_by_expiry");
 const NEXT_SEQ: &str = "next_seq";
-/// The header that names a publish for de-duplication, as in JetStream.
-pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
