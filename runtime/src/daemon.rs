@@ -4,6 +4,7 @@
 use crate::admin::{self, AdminState};
 use crate::brokers::embedded::{EmbeddedBroker, StoreError};
 use crate::brokers::nats::{ConsumerSettings, NatsBroker, NatsSetupError};
+use crate::brokers::rabbitmq::{self, RabbitBroker, RabbitSetupError};
 use crate::brokers::{Sink, Source};
 use crate::config::{BrokerKind, Config, GateStore, PluginConfig};
 use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec, Requester};
@@ -38,6 +39,8 @@ pub enum DaemonError {
     Gate(#[from] GateError),
     #[error(transparent)]
     Nats(#[from] NatsSetupError),
+    #[error(transparent)]
+    Rabbit(#[from] RabbitSetupError),
 }
 
 /// The idempotency stores the routes of a config use, opened once.
@@ -157,7 +160,19 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
     let mut out = BTreeMap::new();
     for r in &config.routes {
         let subject = r.dead_letter_subject();
+        let exchange = r.dead_letter.as_ref().and_then(|d| d.exchange.as_ref());
         let backend = match (dead_letter_broker(r), &brokers.nats) {
+            (BrokerKind::Rabbitmq, _) => match (&brokers.rabbitmq, exchange) {
+                (Some(rabbit), None) => Backend::Rabbit {
+                    rabbit: rabbit.clone(),
+                    queue: subject.clone(),
+                },
+                (_, Some(exchange)) => {
+                    tracing::warn!(route = %r.name, "dead letters go to the exchange `{exchange}`: `sluice dlq` reads only the queues sluice publishes to directly");
+                    continue;
+                }
+                (None, None) => continue,
+            },
             (BrokerKind::Embedded, _) => Backend::Embedded {
                 broker: brokers.embedded.clone(),
                 queue: subject.clone(),
@@ -185,6 +200,7 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
 pub struct Brokers {
     pub embedded: EmbeddedBroker,
     pub nats: Option<NatsBroker>,
+    pub rabbitmq: Option<RabbitBroker>,
 }
 
 impl Brokers {
@@ -194,7 +210,42 @@ impl Brokers {
             Some(n) => Some(NatsBroker::connect(n).await?),
             None => None,
         };
-        Ok(Self { embedded, nats })
+        let rabbitmq = match &config.brokers.rabbitmq {
+            Some(r) => {
+                let rabbit = RabbitBroker::connect(r).await?;
+                // Dead letters sent straight to a queue need that queue.
+                for route in &config.routes {
+                    let to_exchange = route.dead_letter.as_ref().is_some_and(|d| d.exchange.is_some());
+                    if dead_letter_broker(route) == BrokerKind::Rabbitmq && !to_exchange {
+                        rabbit.declare_queue(&route.dead_letter_subject()).await?;
+                    }
+                }
+                Some(rabbit)
+            }
+            None => None,
+        };
+        Ok(Self {
+            embedded,
+            nats,
+            rabbitmq,
+        })
+    }
+
+    fn rabbitmq(&self) -> Result<&RabbitBroker, DaemonError> {
+        self.rabbitmq
+            .as_ref()
+            .ok_or_else(|| DaemonError::Invalid("a route uses RabbitMQ but [brokers.rabbitmq] is missing".into()))
+    }
+
+    /// Where a route's dead letters go.
+    fn dead_letter_sink(&self, r: &crate::config::RouteConfig) -> Result<Arc<dyn Sink>, DaemonError> {
+        match dead_letter_broker(r) {
+            BrokerKind::Rabbitmq => {
+                let exchange = r.dead_letter.as_ref().and_then(|d| d.exchange.as_deref());
+                Ok(Arc::new(self.rabbitmq()?.dead_letter_sink(exchange)))
+            }
+            other => self.sink(other),
+        }
     }
 
     fn nats(&self) -> Result<&NatsBroker, DaemonError> {
@@ -207,6 +258,7 @@ impl Brokers {
         Ok(match kind {
             BrokerKind::Embedded => Arc::new(self.embedded.clone()),
             BrokerKind::Nats | BrokerKind::Jetstream => Arc::new(self.nats()?.clone()),
+            BrokerKind::Rabbitmq => Arc::new(self.rabbitmq()?.sink()),
         })
     }
 
@@ -244,10 +296,32 @@ impl Brokers {
                 let description = format!("jetstream {}/{} {}", settings.stream, settings.durable, s.subject);
                 (Arc::new(src), description)
             }
+            BrokerKind::Rabbitmq => {
+                let queue = s.queue.clone().unwrap_or_default();
+                let settings = rabbitmq::ConsumerSettings {
+                    queue: queue.clone(),
+                    prefetch: s.prefetch.unwrap_or_else(|| {
+                        u16::try_from(r.concurrency.saturating_mul(2))
+                            .unwrap_or(u16::MAX)
+                            .max(2)
+                    }),
+                    retry_via: s.retry_via.unwrap_or_default(),
+                    consumer_tag: format!("sluice-{}", r.name),
+                };
+                let via = match settings.retry_via {
+                    rabbitmq::RetryVia::DelayQueue => "delay queues",
+                    rabbitmq::RetryVia::InProcess => "in process",
+                };
+                let description = format!("rabbitmq queue {queue} (prefetch {}, retries {via})", settings.prefetch);
+                (Arc::new(self.rabbitmq()?.source(settings)), description)
+            }
         })
     }
 
-    pub fn close(&self) {
+    pub async fn close(&self) {
+        if let Some(rabbit) = &self.rabbitmq {
+            rabbit.close().await;
+        }
         self.embedded.close();
     }
 }
@@ -318,7 +392,7 @@ pub async fn build_routes(
             source_broker: r.source.broker.as_str(),
             source,
             sink: brokers.sink(r.source.broker)?,
-            dead_letter_sink: brokers.sink(dead_letter_broker(r))?,
+            dead_letter_sink: brokers.dead_letter_sink(r)?,
             dead_letter_subject: r.dead_letter_subject(),
             dead_letter_broker: dead_letter_broker(r).as_str(),
             plugin,
@@ -397,7 +471,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    brokers.close();
+    brokers.close().await;
     gates.close();
     tracing::info!("stopped");
     Ok(())

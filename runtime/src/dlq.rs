@@ -4,6 +4,7 @@
 
 use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError};
 use crate::brokers::nats::NatsBroker;
+use crate::brokers::rabbitmq::{self, RabbitBroker};
 use crate::brokers::{BrokerError, Sink};
 use crate::message::{find_header, Header, Outbound, DEDUP_HEADER};
 use crate::pipeline::dead_letter::{ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE};
@@ -67,7 +68,7 @@ pub enum DlqError {
     NoFilter,
     #[error("dead letter #{seq} came from route `{route}`, which is not an embedded route of this daemon")]
     UnknownRoute { seq: u64, route: String },
-    #[error("dead letter #{seq} has no origin subject to go back to (sluice-origin: {origin:?})")]
+    #[error("dead letter #{seq} has no origin to go back to (sluice-origin: {origin:?})")]
     NoOrigin { seq: u64, origin: String },
 }
 
@@ -88,6 +89,8 @@ pub enum Backend {
         stream: String,
         subject: String,
     },
+    /// A RabbitMQ queue; replays go straight to the route's work queue.
+    Rabbit { rabbit: RabbitBroker, queue: String },
 }
 
 fn header(headers: &[Header], name: &str) -> String {
@@ -99,6 +102,9 @@ fn header(headers: &[Header], name: &str) -> String {
 pub fn origin_subject(origin: &str) -> Option<&str> {
     if let Some((subject, _)) = parse_origin(origin) {
         return Some(subject);
+    }
+    if let Some((_, routing_key)) = rabbitmq::parse_origin(origin) {
+        return Some(routing_key);
     }
     if let Some(rest) = origin.strip_prefix("nats://") {
         return Some(rest.split('?').next().unwrap_or(rest));
@@ -147,6 +153,7 @@ impl Backend {
         match self {
             Self::Embedded { queue, .. } => queue,
             Self::Stream { subject, .. } => subject,
+            Self::Rabbit { queue, .. } => queue,
         }
     }
 
@@ -168,6 +175,7 @@ impl Backend {
                 })
                 .collect(),
             Self::Stream { nats, stream, subject } => nats.stored(stream, subject, limit).await?,
+            Self::Rabbit { rabbit, queue } => rabbit.browse(queue, limit).await?,
         })
     }
 
@@ -179,6 +187,15 @@ impl Backend {
                 payload: s.payload,
             }),
             Self::Stream { nats, stream, subject } => nats.stored_one(stream, subject, seq).await?,
+            Self::Rabbit { rabbit, queue } => {
+                let limit = usize::try_from(seq).unwrap_or(usize::MAX);
+                rabbit
+                    .browse(queue, limit)
+                    .await?
+                    .into_iter()
+                    .find(|(s, _)| *s == seq)
+                    .map(|(_, m)| m)
+            }
         })
     }
 
@@ -210,6 +227,37 @@ impl Backend {
     pub async fn replay(&self, filter: &Filter) -> Result<usize, DlqError> {
         if filter.is_empty() {
             return Err(DlqError::NoFilter);
+        }
+        if let Self::Rabbit { rabbit, queue } = self {
+            // Read and moved in one pass: positions are only stable while
+            // the messages are held.
+            let mut refused = None;
+            let moved = rabbit
+                .move_letters(queue, SCAN_LIMIT, |letter| {
+                    let s = summary(letter.seq, &letter.message.headers);
+                    if refused.is_some() || !filter.matches(letter.seq, &s) {
+                        return Ok(None);
+                    }
+                    let origin = header(&letter.message.headers, ORIGIN);
+                    let Some((work_queue, routing_key)) = rabbitmq::parse_origin(&origin) else {
+                        refused = Some(DlqError::NoOrigin {
+                            seq: letter.seq,
+                            origin,
+                        });
+                        return Ok(None);
+                    };
+                    let m = letter.message.clone();
+                    Ok(Some((
+                        work_queue.to_owned(),
+                        routing_key.to_owned(),
+                        replayed(routing_key.to_owned(), m.headers, m.payload),
+                    )))
+                })
+                .await?;
+            return match refused {
+                Some(e) => Err(e),
+                None => Ok(moved),
+            };
         }
         let mut selected = Vec::new();
         for (seq, m) in self.letters(SCAN_LIMIT).await? {
@@ -251,6 +299,7 @@ impl Backend {
                 }
                 Ok(moved)
             }
+            Self::Rabbit { .. } => Ok(0),
         }
     }
 }

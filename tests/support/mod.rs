@@ -2,6 +2,7 @@
 //! `sluice` binary are, and a daemon process handle.
 
 pub mod daemon;
+pub mod rabbit;
 
 use std::path::PathBuf;
 

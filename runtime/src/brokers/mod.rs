@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod nats;
+pub mod rabbitmq;
 
 use crate::message::{Message, Outbound};
 use std::future::Future;

@@ -195,14 +195,39 @@ fn validate(config: &Config) -> Result<(), Problem> {
 
 fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
     let s = &route.source;
-    let needs_nats = matches!(s.broker, BrokerKind::Nats | BrokerKind::Jetstream)
-        || route
-            .dead_letter
-            .as_ref()
-            .and_then(|d| d.broker)
-            .is_some_and(|b| b != BrokerKind::Embedded);
-    if needs_nats && config.brokers.nats.is_none() {
+    let dead_letter_broker = route.dead_letter.as_ref().and_then(|d| d.broker);
+    let uses =
+        |kinds: &[BrokerKind]| kinds.contains(&s.broker) || dead_letter_broker.is_some_and(|b| kinds.contains(&b));
+    if uses(&[BrokerKind::Nats, BrokerKind::Jetstream]) && config.brokers.nats.is_none() {
         return Err((key("source.broker"), "needs a `[brokers.nats]` table".into()));
+    }
+    if uses(&[BrokerKind::Rabbitmq]) && config.brokers.rabbitmq.is_none() {
+        return Err((key("source.broker"), "needs a `[brokers.rabbitmq]` table".into()));
+    }
+    if s.broker == BrokerKind::Rabbitmq {
+        if s.queue.is_none() {
+            return Err((key("source"), "a RabbitMQ source needs `queue`".into()));
+        }
+        if !s.subject.is_empty() {
+            return Err((
+                key("source.subject"),
+                "does not apply to RabbitMQ: name the `queue`, and bind it to exchanges under [[brokers.rabbitmq.queues]]".into(),
+            ));
+        }
+        if s.prefetch == Some(0) {
+            return Err((key("source.prefetch"), "must be at least 1".into()));
+        }
+    } else if s.subject.is_empty() {
+        return Err((key("source.subject"), "is missing".into()));
+    }
+    if let Some(d) = &route.dead_letter {
+        let dl_broker = d.broker.unwrap_or(s.broker);
+        if d.exchange.is_some() && dl_broker != BrokerKind::Rabbitmq {
+            return Err((
+                key("dead_letter.exchange"),
+                "only applies to RabbitMQ dead letters".into(),
+            ));
+        }
     }
     let only = |field: &str, set: bool, kind: &str| -> Result<(), Problem> {
         if set && s.broker.as_str() != kind {
@@ -219,6 +244,9 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
     only("ack_wait", s.ack_wait.is_some(), "jetstream")?;
     only("max_deliver", s.max_deliver.is_some(), "jetstream")?;
     only("max_ack_pending", s.max_ack_pending.is_some(), "jetstream")?;
+    only("queue", s.queue.is_some(), "rabbitmq")?;
+    only("prefetch", s.prefetch.is_some(), "rabbitmq")?;
+    only("retry_via", s.retry_via.is_some(), "rabbitmq")?;
     if s.broker == BrokerKind::Jetstream {
         if s.stream.is_none() {
             return Err((key("source"), "a JetStream source needs `stream`".into()));
@@ -239,7 +267,9 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
 }
 
 fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
-    SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
+    if !route.source.subject.is_empty() {
+        SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
+    }
     validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
     if route.concurrency == 0 || route.concurrency > 10_000 {
         return Err((key("concurrency"), "must be between 1 and 10000".into()));

@@ -104,6 +104,8 @@ pub struct BrokersConfig {
     /// NATS and JetStream; routes with `broker = "nats"` or `"jetstream"`
     /// need it.
     pub nats: Option<crate::brokers::nats::NatsConfig>,
+    /// RabbitMQ; routes with `broker = "rabbitmq"` need it.
+    pub rabbitmq: Option<crate::brokers::rabbitmq::RabbitConfig>,
 }
 
 /// The embedded broker is always there; routes' queues and dead-letter queues
@@ -210,6 +212,8 @@ pub enum BrokerKind {
     Nats,
     /// A JetStream durable pull consumer.
     Jetstream,
+    /// A RabbitMQ queue.
+    Rabbitmq,
 }
 
 impl BrokerKind {
@@ -218,6 +222,7 @@ impl BrokerKind {
             Self::Embedded => "embedded",
             Self::Nats => "nats",
             Self::Jetstream => "jetstream",
+            Self::Rabbitmq => "rabbitmq",
         }
     }
 }
@@ -228,6 +233,8 @@ pub struct SourceConfig {
     #[serde(default = "default_broker")]
     pub broker: BrokerKind,
     /// Subject pattern (`orders.>`); for JetStream, the consumer's filter.
+    /// Not used by RabbitMQ (see `queue`).
+    #[serde(default)]
     pub subject: String,
     /// Core NATS: replicas in the same queue group share the messages.
     pub queue_group: Option<String>,
@@ -244,6 +251,14 @@ pub struct SourceConfig {
     pub max_deliver: Option<i64>,
     /// JetStream: unacknowledged messages at most.
     pub max_ack_pending: Option<i64>,
+    /// RabbitMQ: the queue to consume (declared under
+    /// `[[brokers.rabbitmq.queues]]`, or existing).
+    pub queue: Option<String>,
+    /// RabbitMQ: unacked deliveries at most (`basic.qos`); default twice the
+    /// route's concurrency.
+    pub prefetch: Option<u16>,
+    /// RabbitMQ: `delay_queue` (default) or `in_process`.
+    pub retry_via: Option<crate::brokers::rabbitmq::RetryVia>,
 }
 
 fn default_broker() -> BrokerKind {
@@ -255,7 +270,12 @@ fn default_broker() -> BrokerKind {
 pub struct DeadLetterConfig {
     /// Defaults to the source's broker.
     pub broker: Option<BrokerKind>,
+    /// The subject; on RabbitMQ the routing key (with the default exchange:
+    /// the queue, which sluice declares when missing).
     pub subject: String,
+    /// RabbitMQ: publish dead letters to this exchange instead of straight
+    /// to the queue named by `subject`.
+    pub exchange: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

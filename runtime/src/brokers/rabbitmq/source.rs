@@ -1,0 +1,316 @@
+//! Consuming a queue: `basic.qos` prefetch bounds what is in flight, each
+//! delivery is acked once its outcome is durable, retries go through a delay
+//! queue (or wait in the process), and a lost channel is re-opened.
+
+use super::config::{ConsumerSettings, RetryVia};
+use super::headers::{self, ATTEMPT, ROUTING_KEY};
+use super::{disconnected, failed, reply_address, RabbitBroker};
+use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::message::Message;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Acker;
+use lapin::{BasicProperties, Consumer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+
+/// Shortest delay queue: a zero-jitter retry still takes a trip through one.
+const MIN_DELAY: Duration = Duration::from_millis(10);
+
+struct Subscription {
+    consumer: Option<Consumer>,
+    /// In-process retries whose delay has passed.
+    due: mpsc::UnboundedReceiver<RabbitDelivery>,
+}
+
+pub struct RabbitSource {
+    broker: RabbitBroker,
+    settings: Arc<ConsumerSettings>,
+    subscription: Mutex<Subscription>,
+    due_tx: mpsc::UnboundedSender<RabbitDelivery>,
+}
+
+impl RabbitSource {
+    pub(super) fn new(broker: RabbitBroker, settings: ConsumerSettings) -> Self {
+        let (due_tx, due) = mpsc::unbounded_channel();
+        Self {
+            broker,
+            settings: Arc::new(settings),
+            subscription: Mutex::new(Subscription { consumer: None, due }),
+            due_tx,
+        }
+    }
+
+    async fn subscribe(&self) -> Result<Consumer, BrokerError> {
+        let (channel, _) = self.broker.channel().await?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(disconnected)?;
+        let consumer = channel
+            .basic_consume(
+                self.settings.queue.as_str().into(),
+                self.settings.consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| failed(format!("cannot consume queue `{}`: {e}", self.settings.queue)))?;
+        tracing::info!(queue = %self.settings.queue, prefetch = self.settings.prefetch, "RabbitMQ consumer started");
+        Ok(consumer)
+    }
+
+    async fn next_delivery(&self) -> Result<RabbitDelivery, BrokerError> {
+        let mut sub = self.subscription.lock().await;
+        if sub.consumer.is_none() {
+            sub.consumer = Some(self.subscribe().await?);
+        }
+        let Subscription { consumer, due } = &mut *sub;
+        let Some(stream) = consumer.as_mut() else {
+            return Err(failed("no consumer"));
+        };
+        let next = tokio::select! {
+            retry = due.recv() => match retry {
+                Some(d) => return Ok(d),
+                None => return Err(BrokerError::Closed { broker: super::NAME }),
+            },
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(d)) => Ok(RabbitDelivery::new(d, &self.settings, &self.broker, &self.due_tx)),
+            Some(Err(e)) => {
+                *consumer = None;
+                Err(disconnected(format!("consumer of `{}`: {e}", self.settings.queue)))
+            }
+            None => {
+                *consumer = None;
+                Err(disconnected(format!(
+                    "RabbitMQ cancelled the consumer of `{}` (queue deleted, or the channel closed)",
+                    self.settings.queue
+                )))
+            }
+        }
+    }
+}
+
+impl Source for RabbitSource {
+    fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
+        Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.broker.is_connected()
+    }
+}
+
+pub struct RabbitDelivery {
+    message: Message,
+    /// Taken when settled; still here at drop: handed back (nack, requeue).
+    acker: Option<Acker>,
+    properties: BasicProperties,
+    exchange: String,
+    broker: RabbitBroker,
+    settings: Arc<ConsumerSettings>,
+    due_tx: mpsc::UnboundedSender<RabbitDelivery>,
+}
+
+impl RabbitDelivery {
+    fn new(
+        d: lapin::message::Delivery,
+        settings: &Arc<ConsumerSettings>,
+        broker: &RabbitBroker,
+        due_tx: &mpsc::UnboundedSender<RabbitDelivery>,
+    ) -> Self {
+        let p = &d.properties;
+        let table = p.headers().as_ref();
+        let subject = headers::raw(table, ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
+        let message = Message {
+            // Without a message id there is nothing stable across
+            // redeliveries: the channel's delivery tag at least tells
+            // messages apart.
+            id: p
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| format!("{}:{}", settings.queue, d.delivery_tag)),
+            subject,
+            key: None,
+            headers: headers::from_table(table),
+            attempt: headers::attempt(table, d.redelivered),
+            timestamp_ms: p.timestamp().map(|s| s.saturating_mul(1000)).unwrap_or(0),
+            reply_to: p
+                .reply_to()
+                .as_ref()
+                .map(|r| reply_address(r.as_str(), p.correlation_id().as_ref().map(|c| c.as_str()))),
+            payload: d.data,
+        };
+        Self {
+            message,
+            acker: Some(d.acker),
+            properties: d.properties,
+            exchange: d.exchange.to_string(),
+            broker: broker.clone(),
+            settings: settings.clone(),
+            due_tx: due_tx.clone(),
+        }
+    }
+
+    fn take_acker(&mut self) -> Result<Acker, BrokerError> {
+        self.acker.take().ok_or_else(|| failed("delivery already settled"))
+    }
+
+    async fn ack_with(acker: Acker) -> Result<(), BrokerError> {
+        match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            // The channel died first: RabbitMQ redelivers the message, and
+            // acking its tag on another channel would ack a stranger.
+            Ok(false) => Err(disconnected(
+                "the channel closed before the ack; RabbitMQ redelivers the message",
+            )),
+            Err(e) => Err(disconnected(e)),
+        }
+    }
+
+    /// The message as it goes to the delay queue: same properties
+    /// (persistence included), its next attempt and routing key recorded.
+    fn delayed_properties(&self) -> BasicProperties {
+        let mut table = self.properties.headers().clone().unwrap_or_default();
+        table.insert(
+            ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(self.message.attempt.saturating_add(1))),
+        );
+        table.insert(
+            ROUTING_KEY.into(),
+            AMQPValue::LongString(LongString::from(self.message.subject.as_bytes())),
+        );
+        self.properties.clone().with_headers(table)
+    }
+
+    async fn retry_via_delay_queue(mut self, delay: Duration) -> Result<(), BrokerError> {
+        let delay = quantize(delay.max(MIN_DELAY));
+        let queue = self.broker.delay_queue(&self.settings.queue, delay).await?;
+        let copy = (
+            String::new(),
+            queue,
+            self.delayed_properties(),
+            std::mem::take(&mut self.message.payload),
+        );
+        // Confirmed before the original is acked: a crash in between leaves
+        // two copies (the gate absorbs it), never none.
+        let published = self.broker.publish_confirmed(vec![copy], true).await;
+        let acker = self.take_acker()?;
+        match published {
+            Ok(()) => Self::ack_with(acker).await,
+            Err(e) => {
+                let _ = acker.nack(requeue()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    }
+}
+
+/// Rounds a delay to a ladder of ten steps per decade (1, 1.2, 1.5, 2, 2.5,
+/// 3, 4, 5, 6, 8), so that a jittered backoff needs a bounded number of delay
+/// queues; the error is at most ~15 %.
+pub fn quantize(delay: Duration) -> Duration {
+    const LADDER: [f64; 11] = [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0];
+    let ms = delay.as_secs_f64() * 1000.0;
+    if ms < 1.0 {
+        return Duration::from_millis(1);
+    }
+    let decade = 10f64.powf(ms.log10().floor());
+    let mantissa = ms / decade;
+    let step = LADDER
+        .iter()
+        .copied()
+        .min_by(|a, b| {
+            let da = (mantissa.ln() - a.ln()).abs();
+            let db = (mantissa.ln() - b.ln()).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap_or(1.0);
+    Duration::from_millis((step * decade).round() as u64)
+}
+
+impl Delivery for RabbitDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    fn origin(&self) -> String {
+        format!(
+            "rabbitmq://{}?routing_key={}&exchange={}",
+            self.settings.queue, self.message.subject, self.exchange
+        )
+    }
+
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let acker = self.take_acker();
+        Box::pin(async move { Self::ack_with(acker?).await })
+    }
+
+    fn retry(mut self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
+        match self.settings.retry_via {
+            RetryVia::DelayQueue => Box::pin(async move { (*self).retry_via_delay_queue(delay).await }),
+            RetryVia::InProcess => {
+                // Held unacked (it keeps its prefetch slot) and handed out
+                // again once the delay has passed.
+                self.message.attempt = self.message.attempt.saturating_add(1);
+                let due = self.due_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    // A closed source drops it: RabbitMQ gets it back.
+                    let _ = due.send(*self);
+                });
+                Box::pin(async { Ok(()) })
+            }
+        }
+    }
+
+    fn dead_lettered(mut self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let acker = self.take_acker();
+        Box::pin(async move { Self::ack_with(acker?).await })
+    }
+}
+
+impl Drop for RabbitDelivery {
+    fn drop(&mut self) {
+        // Unsettled (shutdown, or a settle that failed): hand it back now
+        // rather than when the channel closes.
+        let Some(acker) = self.acker.take() else { return };
+        if !acker.usable() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = acker.nack(requeue()).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_keeps_ladder_values_and_bounds_error() {
+        for ms in [10u64, 100, 200, 1000, 2000, 4000, 30_000] {
+            assert_eq!(quantize(Duration::from_millis(ms)), Duration::from_millis(ms), "{ms}");
+        }
+        for ms in 11..100_000u64 {
+            let q = quantize(Duration::from_millis(ms)).as_millis() as f64;
+            let err = (q - ms as f64).abs() / ms as f64;
+            assert!(err <= 0.16, "{ms} -> {q}");
+        }
+    }
+}
