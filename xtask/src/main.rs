@@ -143,6 +143,7 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
 fn test(root: &Path, args: &[String]) -> Result<()> {
     services::ensure_redis()?;
     services::ensure_nats(root)?;
+    services::ensure_rabbitmq()?;
     plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();
@@ -161,7 +162,8 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     status(
         cargo()
             .args([
-                "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats",
+                "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats", "--bench",
+                "rabbitmq",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),

@@ -110,3 +110,32 @@ pub fn ensure_nats(root: &std::path::Path) -> Result<()> {
         .context("starting nats-server")?;
     wait_for(4222, "nats-server", Duration::from_secs(20))
 }
+
+/// RabbitMQ, for the RabbitMQ tests: Debian's package, started the way the
+/// package's own service starts it, so `rabbitmqctl` (which the restart
+/// test uses) talks to it.
+pub fn ensure_rabbitmq() -> Result<()> {
+    if std::env::var_os("SLUICE_AMQP_URL").is_some() || listening(5672) {
+        return Ok(());
+    }
+    apt_install("rabbitmq-server", "rabbitmq-server")?;
+    if !listening(5672) {
+        eprintln!("xtask: starting rabbitmq-server on 127.0.0.1:5672 (takes 10-20 s)");
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .status()
+            .context("starting rabbitmq-server")?;
+        if !status.success() {
+            bail!("rabbitmq-server failed to start ({status})");
+        }
+    }
+    let status = Command::new("rabbitmqctl")
+        .args(["--timeout", "120", "await_startup"])
+        .status()
+        .context("waiting for rabbitmq-server")?;
+    if !status.success() {
+        bail!("rabbitmq-server did not finish starting ({status})");
+    }
+    wait_for(5672, "rabbitmq-server", Duration::from_secs(60))
+}
