@@ -495,3 +495,60 @@ fn an_exchange_declared_differently_is_a_clear_start_up_error() {
     assert!(stderr.contains("'topic'") && stderr.contains("'direct'"), "{stderr}");
     rt.block_on(rabbit.delete(&[], &[&exchange]));
 }
+
+#[test]
+fn in_process_retries_hold_the_message_and_use_no_delay_queue() {
+    let id = unique();
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
+        plugin("fixture_flaky").display()
+    );
+    let route = format!(
+        r#"source = {{ broker = "rabbitmq", queue = "work-{id}", retry_via = "in_process" }}
+[routes.retry]
+initial_backoff = "100ms"
+jitter = "none""#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &one_route(&id, &plugin_table, &route));
+    let rt = rt();
+    let rabbit = rt.block_on(Rabbit::connect());
+    let seen = format!("seen-{id}");
+    let got = rt.block_on(async {
+        rabbit.declare_queue(&seen, FieldTable::default()).await;
+        rabbit.bind(&seen, &format!("ex-{id}"), "flaky.#").await;
+        rabbit
+            .publish(&format!("ex-{id}"), "in.flaky", &[("fail-times", "2")], b"slow")
+            .await;
+        collect(&rabbit, &seen, 2, Duration::from_secs(20)).await
+    });
+    let texts: BTreeSet<(String, String)> = got.iter().map(|g| (g.routing_key.clone(), g.text())).collect();
+    assert_eq!(
+        texts,
+        BTreeSet::from([
+            ("flaky.attempt".to_owned(), "3".to_owned()),
+            ("flaky.done".to_owned(), "slow".to_owned())
+        ]),
+        "{}",
+        d.log()
+    );
+    assert_eq!(route_count(&d, "retried"), 2);
+    // No delay queue was declared: checking for one fails.
+    let delay_queue = rt.block_on(async {
+        let ch = rabbit.connection.create_channel().await.unwrap();
+        ch.queue_declare(
+            format!("work-{id}.retry.100ms").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    });
+    assert!(delay_queue.is_err(), "a delay queue exists");
+    rt.block_on(rabbit.delete(
+        &[&format!("work-{id}"), &format!("dlq-{id}"), &seen],
+        &[&format!("ex-{id}")],
+    ));
+}
