@@ -3,6 +3,7 @@
 
 use crate::admin::{self, AdminState};
 use crate::brokers::embedded::{EmbeddedBroker, StoreError};
+use crate::brokers::kafka::{self, KafkaBroker, KafkaSetupError};
 use crate::brokers::nats::{ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::rabbitmq::{self, RabbitBroker, RabbitSetupError};
 use crate::brokers::{Sink, Source};
@@ -41,6 +42,8 @@ pub enum DaemonError {
     Nats(#[from] NatsSetupError),
     #[error(transparent)]
     Rabbit(#[from] RabbitSetupError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
 }
 
 /// The idempotency stores the routes of a config use, opened once.
@@ -162,6 +165,13 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
         let subject = r.dead_letter_subject();
         let exchange = r.dead_letter.as_ref().and_then(|d| d.exchange.as_ref());
         let backend = match (dead_letter_broker(r), &brokers.nats) {
+            (BrokerKind::Kafka, _) => match &brokers.kafka {
+                Some(k) => Backend::Kafka {
+                    kafka: k.clone(),
+                    topic: subject.clone(),
+                },
+                None => continue,
+            },
             (BrokerKind::Rabbitmq, _) => match (&brokers.rabbitmq, exchange) {
                 (Some(rabbit), None) => Backend::Rabbit {
                     rabbit: rabbit.clone(),
@@ -201,6 +211,7 @@ pub struct Brokers {
     pub embedded: EmbeddedBroker,
     pub nats: Option<NatsBroker>,
     pub rabbitmq: Option<RabbitBroker>,
+    pub kafka: Option<KafkaBroker>,
 }
 
 impl Brokers {
@@ -224,11 +235,30 @@ impl Brokers {
             }
             None => None,
         };
+        let kafka = match &config.brokers.kafka {
+            Some(k) => {
+                let kafka = KafkaBroker::connect(k).await?;
+                for route in &config.routes {
+                    if dead_letter_broker(route) == BrokerKind::Kafka {
+                        kafka.ensure_topic(&route.dead_letter_subject()).await?;
+                    }
+                }
+                Some(kafka)
+            }
+            None => None,
+        };
         Ok(Self {
             embedded,
             nats,
             rabbitmq,
+            kafka,
         })
+    }
+
+    fn kafka(&self) -> Result<&KafkaBroker, DaemonError> {
+        self.kafka
+            .as_ref()
+            .ok_or_else(|| DaemonError::Invalid("a route uses Kafka but [brokers.kafka] is missing".into()))
     }
 
     fn rabbitmq(&self) -> Result<&RabbitBroker, DaemonError> {
@@ -259,6 +289,7 @@ impl Brokers {
             BrokerKind::Embedded => Arc::new(self.embedded.clone()),
             BrokerKind::Nats | BrokerKind::Jetstream => Arc::new(self.nats()?.clone()),
             BrokerKind::Rabbitmq => Arc::new(self.rabbitmq()?.sink()),
+            BrokerKind::Kafka => Arc::new(self.kafka()?.clone()),
         })
     }
 
@@ -315,10 +346,26 @@ impl Brokers {
                 let description = format!("rabbitmq queue {queue} (prefetch {}, retries {via})", settings.prefetch);
                 (Arc::new(self.rabbitmq()?.source(settings)), description)
             }
+            BrokerKind::Kafka => {
+                let settings = kafka::ConsumerSettings {
+                    topics: s.topics.clone().unwrap_or_default(),
+                    group: s.group.clone().unwrap_or_else(|| format!("sluice-{}", r.name)),
+                    offset_reset: s.offset_reset.unwrap_or_default(),
+                    instance_id: s.instance_id.clone(),
+                    max_in_flight_per_partition: s.max_in_flight_per_partition.unwrap_or(500),
+                    revoke_timeout: s.revoke_timeout.unwrap_or(Duration::from_secs(30)),
+                };
+                let description = format!("kafka {} (group {})", settings.topics.join(","), settings.group);
+                (Arc::new(self.kafka()?.source(settings)?), description)
+            }
         })
     }
 
     pub async fn close(&self) {
+        if let Some(kafka) = self.kafka.clone() {
+            // Joins the consumer threads (final commits, leaving the group).
+            let _ = tokio::task::spawn_blocking(move || kafka.close()).await;
+        }
         if let Some(rabbit) = &self.rabbitmq {
             rabbit.close().await;
         }
@@ -401,7 +448,7 @@ pub async fn build_routes(
                 on_failure: r.on_failure,
             },
             concurrency: r.concurrency,
-            ordering: r.ordering,
+            ordering: r.ordering(),
             ordering_key: match &r.key {
                 Some(k) => key_source(k)?,
                 None => KeySource::MessageKey,

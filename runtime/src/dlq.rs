@@ -3,6 +3,7 @@
 //! that store a dead-letter subject.
 
 use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError};
+use crate::brokers::kafka::{self, KafkaBroker};
 use crate::brokers::nats::NatsBroker;
 use crate::brokers::rabbitmq::{self, RabbitBroker};
 use crate::brokers::{BrokerError, Sink};
@@ -91,6 +92,8 @@ pub enum Backend {
     },
     /// A RabbitMQ queue; replays go straight to the route's work queue.
     Rabbit { rabbit: RabbitBroker, queue: String },
+    /// A Kafka topic: a log, so replayed records stay in it.
+    Kafka { kafka: KafkaBroker, topic: String },
 }
 
 fn header(headers: &[Header], name: &str) -> String {
@@ -105,6 +108,9 @@ pub fn origin_subject(origin: &str) -> Option<&str> {
     }
     if let Some((_, routing_key)) = rabbitmq::parse_origin(origin) {
         return Some(routing_key);
+    }
+    if let Some(rest) = origin.strip_prefix("kafka://") {
+        return Some(rest.split('?').next().unwrap_or(rest));
     }
     if let Some(rest) = origin.strip_prefix("nats://") {
         return Some(rest.split('?').next().unwrap_or(rest));
@@ -154,6 +160,7 @@ impl Backend {
             Self::Embedded { queue, .. } => queue,
             Self::Stream { subject, .. } => subject,
             Self::Rabbit { queue, .. } => queue,
+            Self::Kafka { topic, .. } => topic,
         }
     }
 
@@ -176,6 +183,7 @@ impl Backend {
                 .collect(),
             Self::Stream { nats, stream, subject } => nats.stored(stream, subject, limit).await?,
             Self::Rabbit { rabbit, queue } => rabbit.browse(queue, limit).await?,
+            Self::Kafka { kafka, topic } => kafka::admin::read_topic(kafka.config(), topic, limit).await?,
         })
     }
 
@@ -196,6 +204,11 @@ impl Backend {
                     .find(|(s, _)| *s == seq)
                     .map(|(_, m)| m)
             }
+            Self::Kafka { kafka, topic } => kafka::admin::read_topic(kafka.config(), topic, SCAN_LIMIT)
+                .await?
+                .into_iter()
+                .find(|(s, _)| *s == seq)
+                .map(|(_, m)| m),
         })
     }
 
@@ -300,6 +313,20 @@ impl Backend {
                 Ok(moved)
             }
             Self::Rabbit { .. } => Ok(0),
+            Self::Kafka { kafka, .. } => {
+                let mut moved = 0;
+                for (seq, _, m) in selected {
+                    let origin = header(&m.headers, ORIGIN);
+                    let Some(topic) = origin_subject(&origin).map(str::to_owned) else {
+                        return Err(DlqError::NoOrigin { seq, origin });
+                    };
+                    // The key travels in the sluice-key header, which the
+                    // producer turns back into the record key.
+                    kafka.produce(&replayed(topic, m.headers, m.payload)).await?;
+                    moved += 1;
+                }
+                Ok(moved)
+            }
         }
     }
 }

@@ -23,6 +23,11 @@ impl Header {
 /// the embedded broker honours it too). sluice stamps it on every publish.
 pub const DEDUP_HEADER: &str = "Nats-Msg-Id";
 
+/// The header that carries a record key where the message model has none:
+/// a handler publishing to Kafka sets it (the sink makes it the record key),
+/// and a dead letter of a keyed message keeps its key in it.
+pub const KEY_HEADER: &str = "sluice-key";
+
 /// Finds the first header called `name`, ignoring ASCII case.
 pub fn find_header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
     headers

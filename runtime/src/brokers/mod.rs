@@ -2,6 +2,7 @@
 //! ([`Delivery`]) and publishes ([`Sink`]). They know nothing of WASM.
 
 pub mod embedded;
+pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;
 
@@ -34,6 +35,11 @@ pub trait Delivery: Send {
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// A dead-lettered copy has been confirmed elsewhere: drop the original.
     fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// The partition it came from, where the broker has partitions: the
+    /// unit of `ordering = "partition"`.
+    fn partition(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A stream of deliveries for one route.
@@ -41,6 +47,12 @@ pub trait Source: Send + Sync {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>>;
     fn is_connected(&self) -> bool {
         true
+    }
+    /// True when the source itself bounds what it hands out (pausing
+    /// partitions), so the pipeline may queue per lane without blocking the
+    /// other lanes.
+    fn bounds_in_flight(&self) -> bool {
+        false
     }
 }
 

@@ -204,6 +204,23 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
     if uses(&[BrokerKind::Rabbitmq]) && config.brokers.rabbitmq.is_none() {
         return Err((key("source.broker"), "needs a `[brokers.rabbitmq]` table".into()));
     }
+    if uses(&[BrokerKind::Kafka]) && config.brokers.kafka.is_none() {
+        return Err((key("source.broker"), "needs a `[brokers.kafka]` table".into()));
+    }
+    if s.broker == BrokerKind::Kafka {
+        if s.topics.as_ref().is_none_or(|t| t.is_empty()) {
+            return Err((key("source"), "a Kafka source needs `topics`".into()));
+        }
+        if !s.subject.is_empty() {
+            return Err((
+                key("source.subject"),
+                "does not apply to Kafka: name the `topics`".into(),
+            ));
+        }
+        if s.max_in_flight_per_partition == Some(0) {
+            return Err((key("source.max_in_flight_per_partition"), "must be at least 1".into()));
+        }
+    }
     if s.broker == BrokerKind::Rabbitmq {
         if s.queue.is_none() {
             return Err((key("source"), "a RabbitMQ source needs `queue`".into()));
@@ -217,7 +234,7 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
         if s.prefetch == Some(0) {
             return Err((key("source.prefetch"), "must be at least 1".into()));
         }
-    } else if s.subject.is_empty() {
+    } else if s.subject.is_empty() && s.broker != BrokerKind::Kafka {
         return Err((key("source.subject"), "is missing".into()));
     }
     if let Some(d) = &route.dead_letter {
@@ -247,6 +264,16 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
     only("queue", s.queue.is_some(), "rabbitmq")?;
     only("prefetch", s.prefetch.is_some(), "rabbitmq")?;
     only("retry_via", s.retry_via.is_some(), "rabbitmq")?;
+    only("topics", s.topics.is_some(), "kafka")?;
+    only("group", s.group.is_some(), "kafka")?;
+    only("offset_reset", s.offset_reset.is_some(), "kafka")?;
+    only("instance_id", s.instance_id.is_some(), "kafka")?;
+    only(
+        "max_in_flight_per_partition",
+        s.max_in_flight_per_partition.is_some(),
+        "kafka",
+    )?;
+    only("revoke_timeout", s.revoke_timeout.is_some(), "kafka")?;
     if s.broker == BrokerKind::Jetstream {
         if s.stream.is_none() {
             return Err((key("source"), "a JetStream source needs `stream`".into()));

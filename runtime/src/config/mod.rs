@@ -106,6 +106,8 @@ pub struct BrokersConfig {
     pub nats: Option<crate::brokers::nats::NatsConfig>,
     /// RabbitMQ; routes with `broker = "rabbitmq"` need it.
     pub rabbitmq: Option<crate::brokers::rabbitmq::RabbitConfig>,
+    /// Kafka; routes with `broker = "kafka"` need it.
+    pub kafka: Option<crate::brokers::kafka::KafkaConfig>,
 }
 
 /// The embedded broker is always there; routes' queues and dead-letter queues
@@ -214,6 +216,8 @@ pub enum BrokerKind {
     Jetstream,
     /// A RabbitMQ queue.
     Rabbitmq,
+    /// Kafka topics, through a consumer group.
+    Kafka,
 }
 
 impl BrokerKind {
@@ -223,6 +227,7 @@ impl BrokerKind {
             Self::Nats => "nats",
             Self::Jetstream => "jetstream",
             Self::Rabbitmq => "rabbitmq",
+            Self::Kafka => "kafka",
         }
     }
 }
@@ -259,6 +264,20 @@ pub struct SourceConfig {
     pub prefetch: Option<u16>,
     /// RabbitMQ: `delay_queue` (default) or `in_process`.
     pub retry_via: Option<crate::brokers::rabbitmq::RetryVia>,
+    /// Kafka: topic names, or regexes starting with `^`.
+    pub topics: Option<Vec<String>>,
+    /// Kafka: the consumer group (default `sluice-<route>`).
+    pub group: Option<String>,
+    /// Kafka: where a group without a committed offset starts.
+    pub offset_reset: Option<crate::brokers::kafka::OffsetReset>,
+    /// Kafka: `group.instance.id`, for static membership.
+    pub instance_id: Option<String>,
+    /// Kafka: records received and not settled per partition before the
+    /// partition is paused (default 500).
+    pub max_in_flight_per_partition: Option<usize>,
+    /// Kafka: how long a revoke waits for the partition's work in flight.
+    #[serde(default, with = "humantime_serde")]
+    pub revoke_timeout: Option<Duration>,
 }
 
 fn default_broker() -> BrokerKind {
@@ -372,7 +391,8 @@ pub enum Ordering {
     /// One message at a time per key, different keys in parallel; retries
     /// wait in place so a key's order holds.
     Key,
-    /// One message at a time per partition (the embedded broker has one).
+    /// One message at a time per partition (Kafka; the embedded broker
+    /// has one partition), partitions in parallel.
     Partition,
 }
 
@@ -420,8 +440,8 @@ pub struct RouteConfig {
     /// Messages of this route handled at once.
     #[serde(default = "one")]
     pub concurrency: u32,
-    #[serde(default)]
-    pub ordering: Ordering,
+    /// Default: `partition` on Kafka, `none` elsewhere.
+    pub ordering: Option<Ordering>,
     /// Where the ordering key comes from when the broker has none:
     /// `header:NAME` or `json:/pointer`. Default: the broker's message key.
     pub key: Option<String>,
@@ -440,6 +460,14 @@ fn one() -> u32 {
 }
 
 impl RouteConfig {
+    pub fn ordering(&self) -> Ordering {
+        self.ordering.unwrap_or(if self.source.broker == BrokerKind::Kafka {
+            Ordering::Partition
+        } else {
+            Ordering::None
+        })
+    }
+
     pub fn dead_letter_subject(&self) -> String {
         self.dead_letter
             .as_ref()

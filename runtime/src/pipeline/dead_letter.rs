@@ -34,6 +34,11 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
         .filter(|h| !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f)))
         .cloned()
         .collect();
+    if let Some(key) = &msg.key {
+        if crate::message::find_header(&headers, crate::message::KEY_HEADER).is_none() {
+            headers.push(Header::new(crate::message::KEY_HEADER, key.as_str()));
+        }
+    }
     headers.extend([
         Header::new(ERROR, one_line(failure.reason)),
         Header::new(ERROR_KIND, failure.kind.as_str()),

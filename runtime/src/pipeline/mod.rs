@@ -173,6 +173,25 @@ fn lane_of(key: &str, lanes: usize) -> usize {
     (h.finish() % lanes.max(1) as u64) as usize
 }
 
+enum LaneSender {
+    Bounded(mpsc::Sender<Box<dyn Delivery>>),
+    Unbounded(mpsc::UnboundedSender<Box<dyn Delivery>>),
+}
+
+enum LaneReceiver {
+    Bounded(mpsc::Receiver<Box<dyn Delivery>>),
+    Unbounded(mpsc::UnboundedReceiver<Box<dyn Delivery>>),
+}
+
+impl LaneReceiver {
+    async fn recv(&mut self) -> Option<Box<dyn Delivery>> {
+        match self {
+            Self::Bounded(rx) => rx.recv().await,
+            Self::Unbounded(rx) => rx.recv().await,
+        }
+    }
+}
+
 /// The outcome label counted in `sluice_messages_total`.
 type Label = &'static str;
 /// Handling stopped by shutdown; the delivery went back unsettled.
@@ -187,15 +206,20 @@ impl Route {
                 .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
                 .collect(),
             RouteOrdering::Key | RouteOrdering::Partition => {
-                let lanes = if self.ordering == RouteOrdering::Key {
-                    self.concurrency as usize
-                } else {
-                    1
-                };
+                let lanes = self.concurrency as usize;
                 let mut handles = Vec::with_capacity(lanes + 1);
                 let mut senders = Vec::with_capacity(lanes);
+                // A source that pauses its own partitions bounds memory; a
+                // busy lane must not then hold up the others.
+                let unbounded = self.source.bounds_in_flight();
                 for _ in 0..lanes {
-                    let (tx, rx) = mpsc::channel(LANE_BUFFER);
+                    let (tx, rx) = if unbounded {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (LaneSender::Unbounded(tx), LaneReceiver::Unbounded(rx))
+                    } else {
+                        let (tx, rx) = mpsc::channel(LANE_BUFFER);
+                        (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
+                    };
                     senders.push(tx);
                     handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone())));
                 }
@@ -236,20 +260,33 @@ impl Route {
 
     /// Ordered: hands each delivery to the lane of its key. A full lane
     /// blocks the dispatcher, which stops taking messages: backpressure.
-    async fn dispatch(self: Arc<Self>, lanes: Vec<mpsc::Sender<Box<dyn Delivery>>>, shutdown: CancellationToken) {
+    async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken) {
         while let Some(delivery) = self.next_delivery(&shutdown).await {
-            let msg = delivery.message();
-            let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
-            let lane = &lanes[lane_of(&key, lanes.len())];
-            tokio::select! {
-                // Dropped unsent: handed back to the broker.
-                _ = shutdown.cancelled() => return,
-                sent = lane.send(delivery) => if sent.is_err() { return },
+            let index = match (self.ordering, delivery.partition()) {
+                (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
+                // One partition (the embedded broker): one lane.
+                (RouteOrdering::Partition, None) => 0,
+                _ => {
+                    let msg = delivery.message();
+                    let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
+                    lane_of(&key, lanes.len())
+                }
+            };
+            let sent = match &lanes[index] {
+                LaneSender::Unbounded(lane) => lane.send(delivery).is_ok(),
+                LaneSender::Bounded(lane) => tokio::select! {
+                    // Dropped unsent: handed back to the broker.
+                    _ = shutdown.cancelled() => return,
+                    sent = lane.send(delivery) => sent.is_ok(),
+                },
+            };
+            if !sent {
+                return;
             }
         }
     }
 
-    async fn lane(self: Arc<Self>, mut rx: mpsc::Receiver<Box<dyn Delivery>>, shutdown: CancellationToken) {
+    async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken) {
         loop {
             let delivery = tokio::select! {
                 biased;

@@ -1,0 +1,96 @@
+//! Which offset of a partition may be committed: the first one not yet
+//! settled. A commit promises that everything before it is done, so it never
+//! passes a record still being handled, waiting for a retry, or not yet taken
+//! by a worker.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    /// Offsets received and not settled -> whether a worker has taken it.
+    pending: BTreeMap<i64, bool>,
+    /// One past the highest offset received.
+    next: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// A record was received from the broker.
+    pub fn received(&mut self, offset: i64) {
+        self.pending.insert(offset, false);
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// A worker took it.
+    pub fn taken(&mut self, offset: i64) {
+        if let Some(t) = self.pending.get_mut(&offset) {
+            *t = true;
+        }
+    }
+
+    /// A worker gave it back (to be handed out again).
+    pub fn untaken(&mut self, offset: i64) {
+        if let Some(t) = self.pending.get_mut(&offset) {
+            *t = false;
+        }
+    }
+
+    /// Its outcome is durable.
+    pub fn settled(&mut self, offset: i64) {
+        self.pending.remove(&offset);
+    }
+
+    /// The offset to commit (the next record to read after a restart), if
+    /// anything was received.
+    pub fn committable(&self) -> Option<i64> {
+        match self.pending.keys().next() {
+            Some(first) => Some(*first),
+            None => self.next,
+        }
+    }
+
+    /// Records received and not settled.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Records a worker holds and has not settled.
+    pub fn taken_unsettled(&self) -> usize {
+        self.pending.values().filter(|t| **t).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_the_contiguous_settled_prefix() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.committable(), None);
+        for o in 10..15 {
+            t.received(o);
+        }
+        assert_eq!(t.committable(), Some(10));
+        t.settled(11);
+        t.settled(12);
+        assert_eq!(t.committable(), Some(10), "10 is still in flight");
+        t.settled(10);
+        assert_eq!(t.committable(), Some(13));
+        t.settled(14);
+        assert_eq!(t.committable(), Some(13));
+        t.settled(13);
+        assert_eq!(t.committable(), Some(15), "all done: the next one");
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn counts_taken_records_separately() {
+        let mut t = OffsetTracker::default();
+        t.received(0);
+        t.received(1);
+        t.taken(0);
+        assert_eq!((t.pending(), t.taken_unsettled()), (2, 1));
+        t.settled(0);
+        assert_eq!((t.pending(), t.taken_unsettled()), (1, 0));
+    }
+}

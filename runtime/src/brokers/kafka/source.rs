@@ -1,0 +1,506 @@
+//! One consumer-group member: a thread owns the librdkafka consumer (poll,
+//! pause/resume, commits, rebalance callbacks); deliveries reach the
+//! pipeline through a channel. Per partition, the offsets received and not
+//! settled are tracked: the partition is paused when they reach the bound,
+//! and only the contiguous settled prefix is committed.
+
+use super::config::{ConsumerSettings, KafkaConfig};
+use super::offsets::OffsetTracker;
+use super::{client_config, failed, KafkaSetupError};
+use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::message::{Header, Message};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const POLL: Duration = Duration::from_millis(50);
+/// A delivery dropped unsettled (a settle that failed) comes back after this.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+
+type PartitionKey = (String, i32);
+
+struct Partition {
+    generation: u64,
+    tracker: OffsetTracker,
+    paused: bool,
+    revoked: bool,
+    committed: Option<i64>,
+}
+
+/// State shared by the consumer thread, the rebalance callbacks and the
+/// deliveries.
+pub(super) struct State {
+    partitions: Mutex<HashMap<PartitionKey, Partition>>,
+    /// Signalled whenever a record is settled (revokes wait on it).
+    settled: Condvar,
+    generation: AtomicU64,
+    connected: AtomicBool,
+    stop: AtomicBool,
+    max_in_flight: usize,
+    revoke_timeout: Duration,
+    tx: mpsc::UnboundedSender<KafkaDelivery>,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Partition>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The offsets to commit: each partition's settled prefix not yet
+    /// committed (only those in `only`, when given).
+    fn committable(&self, only: Option<&[PartitionKey]>) -> TopicPartitionList {
+        let parts = self.lock();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), p) in parts.iter() {
+            if only.is_some_and(|o| !o.contains(&(topic.clone(), *partition))) {
+                continue;
+            }
+            if let Some(offset) = p.tracker.committable() {
+                if p.committed.is_none_or(|c| offset > c) {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+                }
+            }
+        }
+        tpl
+    }
+
+    fn mark_committed(&self, tpl: &TopicPartitionList) {
+        let mut parts = self.lock();
+        for e in tpl.elements() {
+            if let (Some(p), Offset::Offset(o)) = (parts.get_mut(&(e.topic().to_owned(), e.partition())), e.offset()) {
+                p.committed = Some(o);
+            }
+        }
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<Context>, tpl: TopicPartitionList, mode: CommitMode) {
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => self.mark_committed(&tpl),
+            Err(e) => tracing::warn!("Kafka commit failed (retried at the next interval): {e}"),
+        }
+    }
+
+    /// Settles an offset of the assignment `generation`.
+    fn settle(&self, key: &PartitionKey, generation: u64, offset: i64) {
+        let mut parts = self.lock();
+        if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
+            p.tracker.settled(offset);
+        }
+        drop(parts);
+        self.settled.notify_all();
+    }
+}
+
+pub(super) struct Context {
+    state: Arc<State>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let revoked: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let state = &self.state;
+        // No more dispatching of these partitions; wait (bounded) for what
+        // workers hold, then commit what is done.
+        let mut parts = state.lock();
+        for key in &revoked {
+            if let Some(p) = parts.get_mut(key) {
+                p.revoked = true;
+            }
+        }
+        let deadline = Instant::now() + state.revoke_timeout;
+        loop {
+            let busy: usize = revoked
+                .iter()
+                .filter_map(|k| parts.get(k))
+                .map(|p| p.tracker.taken_unsettled())
+                .sum();
+            let now = Instant::now();
+            if busy == 0 || now >= deadline {
+                if busy > 0 {
+                    tracing::warn!(
+                        "revoke: {busy} records still in flight after {:?}; their new owner will handle them again",
+                        state.revoke_timeout
+                    );
+                }
+                break;
+            }
+            parts = match state.settled.wait_timeout(parts, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        drop(parts);
+        let tpl = state.committable(Some(&revoked));
+        state.commit(consumer, tpl, CommitMode::Sync);
+        let mut parts = state.lock();
+        for key in &revoked {
+            parts.remove(key);
+        }
+        tracing::info!(partitions = ?revoked, "Kafka partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut parts = self.state.lock();
+                let mut assigned = Vec::new();
+                for e in tpl.elements() {
+                    let generation = self.state.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    parts.insert(
+                        (e.topic().to_owned(), e.partition()),
+                        Partition {
+                            generation,
+                            tracker: OffsetTracker::default(),
+                            paused: false,
+                            revoked: false,
+                            committed: None,
+                        },
+                    );
+                    assigned.push(format!("{}/{}", e.topic(), e.partition()));
+                }
+                tracing::info!(partitions = ?assigned, "Kafka partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!("Kafka rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// What the daemon keeps of a source, to stop it at shutdown.
+pub(super) struct Shared {
+    state: Arc<State>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// Stops polling, commits the handled prefix and leaves the group.
+    pub(super) fn close(&self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+pub struct KafkaSource {
+    shared: Arc<Shared>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<KafkaDelivery>>,
+}
+
+impl KafkaSource {
+    pub(super) fn start(config: &KafkaConfig, s: ConsumerSettings) -> Result<Self, KafkaSetupError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(State {
+            partitions: Mutex::new(HashMap::new()),
+            settled: Condvar::new(),
+            generation: AtomicU64::new(0),
+            connected: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            max_in_flight: s.max_in_flight_per_partition.max(1),
+            revoke_timeout: s.revoke_timeout,
+            tx,
+        });
+        let mut c = client_config(config);
+        c.set("group.id", &s.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", s.offset_reset.as_str());
+        if let Some(id) = s.instance_id.as_deref().filter(|i| !i.is_empty()) {
+            c.set("group.instance.id", id);
+        }
+        // The route's own settings win over the shared table.
+        for (k, v) in &config.librdkafka {
+            if k.starts_with("group.") || k.starts_with("auto.offset") {
+                c.set(k, v);
+            }
+        }
+        let consumer: BaseConsumer<Context> = c
+            .create_with_context(Context { state: state.clone() })
+            .map_err(|e| KafkaSetupError::Client(e.to_string()))?;
+        let topics: Vec<&str> = s.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| KafkaSetupError::Client(format!("subscribing to {topics:?}: {e}")))?;
+        let thread_state = state.clone();
+        let commit_interval = config.commit_interval;
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-{}", s.group))
+            .spawn(move || poll_loop(consumer, thread_state, commit_interval))
+            .map_err(|e| KafkaSetupError::Client(e.to_string()))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                state,
+                thread: Mutex::new(Some(thread)),
+            }),
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    pub(super) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    async fn next_delivery(&self) -> Result<KafkaDelivery, BrokerError> {
+        let mut rx = self.rx.lock().await;
+        loop {
+            let Some(mut d) = rx.recv().await else {
+                return Err(BrokerError::Closed { broker: super::NAME });
+            };
+            // Records of a partition revoked since they were fetched are
+            // left to the new owner (they were not committed).
+            let current = {
+                let mut parts = self.shared.state.lock();
+                match parts
+                    .get_mut(&d.key)
+                    .filter(|p| p.generation == d.generation && !p.revoked)
+                {
+                    Some(p) => {
+                        p.tracker.taken(d.offset);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if current {
+                return Ok(d);
+            }
+            d.settled = true;
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
+        Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.shared.state.connected.load(Ordering::Relaxed)
+    }
+
+    fn bounds_in_flight(&self) -> bool {
+        true
+    }
+}
+
+fn to_message(m: &BorrowedMessage<'_>) -> Message {
+    let mut headers = Vec::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+            headers.push(Header::new(h.key, value));
+        }
+    }
+    Message {
+        id: format!("{}/{}/{}", m.topic(), m.partition(), m.offset()),
+        subject: m.topic().to_owned(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        headers,
+        payload: m.payload().unwrap_or_default().to_vec(),
+        attempt: 1,
+        timestamp_ms: m
+            .timestamp()
+            .to_millis()
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0),
+        reply_to: None,
+    }
+}
+
+fn pause_list(key: &PartitionKey) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&key.0, key.1);
+    tpl
+}
+
+fn poll_loop(consumer: BaseConsumer<Context>, state: Arc<State>, commit_interval: Duration) {
+    let mut last_commit = Instant::now();
+    let mut last_check = Instant::now();
+    while !state.stop.load(Ordering::Relaxed) {
+        match consumer.poll(POLL) {
+            Some(Ok(m)) => {
+                state.connected.store(true, Ordering::Relaxed);
+                let key = (m.topic().to_owned(), m.partition());
+                let offset = m.offset();
+                let mut parts = state.lock();
+                if let Some(p) = parts.get_mut(&key) {
+                    p.tracker.received(offset);
+                    let generation = p.generation;
+                    if !p.paused && p.tracker.pending() >= state.max_in_flight {
+                        match consumer.pause(&pause_list(&key)) {
+                            Ok(()) => p.paused = true,
+                            Err(e) => tracing::warn!("cannot pause {}/{}: {e}", key.0, key.1),
+                        }
+                    }
+                    drop(parts);
+                    let delivery = KafkaDelivery {
+                        message: to_message(&m),
+                        key,
+                        offset,
+                        generation,
+                        state: state.clone(),
+                        settled: false,
+                    };
+                    let _ = state.tx.send(delivery);
+                }
+            }
+            Some(Err(e)) => {
+                if matches!(
+                    e,
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)
+                        | KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure)
+                ) {
+                    state.connected.store(false, Ordering::Relaxed);
+                }
+                tracing::warn!("Kafka consumer: {e}");
+            }
+            None => {}
+        }
+        // Resume partitions whose backlog has halved.
+        {
+            let mut parts = state.lock();
+            for (key, p) in parts.iter_mut() {
+                if p.paused && p.tracker.pending() <= state.max_in_flight / 2 {
+                    match consumer.resume(&pause_list(key)) {
+                        Ok(()) => p.paused = false,
+                        Err(e) => tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1),
+                    }
+                }
+            }
+        }
+        if last_commit.elapsed() >= commit_interval {
+            state.commit(&consumer, state.committable(None), CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        if !state.connected.load(Ordering::Relaxed) && last_check.elapsed() >= Duration::from_secs(2) {
+            last_check = Instant::now();
+            if consumer.fetch_metadata(None, Duration::from_secs(1)).is_ok() {
+                state.connected.store(true, Ordering::Relaxed);
+                tracing::info!("Kafka brokers reachable again");
+            }
+        }
+    }
+    // Shutdown: commit what is done, then leave the group (the revoke
+    // callback commits again after waiting for stragglers).
+    state.commit(&consumer, state.committable(None), CommitMode::Sync);
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !state.lock().is_empty() {
+        let _ = consumer.poll(POLL);
+    }
+}
+
+pub struct KafkaDelivery {
+    message: Message,
+    key: PartitionKey,
+    offset: i64,
+    generation: u64,
+    state: Arc<State>,
+    /// Settled or given up on: nothing to do at drop.
+    settled: bool,
+}
+
+impl KafkaDelivery {
+    fn settle(mut self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.settled = true;
+        self.state.settle(&self.key, self.generation, self.offset);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Back into the source's channel after `delay`, not taken meanwhile
+    /// (so a revoke does not wait for it; its offset still holds commits).
+    fn hand_back(&mut self, delay: Duration, next_attempt: bool) -> Result<(), BrokerError> {
+        if self.state.stop.load(Ordering::Relaxed) {
+            return Err(failed("consumer stopping"));
+        }
+        {
+            let mut parts = self.state.lock();
+            match parts
+                .get_mut(&self.key)
+                .filter(|p| p.generation == self.generation && !p.revoked)
+            {
+                Some(p) => p.tracker.untaken(self.offset),
+                None => return Ok(()),
+            }
+        }
+        self.state.settled.notify_all();
+        let mut message = self.message.clone();
+        if next_attempt {
+            message.attempt = message.attempt.saturating_add(1);
+        }
+        let again = KafkaDelivery {
+            message,
+            key: self.key.clone(),
+            offset: self.offset,
+            generation: self.generation,
+            state: self.state.clone(),
+            settled: false,
+        };
+        self.settled = true;
+        let tx = self.state.tx.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Err(failed("no runtime to wait for the retry"));
+        };
+        rt.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(again);
+        });
+        Ok(())
+    }
+}
+
+impl Delivery for KafkaDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    fn origin(&self) -> String {
+        format!("kafka://{}?partition={}&offset={}", self.key.0, self.key.1, self.offset)
+    }
+
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.settle()
+    }
+
+    fn retry(mut self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // In process: Kafka has no per-record redelivery. The offset is not
+        // committed until the retry settles.
+        let r = self.hand_back(delay, true);
+        Box::pin(async move { r })
+    }
+
+    fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.settle()
+    }
+
+    fn partition(&self) -> Option<u32> {
+        u32::try_from(self.key.1).ok()
+    }
+}
+
+impl Drop for KafkaDelivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Unsettled (shutdown, or a settle that failed): it is handled
+            // again later, never skipped.
+            let _ = self.hand_back(HAND_BACK_DELAY, false);
+        }
+    }
+}
