@@ -3,6 +3,7 @@
 //! by `cargo xtask test` when none is listening).
 
 use sluice::idempotency::{Claim, FileStore, IdempotencyStore, MemoryStore, RedisStore};
+use sluice_tests::unique;
 use std::time::Duration;
 
 fn redis_url() -> String {
@@ -51,10 +52,6 @@ async fn contract(store: &dyn IdempotencyStore, ns: &str) {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(store.claim(&key("d"), "w2", lease).await.unwrap(), Claim::Acquired);
-}
-
-fn unique() -> String {
-    format!("t{}-{}", std::process::id(), sluice::message::now_ms())
 }
 
 #[tokio::test]

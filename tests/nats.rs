@@ -6,16 +6,12 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use serde_json::Value;
 use sluice_tests::daemon::Daemon;
-use sluice_tests::{plugin, workspace};
+use sluice_tests::{plugin, unique, workspace};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 fn nats_url() -> String {
     std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-fn unique() -> String {
-    format!("t{}x{}", std::process::id(), sluice::message::now_ms() % 100_000_000)
 }
 
 fn rt() -> tokio::runtime::Runtime {

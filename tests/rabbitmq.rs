@@ -7,13 +7,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use sluice_tests::daemon::Daemon;
 use sluice_tests::rabbit::{self, Got, Rabbit};
-use sluice_tests::{plugin, sluice_bin, workspace};
+use sluice_tests::{plugin, sluice_bin, unique, workspace};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-fn unique() -> String {
-    format!("t{}x{}", std::process::id(), sluice::message::now_ms() % 100_000_000)
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

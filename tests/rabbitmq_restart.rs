@@ -40,7 +40,7 @@ fn ready(admin: &str) -> bool {
 #[test]
 fn sluice_reconnects_after_a_rabbitmq_restart_and_loses_nothing() {
     const N: usize = 3_000;
-    let id = format!("t{}x{}", std::process::id(), sluice::message::now_ms() % 100_000_000);
+    let id = sluice_tests::unique();
     let config = format!(
         r#"
 [brokers.rabbitmq]

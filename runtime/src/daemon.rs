@@ -352,7 +352,7 @@ impl Brokers {
                     group: s.group.clone().unwrap_or_else(|| format!("sluice-{}", r.name)),
                     offset_reset: s.offset_reset.unwrap_or_default(),
                     instance_id: s.instance_id.clone(),
-                    max_in_flight_per_partition: s.max_in_flight_per_partition.unwrap_or(500),
+                    max_in_flight_per_partition: s.max_in_flight_per_partition.unwrap_or(5000),
                     revoke_timeout: s.revoke_timeout.unwrap_or(Duration::from_secs(30)),
                 };
                 let description = format!("kafka {} (group {})", settings.topics.join(","), settings.group);
@@ -438,7 +438,7 @@ pub async fn build_routes(
             source_description: description,
             source_broker: r.source.broker.as_str(),
             source,
-            sink: brokers.sink(r.source.broker)?,
+            sink: brokers.sink(r.publish_broker.unwrap_or(r.source.broker))?,
             dead_letter_sink: brokers.dead_letter_sink(r)?,
             dead_letter_subject: r.dead_letter_subject(),
             dead_letter_broker: dead_letter_broker(r).as_str(),

@@ -2,9 +2,22 @@
 //! `sluice` binary are, and a daemon process handle.
 
 pub mod daemon;
+pub mod kafka;
 pub mod rabbit;
 
 use std::path::PathBuf;
+
+/// A name no other test of this run or an earlier one uses: process id,
+/// clock and a counter (two tests may start in the same millisecond).
+pub fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "t{}x{}n{n}",
+        std::process::id(),
+        sluice::message::now_ms() % 100_000_000
+    )
+}
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -144,6 +144,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     services::ensure_redis()?;
     services::ensure_nats(root)?;
     services::ensure_rabbitmq()?;
+    let tansu = services::ensure_kafka(root)?;
     plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();
@@ -153,7 +154,8 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     }
     cmd.args(args)
         .env("SLUICE_PLUGIN_DIR", plugin_dir(root))
-        .env("SLUICE_BIN", target_dir(root).join("debug/sluice"));
+        .env("SLUICE_BIN", target_dir(root).join("debug/sluice"))
+        .env("SLUICE_TANSU_BIN", tansu);
     status(&mut cmd)
 }
 
@@ -163,7 +165,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         cargo()
             .args([
                 "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats", "--bench",
-                "rabbitmq",
+                "rabbitmq", "--bench", "kafka",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),

@@ -139,3 +139,64 @@ pub fn ensure_rabbitmq() -> Result<()> {
     }
     wait_for(5672, "rabbitmq-server", Duration::from_secs(60))
 }
+
+/// The `tansu` binary: `$SLUICE_TANSU`, else on `PATH`, else built once
+/// into `target/test-services/tansu-bin` (about 30 minutes on 2 cores).
+fn tansu_binary(root: &std::path::Path) -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_TANSU") {
+        let p = std::path::PathBuf::from(p);
+        let p = if p.is_relative() { root.join(p) } else { p };
+        if p.is_file() {
+            return Ok(p);
+        }
+        eprintln!("xtask: SLUICE_TANSU={} is not a file; looking elsewhere", p.display());
+    }
+    if have("tansu") {
+        return Ok("tansu".into());
+    }
+    let cache = root.join("target/test-services/tansu-bin");
+    let built = cache.join("bin/tansu");
+    if !built.is_file() {
+        eprintln!("xtask: building the tansu Kafka broker (once; ~30 min on 2 cores)");
+        let status = Command::new("cargo")
+            .args(["install", "tansu@0.6.0", "--locked", "--features", "libsql", "--root"])
+            .arg(&cache)
+            .status()
+            .context("cargo install tansu")?;
+        if !status.success() {
+            bail!("building tansu failed ({status})");
+        }
+    }
+    Ok(built)
+}
+
+/// A Kafka-protocol broker (tansu with SQLite storage) on 127.0.0.1:9092.
+/// Returns the tansu binary: the broker-restart test runs one of its own.
+pub fn ensure_kafka(root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let tansu = tansu_binary(root)?;
+    if std::env::var_os("SLUICE_KAFKA_BROKERS").is_some() || listening(9092) {
+        return Ok(tansu);
+    }
+    let dir = root.join("target/test-services/tansu");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = std::fs::File::create(dir.join("tansu.log"))?;
+    eprintln!("xtask: starting tansu (Kafka protocol) on 127.0.0.1:9092");
+    // The SQLite path is taken relative to the working directory.
+    Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            "tcp://127.0.0.1:9092",
+            "--advertised-listener-url",
+            "tcp://127.0.0.1:9092",
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ])
+        .current_dir(&dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", tansu.display()))?;
+    wait_for(9092, "tansu", Duration::from_secs(20))?;
+    Ok(tansu)
+}

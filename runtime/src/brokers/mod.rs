@@ -35,6 +35,12 @@ pub trait Delivery: Send {
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// A dead-lettered copy has been confirmed elsewhere: drop the original.
     fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Called right before the handler runs. False: the delivery went stale
+    /// while it waited in a lane (its partition was revoked) and is dropped
+    /// unhandled; its new owner handles it.
+    fn begin(&self) -> bool {
+        true
+    }
     /// The partition it came from, where the broker has partitions: the
     /// unit of `ordering = "partition"`.
     fn partition(&self) -> Option<u32> {

@@ -3,6 +3,7 @@
 mod admin_client;
 mod dlq;
 mod invoke;
+mod kafka;
 mod publish;
 
 use crate::config;
@@ -44,6 +45,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// List, inspect and replay dead letters of a running daemon.
     Dlq(dlq::DlqArgs),
+    /// Kafka chores: `reset-offsets` of a stopped consumer group.
+    Kafka(kafka::KafkaArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -71,6 +74,7 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Invoke(args) => runtime()?.block_on(invoke::run(args)),
         Command::Publish(args) => publish::run(args),
         Command::Dlq(args) => dlq::run(args),
+        Command::Kafka(args) => kafka::run(args),
     }
 }
 

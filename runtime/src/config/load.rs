@@ -196,8 +196,11 @@ fn validate(config: &Config) -> Result<(), Problem> {
 fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
     let s = &route.source;
     let dead_letter_broker = route.dead_letter.as_ref().and_then(|d| d.broker);
-    let uses =
-        |kinds: &[BrokerKind]| kinds.contains(&s.broker) || dead_letter_broker.is_some_and(|b| kinds.contains(&b));
+    let uses = |kinds: &[BrokerKind]| {
+        kinds.contains(&s.broker)
+            || dead_letter_broker.is_some_and(|b| kinds.contains(&b))
+            || route.publish_broker.is_some_and(|b| kinds.contains(&b))
+    };
     if uses(&[BrokerKind::Nats, BrokerKind::Jetstream]) && config.brokers.nats.is_none() {
         return Err((key("source.broker"), "needs a `[brokers.nats]` table".into()));
     }

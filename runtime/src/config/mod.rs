@@ -273,7 +273,7 @@ pub struct SourceConfig {
     /// Kafka: `group.instance.id`, for static membership.
     pub instance_id: Option<String>,
     /// Kafka: records received and not settled per partition before the
-    /// partition is paused (default 500).
+    /// partition is paused (default 5000); it resumes at half.
     pub max_in_flight_per_partition: Option<usize>,
     /// Kafka: how long a revoke waits for the partition's work in flight.
     #[serde(default, with = "humantime_serde")]
@@ -453,6 +453,8 @@ pub struct RouteConfig {
     /// Where exhausted and permanent failures go. Default: the subject
     /// `dlq.<route>` on the source's broker.
     pub dead_letter: Option<DeadLetterConfig>,
+    /// The broker the handler's publishes go to. Default: the source's.
+    pub publish_broker: Option<BrokerKind>,
 }
 
 fn one() -> u32 {

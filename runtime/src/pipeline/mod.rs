@@ -326,6 +326,9 @@ impl Route {
     }
 
     async fn handle(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) -> Label {
+        if !delivery.begin() {
+            return INTERRUPTED;
+        }
         // Lease owners matter only with a gate; no allocation otherwise.
         let owner = if self.gate.is_some() {
             lease_owner()

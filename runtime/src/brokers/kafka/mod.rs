@@ -51,6 +51,8 @@ pub struct KafkaBroker {
     sources: Arc<Mutex<Vec<Arc<source::Shared>>>>,
     /// Topics known to exist (checked or created once).
     known_topics: Arc<Mutex<HashSet<String>>>,
+    /// One topic check or creation at a time.
+    creating: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The client settings common to consumers, producer and admin client.
@@ -83,8 +85,14 @@ impl KafkaBroker {
         let mut pc = client_config(config);
         pc.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1")
+            // Workers wait for each acknowledgement: a short linger lets
+            // the records of several workers share one request.
+            .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
+        // The operator's own settings win.
+        for (k, v) in &config.librdkafka {
+            pc.set(k, v);
+        }
         let producer: FutureProducer = pc.create().map_err(|e| KafkaSetupError::Client(e.to_string()))?;
         admin::check_reachable(config).await?;
         admin::create_topics(config, &config.topics).await?;
@@ -93,6 +101,7 @@ impl KafkaBroker {
             producer,
             sources: Arc::new(Mutex::new(Vec::new())),
             known_topics: Arc::new(Mutex::new(config.topics.iter().map(|t| t.name.clone()).collect())),
+            creating: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -113,6 +122,10 @@ impl KafkaBroker {
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), KafkaSetupError> {
         let known = self.known_topics.lock().map(|k| k.contains(topic)).unwrap_or(false);
         if known {
+            return Ok(());
+        }
+        let _one_at_a_time = self.creating.lock().await;
+        if self.known_topics.lock().map(|k| k.contains(topic)).unwrap_or(false) {
             return Ok(());
         }
         let t = TopicConfig {

@@ -45,6 +45,9 @@ pub(super) struct State {
     max_in_flight: usize,
     revoke_timeout: Duration,
     tx: mpsc::UnboundedSender<KafkaDelivery>,
+    /// The consumer (owned by its thread), to resume a partition as soon as
+    /// its backlog has halved.
+    consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<Context>>>,
 }
 
 impl State {
@@ -94,6 +97,15 @@ impl State {
         let mut parts = self.lock();
         if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
             p.tracker.settled(offset);
+            if p.paused && !p.revoked && p.tracker.pending() <= self.max_in_flight / 2 {
+                let consumer = self.consumer.get().and_then(std::sync::Weak::upgrade);
+                if let Some(c) = consumer {
+                    match c.resume(&pause_list(key)) {
+                        Ok(()) => p.paused = false,
+                        Err(e) => tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1),
+                    }
+                }
+            }
         }
         drop(parts);
         self.settled.notify_all();
@@ -155,9 +167,14 @@ impl ConsumerContext for Context {
         tracing::info!(partitions = ?revoked, "Kafka partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // A partition paused under an earlier assignment would stay
+                // paused: start every assigned one afresh.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!("cannot resume the assigned partitions: {e}");
+                }
                 let mut parts = self.state.lock();
                 let mut assigned = Vec::new();
                 for e in tpl.elements() {
@@ -216,6 +233,7 @@ impl KafkaSource {
             max_in_flight: s.max_in_flight_per_partition.max(1),
             revoke_timeout: s.revoke_timeout,
             tx,
+            consumer: std::sync::OnceLock::new(),
         });
         let mut c = client_config(config);
         c.set("group.id", &s.group)
@@ -231,9 +249,11 @@ impl KafkaSource {
                 c.set(k, v);
             }
         }
-        let consumer: BaseConsumer<Context> = c
-            .create_with_context(Context { state: state.clone() })
-            .map_err(|e| KafkaSetupError::Client(e.to_string()))?;
+        let consumer: Arc<BaseConsumer<Context>> = Arc::new(
+            c.create_with_context(Context { state: state.clone() })
+                .map_err(|e| KafkaSetupError::Client(e.to_string()))?,
+        );
+        let _ = state.consumer.set(Arc::downgrade(&consumer));
         let topics: Vec<&str> = s.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
@@ -265,20 +285,7 @@ impl KafkaSource {
             };
             // Records of a partition revoked since they were fetched are
             // left to the new owner (they were not committed).
-            let current = {
-                let mut parts = self.shared.state.lock();
-                match parts
-                    .get_mut(&d.key)
-                    .filter(|p| p.generation == d.generation && !p.revoked)
-                {
-                    Some(p) => {
-                        p.tracker.taken(d.offset);
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if current {
+            if d.is_current() {
                 return Ok(d);
             }
             d.settled = true;
@@ -330,7 +337,7 @@ fn pause_list(key: &PartitionKey) -> TopicPartitionList {
     tpl
 }
 
-fn poll_loop(consumer: BaseConsumer<Context>, state: Arc<State>, commit_interval: Duration) {
+fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {
     let mut last_commit = Instant::now();
     let mut last_check = Instant::now();
     while !state.stop.load(Ordering::Relaxed) {
@@ -373,18 +380,6 @@ fn poll_loop(consumer: BaseConsumer<Context>, state: Arc<State>, commit_interval
             }
             None => {}
         }
-        // Resume partitions whose backlog has halved.
-        {
-            let mut parts = state.lock();
-            for (key, p) in parts.iter_mut() {
-                if p.paused && p.tracker.pending() <= state.max_in_flight / 2 {
-                    match consumer.resume(&pause_list(key)) {
-                        Ok(()) => p.paused = false,
-                        Err(e) => tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1),
-                    }
-                }
-            }
-        }
         if last_commit.elapsed() >= commit_interval {
             state.commit(&consumer, state.committable(None), CommitMode::Async);
             last_commit = Instant::now();
@@ -418,6 +413,13 @@ pub struct KafkaDelivery {
 }
 
 impl KafkaDelivery {
+    fn is_current(&self) -> bool {
+        let parts = self.state.lock();
+        parts
+            .get(&self.key)
+            .is_some_and(|p| p.generation == self.generation && !p.revoked)
+    }
+
     fn settle(mut self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.settled = true;
         self.state.settle(&self.key, self.generation, self.offset);
@@ -488,6 +490,22 @@ impl Delivery for KafkaDelivery {
 
     fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.settle()
+    }
+
+    fn begin(&self) -> bool {
+        // Taken only now: a revoke waits for records being handled, not for
+        // those still queued in a lane (it drops them).
+        let mut parts = self.state.lock();
+        match parts
+            .get_mut(&self.key)
+            .filter(|p| p.generation == self.generation && !p.revoked)
+        {
+            Some(p) => {
+                p.tracker.taken(self.offset);
+                true
+            }
+            None => false,
+        }
     }
 
     fn partition(&self) -> Option<u32> {

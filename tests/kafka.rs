@@ -1,0 +1,397 @@
+//! Kafka against a real Kafka-protocol broker (tansu; `SLUICE_KAFKA_BROKERS`,
+//! default 127.0.0.1:9092; `cargo xtask test` starts one when none is
+//! listening). Every test uses its own topics and consumer group.
+
+use sluice_tests::daemon::Daemon;
+use sluice_tests::kafka::{self, brokers, committed, ends, produce, read, Input};
+use sluice_tests::{plugin, sluice_bin, unique};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One test at a time: tansu (a single SQLite writer) slows down so much
+/// under several tests at once that its metadata calls time out.
+static BROKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    BROKER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn nats_url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A config with route `r` on `brokers`: the group notices a dead member
+/// within seconds and commits come often, so the tests do not wait long.
+/// Handler publishes may go to NATS (`publish_broker = "nats"`).
+fn config(brokers: &str, id: &str, plugin_table: &str, route: &str) -> String {
+    format!(
+        r#"
+[brokers.nats]
+url = "{nats}"
+
+[brokers.kafka]
+brokers = "{brokers}"
+commit_interval = "200ms"
+
+[brokers.kafka.librdkafka]
+"session.timeout.ms" = "30000"
+"heartbeat.interval.ms" = "500"
+"max.poll.interval.ms" = "30000"
+# tansu answers a fetch only after this long, even when records are there.
+"fetch.wait.max.ms" = "10"
+
+
+{plugin_table}
+
+[[routes]]
+name = "r"
+plugin = "p"
+dead_letter = {{ subject = "dlq-{id}" }}
+{route}
+"#,
+        nats = nats_url()
+    )
+}
+
+fn record_plugin(to: &str, wait_ms: u32) -> String {
+    format!(
+        "[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\ntimeout = \"2s\"\npublish = [\"{to}\"]\nconfig = {{ to = \"{to}\", wait_ms = {wait_ms} }}",
+        plugin("fixture_record").display()
+    )
+}
+
+fn route_count(d: &Daemon, what: &str) -> u64 {
+    d.status()["routes"][0][what].as_u64().unwrap_or(0)
+}
+
+fn keyed(key: &str, payload: String) -> Input {
+    (None, Some(key.to_owned()), Vec::new(), payload)
+}
+
+#[test]
+fn user_events_keep_per_key_order_across_eight_workers() {
+    let _serial = serial();
+    let id = unique();
+    let (input, out) = (format!("in-{id}"), format!("out.{id}"));
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    // 200 users x 50 events, interleaved: usr-0 #0, usr-1 #0, ... usr-0 #1 ...
+    let mut records = Vec::new();
+    for seq in 0..50 {
+        for user in 0..200 {
+            records.push(keyed(&format!("usr-{user}"), format!("usr-{user}:{seq}")));
+        }
+    }
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 3).await;
+        produce(&producer, &input, records).await;
+    });
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}
+ordering = "key"
+concurrency = 8
+publish_broker = "nats""#
+    );
+    let collected = kafka::Collected::subscribe(&rt, &out);
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&brokers(), &id, &record_plugin(&out, 0), &route));
+    d.wait_for("10,000 handled", Duration::from_secs(120), || collected.len() >= 10_000);
+    let got = collected.all();
+    assert_eq!(got.len(), 10_000, "{}", d.log());
+    // Each publish is flushed before the next message of its key starts:
+    // the order received is the handling order.
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for (payload, _) in &got {
+        let (user, seq) = payload.split_once(':').unwrap();
+        let seq: i64 = seq.parse().unwrap();
+        let prev = last.insert(user.to_owned(), seq).unwrap_or(-1);
+        assert_eq!(seq, prev + 1, "{user}: #{seq} handled after #{prev}");
+    }
+    assert_eq!(last.len(), 200);
+    assert!(last.values().all(|s| *s == 49));
+    d.wait_for("offsets committed to the end", Duration::from_secs(10), || {
+        committed(&brokers(), &format!("g-{id}"), &input, 3) == ends(&brokers(), &input, 3)
+    });
+}
+
+#[test]
+fn a_failing_record_retries_in_place_while_other_partitions_flow_and_commits_wait_for_it() {
+    let _serial = serial();
+    let id = unique();
+    let input = format!("in-{id}");
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    let mut records = Vec::new();
+    for p in 0..3 {
+        for i in 0..5 {
+            let fail = if p == 0 && i == 0 { "2" } else { "0" };
+            records.push((
+                Some(p),
+                None,
+                vec![("fail-times".to_owned(), fail.to_owned())],
+                format!("p{p}-{i}"),
+            ));
+        }
+    }
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 3).await;
+        produce(&producer, &input, records).await;
+    });
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
+        plugin("fixture_flaky").display()
+    );
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}
+concurrency = 3
+[routes.retry]
+initial_backoff = "1s"
+multiplier = 2.0
+jitter = "none""#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&brokers(), &id, &plugin_table, &route));
+    let group = format!("g-{id}");
+    let started = Instant::now();
+    let mut others_done_while_p0_waits = false;
+    loop {
+        let retried = route_count(&d, "retried");
+        let handled = route_count(&d, "handled");
+        let c = committed(&brokers(), &group, &input, 3);
+        if handled < 15 {
+            assert!(c[0] <= 0, "partition 0 committed past its failing record: {c:?}");
+        }
+        if c[1] == 5 && c[2] == 5 && c[0] <= 0 && retried < 2 {
+            others_done_while_p0_waits = true;
+        }
+        if c == [5, 5, 5] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stuck at {c:?}:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(others_done_while_p0_waits, "partitions 1 and 2 waited for partition 0");
+    assert_eq!(route_count(&d, "retried"), 2);
+    assert_eq!(route_count(&d, "handled"), 15);
+    assert_eq!(route_count(&d, "dead_lettered"), 0);
+}
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_and_commits_never_skip() {
+    let _serial = serial();
+    const N: usize = 5_000;
+    let id = unique();
+    let (input, out) = (format!("in-{id}"), format!("out.{id}"));
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    let records = (0..N)
+        .map(|i| {
+            let k = format!("k-{i}");
+            (
+                None,
+                Some(k.clone()),
+                vec![("Idempotency-Key".to_owned(), k.clone())],
+                k,
+            )
+        })
+        .collect();
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 3).await;
+        produce(&producer, &input, records).await;
+    });
+    // Static membership: the restarted instance takes its partitions back
+    // at once instead of waiting for the dead member's session to end.
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}", instance_id = "i-{id}" }}
+concurrency = 3
+publish_broker = "nats"
+[routes.idempotency]
+key = "header:Idempotency-Key"
+lease = "3s""#
+    );
+    let collected = kafka::Collected::subscribe(&rt, &out);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&brokers(), &id, &record_plugin(&out, 1), &route));
+    d.wait_for("some handled", Duration::from_secs(60), || {
+        route_count(&d, "handled") >= 1000
+    });
+    d.kill();
+    let before = committed(&brokers(), &format!("g-{id}"), &input, 3);
+    assert!(before.iter().sum::<i64>() < N as i64, "killed too late: {before:?}");
+    d.restart();
+    d.wait_for("offsets committed to the end", Duration::from_secs(120), || {
+        committed(&brokers(), &format!("g-{id}"), &input, 3) == ends(&brokers(), &input, 3)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let got = collected.all();
+    let keys: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(keys.len(), N, "every record handled:\n{}", d.log());
+    // A publish sent just before the kill and not yet recorded as done runs
+    // again, with the same dedup id (which JetStream or any consumer keeping
+    // ids drops). At most one per worker.
+    let ids: BTreeSet<&str> = got.iter().filter_map(|(_, id)| id.as_deref()).collect();
+    assert_eq!(ids.len(), N);
+    assert!(got.len() <= N + 3, "{} publishes for {N} records", got.len());
+}
+
+#[test]
+fn two_instances_share_a_group_and_one_takes_over_when_the_other_stops() {
+    let _serial = serial();
+    const N: usize = 3_000;
+    let id = unique();
+    let (input, out) = (format!("in-{id}"), format!("out.{id}"));
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    let records = (0..N).map(|i| keyed(&format!("k-{i}"), format!("k-{i}"))).collect();
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 3).await;
+        produce(&producer, &input, records).await;
+    });
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}
+concurrency = 3
+publish_broker = "nats""#
+    );
+    let collected = kafka::Collected::subscribe(&rt, &out);
+    let text = config(&brokers(), &id, &record_plugin(&out, 2), &route);
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let d1 = Daemon::start(dir1.path(), &text);
+    let mut d2 = Daemon::start(dir2.path(), &text);
+    d2.wait_for("the second instance at work", Duration::from_secs(60), || {
+        route_count(&d2, "handled") >= 100
+    });
+    let status = d2.terminate();
+    assert!(status.success(), "graceful stop: {status}");
+    d1.wait_for("the first instance finishing", Duration::from_secs(120), || {
+        committed(&brokers(), &format!("g-{id}"), &input, 3) == ends(&brokers(), &input, 3)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let got = collected.all();
+    let keys: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(keys.len(), N, "nothing lost:\n{}\n{}", d1.log(), d2.log());
+    assert!(route_count(&d1, "handled") > 0);
+}
+
+#[test]
+fn a_poison_record_goes_to_the_dlq_topic_with_its_key_and_can_be_replayed() {
+    let _serial = serial();
+    let id = unique();
+    let input = format!("in-{id}");
+    let dlq = format!("dlq-{id}");
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    let good = r#"{"order_id":"o-1","user_id":"u-1","amount_cents":1,"event_type":"created"}"#;
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 1).await;
+        produce(
+            &producer,
+            &input,
+            vec![
+                (
+                    None,
+                    Some("k-1".into()),
+                    vec![("trace".into(), "t-1".into())],
+                    "not json".into(),
+                ),
+                keyed("k-2", good.to_owned()),
+            ],
+        )
+        .await;
+    });
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"enriched.>\"]",
+        plugin("order_processor").display()
+    );
+    let route = format!(r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}"#);
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&brokers(), &id, &plugin_table, &route));
+    let dead = read(&brokers(), &dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "{}", d.log());
+    let r = &dead[0];
+    assert_eq!(r.key.as_deref(), Some("k-1"));
+    assert_eq!(r.payload, "not json");
+    assert_eq!(r.header("trace"), Some("t-1"));
+    for h in [
+        "sluice-error",
+        "sluice-error-kind",
+        "sluice-attempts",
+        "sluice-route",
+        "sluice-plugin",
+        "sluice-origin",
+        "sluice-failed-at",
+    ] {
+        assert!(r.header(h).is_some_and(|v| !v.is_empty()), "{h} missing: {r:?}");
+    }
+    assert_eq!(
+        r.header("sluice-origin"),
+        Some(format!("kafka://{input}?partition=0&offset=0").as_str())
+    );
+    d.wait_for("offsets past both records", Duration::from_secs(20), || {
+        committed(&brokers(), &format!("g-{id}"), &input, 1) == vec![2]
+    });
+
+    let list = std::process::Command::new(sluice_bin())
+        .args(["dlq", "list", "--admin", &d.admin])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success() && listed.contains("permanent"), "{listed}");
+    let replay = std::process::Command::new(sluice_bin())
+        .args(["dlq", "replay", "--all", "--admin", &d.admin])
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let dead = read(&brokers(), &dlq, 2, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2, "replayed, failed again, dead-lettered again");
+    assert_eq!(dead[1].key.as_deref(), Some("k-1"), "the key went around");
+    assert_eq!(dead[1].header("sluice-replays"), Some("1"));
+}
+
+#[test]
+fn reset_offsets_re_drives_a_topic_from_the_start_or_an_offset() {
+    let _serial = serial();
+    let id = unique();
+    let (input, out) = (format!("in-{id}"), format!("out-{id}"));
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 1).await;
+        produce(&producer, &input, (0..5).map(|i| keyed("k", format!("r{i}"))).collect()).await;
+    });
+    let route = format!(r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}"#);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&brokers(), &id, &record_plugin(&out, 0), &route));
+    d.wait_for("committed", Duration::from_secs(30), || {
+        committed(&brokers(), &format!("g-{id}"), &input, 1) == vec![5]
+    });
+    assert!(d.terminate().success());
+    let reset = |to: &[&str]| {
+        let out = std::process::Command::new(sluice_bin())
+            .args(["kafka", "reset-offsets", "--config"])
+            .arg(&d.config)
+            .args(["--group", &format!("g-{id}"), "--topic", &input])
+            .args(to)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(reset(&["--to-offset", "3"]).trim(), format!("{input}/0: 3"));
+    assert_eq!(committed(&brokers(), &format!("g-{id}"), &input, 1), vec![3]);
+    assert_eq!(reset(&["--to-earliest"]).trim(), format!("{input}/0: 0"));
+    d.restart();
+    let got = read(&brokers(), &out, 10, Duration::from_secs(30));
+    let payloads: Vec<&str> = got.iter().map(|r| r.payload.as_str()).collect();
+    assert_eq!(payloads, ["r0", "r1", "r2", "r3", "r4", "r0", "r1", "r2", "r3", "r4"]);
+}
