@@ -141,35 +141,48 @@ pub fn read(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Reco
 
 /// The committed offset of `group` per partition of `topic` (-1: none).
 pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    try_committed(brokers, group, topic, partitions).expect("committed offsets")
+}
+
+/// The committed offsets, or the error (a broker just restarted).
+pub fn try_committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>, String> {
     let consumer: BaseConsumer = config(brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .expect("consumer");
+        .map_err(|e| e.to_string())?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
     let c = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
+        .map_err(|e| e.to_string())?;
+    Ok((0..partitions)
         .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o,
             _ => -1,
         })
-        .collect()
+        .collect())
 }
 
 /// End offsets per partition.
 pub fn ends(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = config(brokers).set("group.id", "ends").create().expect("consumer");
+    try_ends(brokers, topic, partitions).expect("watermarks")
+}
+
+/// End offsets per partition, or the error (a broker just restarted).
+pub fn try_ends(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<i64>, String> {
+    let consumer: BaseConsumer = config(brokers)
+        .set("group.id", "ends")
+        .create()
+        .map_err(|e| e.to_string())?;
     (0..partitions)
         .map(|p| {
             consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
+                .map(|w| w.1)
+                .map_err(|e| e.to_string())
         })
         .collect()
 }
