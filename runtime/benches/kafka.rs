@@ -9,6 +9,10 @@
 //!
 //! Run: `cargo xtask bench` or `cargo bench -p sluice --bench kafka`.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, noop, rate};
+
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -22,7 +26,6 @@ use sluice::config::{Isolation, Ordering as RouteOrdering};
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::pipeline::Route;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,21 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 const PAYLOAD: [u8; 100] = [b'x'; 100];
 const PARTITIONS: i32 = 3;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn noop() -> PathBuf {
-    std::env::var_os("SLUICE_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
-        .join("noop.wasm")
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
 
 async fn fill(brokers: &str, topic: &str, n: usize) {
     let producer: FutureProducer = ClientConfig::new()

@@ -7,6 +7,10 @@
 //! 127.0.0.1:4222). Run: `cargo xtask bench` or
 //! `cargo bench -p sluice --bench nats`.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{noop, rate};
+
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
 use sluice::brokers::nats::{ConsumerSettings, NatsBroker, NatsConfig};
@@ -14,7 +18,6 @@ use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::pipeline::Route;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,17 +34,6 @@ fn concurrency() -> u32 {
 
 fn url() -> String {
     std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-fn noop() -> PathBuf {
-    std::env::var_os("SLUICE_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
-        .join("noop.wasm")
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
 }
 
 async fn publish_core(client: &async_nats::Client, subject: &str, n: usize) {

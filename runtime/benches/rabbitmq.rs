@@ -7,6 +7,10 @@
 //! Needs RabbitMQ (`SLUICE_AMQP_URL`, default guest@127.0.0.1:5672). Run:
 //! `cargo xtask bench` or `cargo bench -p sluice --bench rabbitmq`.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, noop, rate};
+
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -19,17 +23,12 @@ use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::pipeline::Route;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const PAYLOAD: [u8; 100] = [b'x'; 100];
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Workers of the sluice route, acks in flight of the native consumer.
 fn concurrency() -> usize {
@@ -38,17 +37,6 @@ fn concurrency() -> usize {
 
 fn url() -> String {
     std::env::var("SLUICE_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn noop() -> PathBuf {
-    std::env::var_os("SLUICE_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
-        .join("noop.wasm")
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
 }
 
 /// A fresh durable queue holding `n` persistent messages.

@@ -243,12 +243,6 @@ impl KafkaSource {
         if let Some(id) = s.instance_id.as_deref().filter(|i| !i.is_empty()) {
             c.set("group.instance.id", id);
         }
-        // The route's own settings win over the shared table.
-        for (k, v) in &config.librdkafka {
-            if k.starts_with("group.") || k.starts_with("auto.offset") {
-                c.set(k, v);
-            }
-        }
         let consumer: Arc<BaseConsumer<Context>> = Arc::new(
             c.create_with_context(Context { state: state.clone() })
                 .map_err(|e| KafkaSetupError::Client(e.to_string()))?,

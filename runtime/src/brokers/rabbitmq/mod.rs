@@ -150,7 +150,7 @@ impl RabbitBroker {
         self.shared.generation.fetch_add(1, Ordering::Relaxed);
         self.shared.connected.store(true, Ordering::Relaxed);
         tracing::info!(url = %redact(&config.url), "RabbitMQ connected");
-        Ok(live_of(connection, publisher))
+        Ok(Live { connection, publisher })
     }
 
     /// The live connection, reconnecting once if it was lost.
@@ -293,10 +293,6 @@ impl RabbitBroker {
         }
         self.shared.connected.store(false, Ordering::Relaxed);
     }
-}
-
-fn live_of(connection: Connection, publisher: Channel) -> Live {
-    Live { connection, publisher }
 }
 
 fn display_exchange(exchange: &str) -> &str {
