@@ -27,6 +27,26 @@ pub struct RouteFailure {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginReload {
+    pub plugin: String,
+    /// ok | refused
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginVersion {
+    pub plugin: String,
+    /// SHA-256 of the `.wasm`, hex.
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadResult {
+    /// ok | refused
+    pub result: String,
+}
+
 /// Handles on one route's series.
 #[derive(Clone)]
 pub struct RouteMetrics {
@@ -57,6 +77,9 @@ pub struct Metrics {
     pub in_flight: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
     pub settle_errors: Family<RouteLabel, Counter>,
+    pub plugin_reloads: Family<PluginReload, Counter>,
+    pub config_reloads: Family<ReloadResult, Counter>,
+    pub plugin_info: Family<PluginVersion, Gauge>,
     encode_lock: Mutex<()>,
 }
 
@@ -99,8 +122,29 @@ impl Metrics {
             "Acks, retries or publishes the broker refused (the message is redelivered)",
             settle_errors.clone(),
         );
+        let plugin_reloads = Family::<PluginReload, Counter>::default();
+        let config_reloads = Family::<ReloadResult, Counter>::default();
+        let plugin_info = Family::<PluginVersion, Gauge>::default();
+        registry.register(
+            "plugin_reloads",
+            "Hot reloads of a plugin's .wasm, by plugin and result (ok | refused)",
+            plugin_reloads.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Reloads of the config file, by result (ok | refused)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "plugin_info",
+            "The version each plugin runs: 1 for its current content hash",
+            plugin_info.clone(),
+        );
         Self {
             registry,
+            plugin_reloads,
+            config_reloads,
+            plugin_info,
             messages,
             failures,
             in_flight,
@@ -132,6 +176,32 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&label).clone(),
             duration: self.handler_duration.get_or_create(&label).clone(),
         }
+    }
+
+    /// Counts a reload of `plugin`'s file.
+    pub fn plugin_reloaded(&self, plugin: &str, result: &str) {
+        self.plugin_reloads
+            .get_or_create(&PluginReload {
+                plugin: plugin.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Shows `hash` as the version `plugin` runs, in place of `old`.
+    pub fn plugin_version(&self, plugin: &str, old: Option<&str>, hash: &str) {
+        if let Some(old) = old {
+            self.plugin_info.remove(&PluginVersion {
+                plugin: plugin.to_owned(),
+                hash: old.to_owned(),
+            });
+        }
+        self.plugin_info
+            .get_or_create(&PluginVersion {
+                plugin: plugin.to_owned(),
+                hash: hash.to_owned(),
+            })
+            .set(1);
     }
 
     /// The Prometheus text exposition.

@@ -20,6 +20,8 @@
 
 mod message;
 mod outcome;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 pub use message::{Message, Reply};
 pub use outcome::{Error, IntoOutcome};
@@ -37,9 +39,14 @@ pub mod bindings {
     });
 }
 
+// In a component the host provides these; in a native `cargo test`, the
+// test host of [`testing`] does.
+#[cfg(target_arch = "wasm32")]
 use bindings::sluice::plugin::host;
 use bindings::sluice::plugin::types::{Header, HostError};
 use std::time::Duration;
+#[cfg(not(target_arch = "wasm32"))]
+use testing::host;
 
 /// Marks the function that handles each message.
 ///
@@ -114,7 +121,8 @@ pub fn config(key: &str) -> Option<String> {
 
 /// Log lines, written to the host's log with the route and message id.
 pub mod log {
-    use crate::bindings::sluice::plugin::{host, types::Level};
+    use crate::bindings::sluice::plugin::types::Level;
+    use crate::host;
 
     pub fn trace(text: impl AsRef<str>) {
         host::log(Level::Trace, text.as_ref());

@@ -9,6 +9,45 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message on `subject`, for unit tests of a handler: id `test-1`,
+    /// route `test`, attempt 1, no key, no headers.
+    pub fn new(subject: &str, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            raw: bindings::Message {
+                id: "test-1".into(),
+                route: "test".into(),
+                subject: subject.into(),
+                key: None,
+                headers: Vec::new(),
+                payload: payload.into(),
+                attempt: 1,
+                timestamp_ms: 0,
+                reply_to: None,
+            },
+        }
+    }
+
+    /// Adds a header (tests).
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.raw.headers.push(Header {
+            name: name.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Sets the broker key (tests).
+    pub fn with_key(mut self, key: &str) -> Self {
+        self.raw.key = Some(key.into());
+        self
+    }
+
+    /// Sets the delivery attempt, from 1 (tests).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.raw.attempt = attempt;
+        self
+    }
+
     #[doc(hidden)]
     pub fn from_raw(raw: bindings::Message) -> Self {
         Self { raw }

@@ -69,26 +69,34 @@ impl Daemon {
     /// `{admin}` placeholders.
     pub fn start(dir: &Path, config: &str) -> Self {
         let admin = format!("127.0.0.1:{}", free_port());
-        let data = dir.join("data").display().to_string();
-        let text = if config.contains("data_dir") {
-            config.replace("{admin}", &admin).replace("{data}", &data)
-        } else {
-            // Top-level key first, the [admin] table last: both stay valid
-            // whatever the config's own layout.
-            format!("data_dir = \"{data}\"\n{config}\n[admin]\nlisten = \"{admin}\"\n")
-        };
-        let path = dir.join("sluice.toml");
-        std::fs::write(&path, text).expect("write config");
         let mut d = Self {
             child: None,
             admin,
             dir: dir.to_owned(),
-            config: path,
+            config: dir.join("sluice.toml"),
             log: dir.join("sluice.log"),
             starts: 0,
         };
+        d.write_config(config);
         d.restart();
         d
+    }
+
+    /// Writes `config` (as for [`Daemon::start`]) over the config file: a
+    /// running daemon reloads it.
+    pub fn write_config(&self, config: &str) {
+        let data = self.dir.join("data").display().to_string();
+        let text = if config.contains("data_dir") {
+            config.replace("{admin}", &self.admin).replace("{data}", &data)
+        } else {
+            // Top-level key first, the [admin] table last: both stay valid
+            // whatever the config's own layout.
+            format!(
+                "data_dir = \"{data}\"\n{config}\n[admin]\nlisten = \"{}\"\n",
+                self.admin
+            )
+        };
+        std::fs::write(&self.config, text).expect("write config");
     }
 
     /// Starts (again) on the same config and data; waits until ready.

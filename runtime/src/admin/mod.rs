@@ -4,9 +4,11 @@
 mod status_page;
 
 use crate::brokers::embedded::{EmbeddedBroker, PublishError};
+use crate::engine::PluginSlot;
 use crate::message::{Header, Outbound};
 use crate::metrics::Metrics;
 use crate::pipeline::{Route, RouteStatusView};
+use arc_swap::ArcSwap;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -14,9 +16,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 /// Request header carrying one message header as `Name=value` (repeatable).
@@ -25,11 +28,41 @@ pub const MESSAGE_HEADER: &str = "x-sluice-header";
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub broker: EmbeddedBroker,
-    pub routes: Vec<Arc<Route>>,
+    /// The running routes, in config order; replaced by a config reload.
+    pub routes: ArcSwap<Vec<Arc<Route>>>,
+    /// The plugins by name; replaced by a config reload.
+    pub plugins: ArcSwap<BTreeMap<String, Arc<PluginSlot>>>,
     /// Set once plugins are loaded and sources started; cleared on shutdown.
     pub ready: AtomicBool,
     /// Dead-letter destinations `sluice dlq` can read, by name.
-    pub dead_letters: std::collections::BTreeMap<String, crate::dlq::Backend>,
+    pub dead_letters: ArcSwap<BTreeMap<String, crate::dlq::Backend>>,
+    /// Why the last reload of a plugin (by name) or of the config (`config`)
+    /// was refused; cleared by the next one that succeeds.
+    pub reload_errors: Mutex<BTreeMap<String, String>>,
+}
+
+impl AdminState {
+    pub fn new(metrics: Arc<Metrics>, broker: EmbeddedBroker) -> Self {
+        Self {
+            metrics,
+            broker,
+            routes: ArcSwap::from_pointee(Vec::new()),
+            plugins: ArcSwap::from_pointee(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+            dead_letters: ArcSwap::from_pointee(BTreeMap::new()),
+            reload_errors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records how a reload of `what` ended: `Some(reason)` if refused.
+    pub fn reload_result(&self, what: &str, refused: Option<String>) {
+        if let Ok(mut errors) = self.reload_errors.lock() {
+            match refused {
+                Some(reason) => errors.insert(what.to_owned(), reason),
+                None => errors.remove(what),
+            };
+        }
+    }
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -72,8 +105,8 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if !state.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping\n").into_response();
     }
-    let down: Vec<&str> = state
-        .routes
+    let routes = state.routes.load();
+    let down: Vec<&str> = routes
         .iter()
         .filter(|r| !r.source.is_connected())
         .map(|r| r.name.as_str())
@@ -111,34 +144,71 @@ pub struct RouteView {
 }
 
 #[derive(Serialize)]
+pub struct PluginView {
+    pub name: String,
+    pub hash: String,
+    pub path: String,
+    pub isolation: &'static str,
+    /// Why the last hot reload was refused (the version shown keeps serving).
+    pub reload_error: Option<String>,
+}
+
+#[derive(Serialize)]
 pub struct StatusView {
     pub ready: bool,
     pub version: &'static str,
     pub routes: Vec<RouteView>,
+    pub plugins: Vec<PluginView>,
+    /// Why the last config reload was refused (the running config stays).
+    pub config_reload_error: Option<String>,
     pub queues: Vec<crate::brokers::embedded::QueueInfo>,
 }
 
 pub fn status_view(state: &AdminState) -> StatusView {
+    let errors = state.reload_errors.lock().map(|e| e.clone()).unwrap_or_default();
     StatusView {
         ready: state.ready.load(Ordering::Relaxed),
         version: env!("CARGO_PKG_VERSION"),
         routes: state
             .routes
+            .load()
             .iter()
-            .map(|r| RouteView {
-                name: r.name.clone(),
-                source: r.source_description.clone(),
-                plugin: r.plugin.name().to_owned(),
-                plugin_hash: r.plugin.hash().to_owned(),
-                isolation: r.plugin.isolation().as_str(),
-                concurrency: r.concurrency,
-                dead_letter: format!("{} {}", r.dead_letter_broker, r.dead_letter_subject),
-                counts: r.status.view(),
+            .map(|r| {
+                let plugin = r.plugin.current();
+                RouteView {
+                    name: r.name.clone(),
+                    source: r.source_description.clone(),
+                    plugin: plugin.name().to_owned(),
+                    plugin_hash: plugin.hash().to_owned(),
+                    isolation: plugin.isolation().as_str(),
+                    concurrency: r.concurrency,
+                    dead_letter: format!("{} {}", r.dead_letter_broker, r.dead_letter_subject),
+                    counts: r.status.view(),
+                }
             })
             .collect(),
+        plugins: state
+            .plugins
+            .load()
+            .iter()
+            .map(|(name, slot)| {
+                let plugin = slot.current();
+                PluginView {
+                    name: name.clone(),
+                    hash: plugin.hash().to_owned(),
+                    path: plugin.path().display().to_string(),
+                    isolation: plugin.isolation().as_str(),
+                    reload_error: errors.get(name).cloned(),
+                }
+            })
+            .collect(),
+        config_reload_error: errors.get(CONFIG_RELOAD).cloned(),
         queues: state.broker.queues(),
     }
 }
+
+/// The key of config reloads in [`AdminState::reload_errors`].
+pub const CONFIG_RELOAD: &str = "config";
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusView> {
     Json(status_view(&state))
@@ -241,13 +311,14 @@ async fn queue_messages(
 }
 
 /// The backend of dead-letter destination `queue`, or the 404 to answer.
-fn dead_letters<'a>(state: &'a AdminState, queue: &str) -> Result<&'a crate::dlq::Backend, Box<Response>> {
-    state.dead_letters.get(queue).ok_or_else(|| {
+fn dead_letters(state: &AdminState, queue: &str) -> Result<crate::dlq::Backend, Box<Response>> {
+    let all = state.dead_letters.load();
+    all.get(queue).cloned().ok_or_else(|| {
         Box::new(error(
             StatusCode::NOT_FOUND,
             format!(
                 "{queue} is not a dead-letter destination this daemon can read (they are: {})",
-                state.dead_letters.keys().cloned().collect::<Vec<_>>().join(", ")
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         ))
     })
@@ -265,7 +336,8 @@ fn dlq_error(e: crate::dlq::DlqError) -> Response {
 
 async fn dlq_queues(State(state): State<Arc<AdminState>>) -> Response {
     let mut out = Vec::new();
-    for backend in state.dead_letters.values() {
+    let all = state.dead_letters.load_full();
+    for backend in all.values() {
         match backend.queue_summary().await {
             Ok(s) => out.push(s),
             Err(e) => return dlq_error(e),

@@ -50,6 +50,28 @@ pub fn html(view: &StatusView) -> String {
             esc(r.counts.last_error.as_deref().unwrap_or("")),
         );
     }
+    out.push_str("</table><h2>Plugins</h2>");
+    if let Some(e) = &view.config_reload_error {
+        let _ = write!(
+            out,
+            "<p><b>Config reload refused</b> (the running config stays): {}</p>",
+            esc(e)
+        );
+    }
+    out.push_str(
+        "<table><tr><th>plugin</th><th>hash</th><th>isolation</th><th>file</th><th>last reload refused</th></tr>",
+    );
+    for p in &view.plugins {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            esc(&p.name),
+            esc(p.hash.get(..12).unwrap_or(&p.hash)),
+            p.isolation,
+            esc(&p.path),
+            esc(p.reload_error.as_deref().unwrap_or("")),
+        );
+    }
     out.push_str("</table><h2>Embedded queues</h2><table><tr><th>queue</th><th>subjects</th><th>messages</th><th>in flight</th><th>delayed</th></tr>");
     for q in &view.queues {
         let _ = write!(

@@ -60,6 +60,11 @@ pub trait Source: Send + Sync {
     fn bounds_in_flight(&self) -> bool {
         false
     }
+    /// Stops the source for good (a route removed by a config reload):
+    /// leaves consumer groups, commits what is settled.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Publishes messages and returns once the broker has confirmed all of them.

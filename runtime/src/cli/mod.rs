@@ -4,9 +4,11 @@ mod admin_client;
 mod dlq;
 mod invoke;
 mod kafka;
+mod new_plugin;
 mod publish;
 
 use crate::config;
+use crate::daemon::RunOptions;
 use crate::telemetry::{self, LogFormat};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -28,11 +30,22 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon.
+    /// Run the daemon. Changed plugin files and config are hot-reloaded.
     Run {
         #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
         config: PathBuf,
+        /// Do not watch the config and plugin files.
+        #[arg(long, env = "SLUICE_NO_WATCH")]
+        no_watch: bool,
     },
+    /// Run the daemon for plugin development: builds each plugin's crate,
+    /// then rebuilds and hot-swaps it whenever its sources change.
+    Dev {
+        #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Scaffold something new: `sluice new plugin NAME`.
+    New(new_plugin::NewArgs),
     /// Validate the config and load every plugin, then exit.
     Check {
         #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
@@ -54,11 +67,28 @@ pub fn main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, no_watch } => {
             let config = config::load(&config)?;
-            runtime()?.block_on(crate::daemon::run(config))?;
+            let options = RunOptions {
+                watch: !no_watch,
+                rebuild: false,
+            };
+            runtime()?.block_on(crate::daemon::run(config, options))?;
             Ok(0)
         }
+        Command::Dev { config: path } => runtime()?.block_on(async {
+            // Built before the config is checked: the .wasm files it names
+            // may not exist yet.
+            crate::daemon::dev::build_all(&config::load_unbuilt(&path)?).await;
+            let config = config::load(&path)?;
+            let options = RunOptions {
+                watch: true,
+                rebuild: true,
+            };
+            crate::daemon::run(config, options).await?;
+            Ok(0)
+        }),
+        Command::New(args) => new_plugin::run(args),
         Command::Check { config } => {
             let config = config::load(&config)?;
             let engine = crate::daemon::build_engine(&config)?;

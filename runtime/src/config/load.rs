@@ -43,16 +43,35 @@ impl fmt::Display for Located {
 
 /// Reads and validates the config at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    parse(&read(path)?, path, PluginFiles::MustExist)
+}
+
+/// Reads and validates the config at `path` except that plugin files may
+/// be missing: `sluice dev` builds them.
+pub fn load_unbuilt(path: &Path) -> Result<Config, ConfigError> {
+    parse(&read(path)?, path, PluginFiles::MayBeMissing)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse_str(&raw, path)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PluginFiles {
+    MustExist,
+    MayBeMissing,
 }
 
 /// Parses config text as if read from `path` (relative paths resolve against
 /// its folder).
 pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
+    parse(raw, path, PluginFiles::MustExist)
+}
+
+fn parse(raw: &str, path: &Path, plugin_files: PluginFiles) -> Result<Config, ConfigError> {
     let invalid = |line: Option<usize>, key: &str, message: String| {
         ConfigError::Invalid(Located {
             file: path.to_owned(),
@@ -81,9 +100,12 @@ pub fn parse_str(raw: &str, path: &Path) -> Result<Config, ConfigError> {
     config.data_dir = base.join(&config.data_dir);
     for plugin in config.plugins.values_mut() {
         plugin.path = base.join(&plugin.path);
+        if let Some(source) = &mut plugin.source {
+            *source = base.join(&*source);
+        }
     }
 
-    validate(&config).map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
+    validate(&config, plugin_files).map_err(|(key, message)| invalid(lines.line_of(&segments(&key)), &key, message))?;
     Ok(config)
 }
 
@@ -111,13 +133,13 @@ fn segments(key: &str) -> Vec<String> {
 
 type Problem = (String, String);
 
-fn validate(config: &Config) -> Result<(), Problem> {
+fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
     if config.engine.max_instances == 0 {
         return Err(("engine.max_instances".into(), "must be at least 1".into()));
     }
     for (name, plugin) in &config.plugins {
         let key = |k: &str| format!("plugins.{name}.{k}");
-        if !plugin.path.is_file() {
+        if plugin_files == PluginFiles::MustExist && !plugin.path.is_file() {
             return Err((
                 key("path"),
                 format!(

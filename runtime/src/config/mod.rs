@@ -6,7 +6,7 @@ mod interpolate;
 mod load;
 mod locate;
 
-pub use load::{load, parse_str, ConfigError};
+pub use load::{load, load_unbuilt, parse_str, ConfigError};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the embedded broker, idempotency records and the compiled-plugin
@@ -48,7 +48,7 @@ fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP API (`/healthz`, `/readyz`, `/metrics`,
@@ -69,7 +69,7 @@ pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9595))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// Instances that can exist at once across all plugins (pool slots).
@@ -96,7 +96,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokersConfig {
     #[serde(default)]
@@ -113,7 +113,7 @@ pub struct BrokersConfig {
 /// The embedded broker is always there; routes' queues and dead-letter queues
 /// are declared from the routes. Extra queues catch other subjects (e.g. the
 /// handlers' outputs) so they can be read back.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
     #[serde(default)]
@@ -138,14 +138,14 @@ fn default_duplicate_window() -> Duration {
 }
 
 /// Shared stores used by several replicas.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoresConfig {
     /// `redis://host:port/db`, for `idempotency.store = "redis"`.
     pub redis_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub name: String,
@@ -166,7 +166,7 @@ pub enum Isolation {
     Reuse,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// The component (`.wasm`) file.
@@ -194,6 +194,9 @@ pub struct PluginConfig {
     /// Settings the plugin reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// The plugin's source crate, rebuilt on change by `sluice dev`. When
+    /// unset, `sluice dev` looks for the crate that builds `path`.
+    pub source: Option<PathBuf>,
 }
 
 fn default_memory_mb() -> u64 {
@@ -232,7 +235,7 @@ impl BrokerKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     #[serde(default = "default_broker")]
@@ -284,7 +287,7 @@ fn default_broker() -> BrokerKind {
     BrokerKind::Embedded
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// Defaults to the source's broker.
@@ -306,7 +309,7 @@ pub enum Jitter {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts in all, the first included; then the message is dead-lettered.
@@ -356,7 +359,7 @@ pub enum FailureAction {
 }
 
 /// Per-route treatment of host-detected failures.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailureMapping {
     #[serde(default = "retry")]
@@ -407,7 +410,7 @@ pub enum GateStore {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// `header:NAME`, `json:/pointer`, `id` (broker-native id) or `none`.
@@ -430,7 +433,7 @@ fn default_lease() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,

@@ -6,10 +6,12 @@ mod cache;
 mod host;
 mod outcome;
 mod plugin;
+mod slot;
 
 pub use host::{HostState, PluginContext, RequestError, Requester};
 pub use outcome::{FailureKind, Invocation, Outcome, Reply};
 pub use plugin::{Plugin, PluginError, PluginSpec};
+pub use slot::PluginSlot;
 
 use crate::config::Isolation;
 use std::path::PathBuf;

@@ -88,6 +88,12 @@ pub enum PluginError {
         list: &'static str,
         source: SubjectError,
     },
+    #[error("plugin `{name}`: {} cannot be instantiated: {reason}", path.display())]
+    Instantiate {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("plugin `{name}`: sets `fuel` but the engine was started without fuel metering")]
     FuelDisabled { name: String },
 }
@@ -244,6 +250,39 @@ impl Plugin {
     }
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Instantiates the component once without handling anything, so a
+    /// version whose start-up fails is refused before it is put in service.
+    /// In `reuse` mode the instance is kept warm for the first message.
+    pub async fn probe(&self) -> Result<(), PluginError> {
+        let mut store = self.new_store();
+        self.arm(&mut store);
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(handler) => {
+                if self.spec_isolation == Isolation::Reuse {
+                    if let Ok(mut pool) = self.warm.lock() {
+                        pool.push(Warm {
+                            store,
+                            handler,
+                            uses: 0,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let reason = match self.classify(Ok(Err(e)), store.data()) {
+                    Outcome::Failed { kind, reason } => format!("{kind}: {reason}"),
+                    Outcome::Ok { .. } => "unknown".into(),
+                };
+                Err(PluginError::Instantiate {
+                    name: self.name.clone(),
+                    path: self.path.clone(),
+                    reason,
+                })
+            }
+        }
     }
 
     /// A store whose epoch callback, set once, lets the guest yield every

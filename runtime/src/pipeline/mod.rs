@@ -13,7 +13,7 @@ pub mod trace;
 
 use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
-use crate::engine::{FailureKind, Invocation, Outcome, Plugin};
+use crate::engine::{FailureKind, Invocation, Outcome, Plugin, PluginSlot};
 use crate::idempotency::{Claim, IdempotencyStore};
 use crate::message::{find_header, Header, Message, Outbound, DEDUP_HEADER};
 use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics};
@@ -101,7 +101,8 @@ pub struct Route {
     pub dead_letter_subject: String,
     /// The broker the dead letters go to (`embedded`, `nats`...).
     pub dead_letter_broker: &'static str,
-    pub plugin: Arc<Plugin>,
+    /// The plugin version new messages run on; swapped by a hot reload.
+    pub plugin: Arc<PluginSlot>,
     pub policy: Policy,
     pub concurrency: u32,
     pub ordering: RouteOrdering,
@@ -134,7 +135,7 @@ impl Route {
             dead_letter_sink: sink,
             dead_letter_subject: format!("dlq.{name}"),
             dead_letter_broker: source_broker,
-            plugin,
+            plugin: Arc::new(PluginSlot::new(plugin)),
             policy: Policy {
                 retry: crate::config::RetryConfig::default(),
                 on_failure: crate::config::FailureMapping::default(),
@@ -370,10 +371,13 @@ impl Route {
             }
         }
 
+        // This message runs on the version current now, to the end, even if
+        // a hot reload swaps the plugin meanwhile.
+        let plugin = self.plugin.current();
         // Cloned only if a retry in place needs a new attempt number.
         let mut msg: std::borrow::Cow<'_, Message> = std::borrow::Cow::Borrowed(delivery.message());
         loop {
-            let invocation = self.plugin.invoke(&self.name, &msg).await;
+            let invocation = plugin.invoke(&self.name, &msg).await;
             self.observe(&invocation);
             let mut decision = self.policy.decide(&invocation.outcome, msg.attempt);
             // A requester is waiting: answer with the error now rather than
@@ -426,7 +430,7 @@ impl Route {
                     // Released, not done: a replayed copy must run again.
                     self.release(gate_key.as_deref(), &owner).await;
                     let msg = msg.into_owned();
-                    return self.dead_letter(delivery, &msg, kind, &reason).await;
+                    return self.dead_letter(delivery, &plugin, &msg, kind, &reason).await;
                 }
             }
         }
@@ -503,7 +507,14 @@ impl Route {
         }
     }
 
-    async fn dead_letter(&self, delivery: Box<dyn Delivery>, msg: &Message, kind: FailureKind, reason: &str) -> Label {
+    async fn dead_letter(
+        &self,
+        delivery: Box<dyn Delivery>,
+        plugin: &Plugin,
+        msg: &Message,
+        kind: FailureKind,
+        reason: &str,
+    ) -> Label {
         if let Some(reply_to) = &msg.reply_to {
             // The requester is waiting: tell it what went wrong.
             let error_reply = Outbound {
@@ -525,8 +536,8 @@ impl Route {
                 kind,
                 reason,
                 route: &self.name,
-                plugin_name: self.plugin.name(),
-                plugin_hash: self.plugin.hash(),
+                plugin_name: plugin.name(),
+                plugin_hash: plugin.hash(),
                 origin: delivery.origin(),
             },
         );

@@ -299,6 +299,13 @@ impl Source for KafkaSource {
     fn bounds_in_flight(&self) -> bool {
         true
     }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || shared.close()).await;
+        })
+    }
 }
 
 fn to_message(m: &BorrowedMessage<'_>) -> Message {

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs, comma-separated (`nats://127.0.0.1:4222`).
@@ -51,7 +51,7 @@ pub enum Retention {
     Workqueue,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     pub name: String,

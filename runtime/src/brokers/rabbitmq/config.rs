@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitConfig {
     /// `amqp://user:password@host:5672/vhost` (`%2f` is the vhost `/`);
@@ -55,7 +55,7 @@ impl ExchangeKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeConfig {
     pub name: String,
@@ -76,7 +76,7 @@ pub enum QueueType {
     Quorum,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub name: String,
@@ -97,7 +97,7 @@ pub struct QueueConfig {
     pub bindings: Vec<BindingConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingConfig {
     pub exchange: String,

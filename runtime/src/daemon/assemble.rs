@@ -1,14 +1,13 @@
-//! Assembles a running daemon from a config: the embedded broker, the
-//! engine, the plugins, the routes and the admin API; stops it gracefully.
+//! Builds the parts of a daemon from a config: brokers, engine, plugins,
+//! idempotency stores, routes.
 
-use crate::admin::{self, AdminState};
 use crate::brokers::embedded::{EmbeddedBroker, StoreError};
 use crate::brokers::kafka::{self, KafkaBroker, KafkaSetupError};
 use crate::brokers::nats::{ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::rabbitmq::{self, RabbitBroker, RabbitSetupError};
 use crate::brokers::{Sink, Source};
-use crate::config::{BrokerKind, Config, GateStore, PluginConfig};
-use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSpec, Requester};
+use crate::config::{BrokerKind, Config, GateStore, PluginConfig, RouteConfig};
+use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSlot, PluginSpec, Requester};
 use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, RedisStore};
 use crate::metrics::Metrics;
 use crate::pipeline::keys::KeySource;
@@ -17,10 +16,8 @@ use crate::pipeline::Gate;
 use crate::pipeline::{Route, RouteStatus};
 use crate::subject::SubjectPattern;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -57,6 +54,13 @@ pub struct GateStores {
 impl GateStores {
     pub async fn open(config: &Config) -> Result<Self, DaemonError> {
         let mut stores = Self::default();
+        stores.ensure(config).await?;
+        Ok(stores)
+    }
+
+    /// Opens the stores `config` needs that are not open yet.
+    pub async fn ensure(&mut self, config: &Config) -> Result<(), DaemonError> {
+        let stores = self;
         for route in &config.routes {
             let Some(idem) = &route.idempotency else {
                 continue;
@@ -73,7 +77,7 @@ impl GateStores {
                 _ => {}
             }
         }
-        Ok(stores)
+        Ok(())
     }
 
     fn get(&self, kind: GateStore) -> Option<Arc<dyn IdempotencyStore>> {
@@ -392,6 +396,14 @@ pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
+    declare_queues(&broker, config)?;
+    Ok(broker)
+}
+
+/// Declares the embedded queues of `config`: one per embedded route, one per
+/// embedded dead-letter subject, and the extra ones. Existing queues keep
+/// their messages.
+pub fn declare_queues(broker: &EmbeddedBroker, config: &Config) -> Result<(), DaemonError> {
     for route in &config.routes {
         if route.source.broker == BrokerKind::Embedded {
             broker.declare_queue(&route.name, vec![pattern(&route.source.subject)?], None);
@@ -405,138 +417,58 @@ pub fn open_broker(config: &Config) -> Result<EmbeddedBroker, DaemonError> {
         let patterns = q.subjects.iter().map(|s| pattern(s)).collect::<Result<_, _>>()?;
         broker.declare_queue(&q.name, patterns, q.max_len);
     }
-    Ok(broker)
-}
-
-pub async fn build_routes(
-    config: &Config,
-    brokers: &Brokers,
-    plugins: &BTreeMap<String, Arc<Plugin>>,
-    gates: &GateStores,
-    metrics: &Arc<Metrics>,
-) -> Result<Vec<Arc<Route>>, DaemonError> {
-    let mut routes = Vec::new();
-    for r in &config.routes {
-        let plugin = plugins
-            .get(&r.plugin)
-            .cloned()
-            .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))?;
-        let (source, description) = brokers.source(r).await?;
-        let gate = match &r.idempotency {
-            Some(idem) if idem.key != "none" => Some(Gate {
-                key: key_source(&idem.key)?,
-                store: gates
-                    .get(idem.store)
-                    .ok_or_else(|| DaemonError::Invalid(format!("route {}: idempotency store not open", r.name)))?,
-                ttl: idem.ttl,
-                lease: idem.lease,
-            }),
-            _ => None,
-        };
-        routes.push(Arc::new(Route {
-            name: r.name.clone(),
-            source_description: description,
-            source_broker: r.source.broker.as_str(),
-            source,
-            sink: brokers.sink(r.publish_broker.unwrap_or(r.source.broker))?,
-            dead_letter_sink: brokers.dead_letter_sink(r)?,
-            dead_letter_subject: r.dead_letter_subject(),
-            dead_letter_broker: dead_letter_broker(r).as_str(),
-            plugin,
-            policy: Policy {
-                retry: r.retry.clone(),
-                on_failure: r.on_failure,
-            },
-            concurrency: r.concurrency,
-            ordering: r.ordering(),
-            ordering_key: match &r.key {
-                Some(k) => key_source(k)?,
-                None => KeySource::MessageKey,
-            },
-            gate,
-            metrics: metrics.clone(),
-            status: Arc::new(RouteStatus::default()),
-            series: std::sync::OnceLock::new(),
-        }));
-    }
-    Ok(routes)
-}
-
-/// Runs the daemon until SIGTERM or SIGINT; then stops fetching, lets
-/// in-flight messages finish within the grace period, and returns. A second
-/// signal ends the process at once.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let brokers = Brokers::open(&config).await?;
-    let broker = brokers.embedded.clone();
-    let engine = build_engine(&config)?;
-    let plugins = load_plugins(&engine, &config, brokers.requester())?;
-    let metrics = Arc::new(Metrics::new());
-    let gates = GateStores::open(&config).await?;
-    let routes = build_routes(&config, &brokers, &plugins, &gates, &metrics).await?;
-
-    let state = Arc::new(AdminState {
-        metrics,
-        broker: broker.clone(),
-        routes: routes.clone(),
-        ready: false.into(),
-        dead_letters: dead_letter_backends(&config, &brokers),
-    });
-    let admin_stop = CancellationToken::new();
-    let admin = admin::serve(config.admin.listen, state.clone(), admin_stop.clone())
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: config.admin.listen.to_string(),
-            source,
-        })?;
-
-    let stop = CancellationToken::new();
-    let mut workers = Vec::new();
-    for route in &routes {
-        workers.extend(route.spawn(&stop));
-        tracing::info!(route = %route.name, source = %route.source_description, plugin = %route.plugin.name(), concurrency = route.concurrency, "route started");
-    }
-    state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(admin = %config.admin.listen, "sluice is running");
-
-    wait_for_signal().await;
-    tracing::info!(grace = ?config.shutdown_grace, "stopping: no new messages; waiting for in-flight ones");
-    state.ready.store(false, Ordering::Relaxed);
-    stop.cancel();
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now; unsettled messages will be redelivered");
-        std::process::exit(130);
-    });
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        for w in workers {
-            let _ = w.await;
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("grace period over; unsettled messages will be redelivered");
-    }
-    admin_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    brokers.close().await;
-    gates.close();
-    tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+/// Builds one route of the config on `plugin`'s slot. `status` carries the
+/// counters over when a reload rebuilds a running route.
+pub async fn build_route(
+    r: &RouteConfig,
+    brokers: &Brokers,
+    plugin: Arc<PluginSlot>,
+    gates: &GateStores,
+    metrics: &Arc<Metrics>,
+    status: Option<Arc<RouteStatus>>,
+) -> Result<Arc<Route>, DaemonError> {
+    let gate = match &r.idempotency {
+        Some(idem) if idem.key != "none" => Some(Gate {
+            key: key_source(&idem.key)?,
+            store: gates
+                .get(idem.store)
+                .ok_or_else(|| DaemonError::Invalid(format!("route {}: idempotency store not open", r.name)))?,
+            ttl: idem.ttl,
+            lease: idem.lease,
+        }),
+        _ => None,
+    };
+    let ordering_key = match &r.key {
+        Some(k) => key_source(k)?,
+        None => KeySource::MessageKey,
+    };
+    let sink = brokers.sink(r.publish_broker.unwrap_or(r.source.broker))?;
+    let dead_letter_sink = brokers.dead_letter_sink(r)?;
+    // Last: the source may join a consumer group.
+    let (source, description) = brokers.source(r).await?;
+    Ok(Arc::new(Route {
+        name: r.name.clone(),
+        source_description: description,
+        source_broker: r.source.broker.as_str(),
+        source,
+        sink,
+        dead_letter_sink,
+        dead_letter_subject: r.dead_letter_subject(),
+        dead_letter_broker: dead_letter_broker(r).as_str(),
+        plugin,
+        policy: Policy {
+            retry: r.retry.clone(),
+            on_failure: r.on_failure,
+        },
+        concurrency: r.concurrency,
+        ordering: r.ordering(),
+        ordering_key,
+        gate,
+        metrics: metrics.clone(),
+        status: status.unwrap_or_default(),
+        series: std::sync::OnceLock::new(),
+    }))
 }

@@ -1,0 +1,421 @@
+//! The running daemon: its plugins and routes, and the reloads that change
+//! them while messages flow. A reload is prepared whole (plugins compiled
+//! and instantiated once, routes built) before anything running is touched,
+//! so a refused one leaves the daemon exactly as it was.
+
+use super::assemble::{
+    build_engine, build_route, dead_letter_backends, declare_queues, plugin_spec, Brokers, DaemonError, GateStores,
+};
+use crate::admin::{AdminState, CONFIG_RELOAD};
+use crate::config::{self, Config, PluginConfig, RouteConfig};
+use crate::engine::{Engine, Plugin, PluginError, PluginSlot, Requester};
+use crate::metrics::{Metrics, ReloadResult};
+use crate::pipeline::Route;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A route and the workers running it.
+struct Running {
+    config: RouteConfig,
+    route: Arc<Route>,
+    stop: CancellationToken,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn new(config: RouteConfig, route: Arc<Route>) -> Self {
+        Self {
+            config,
+            route,
+            stop: CancellationToken::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    fn start(&mut self) {
+        if self.workers.is_empty() {
+            self.workers = self.route.spawn(&self.stop);
+            let route = &self.route;
+            tracing::info!(route = %route.name, source = %route.source_description, plugin = %route.plugin.current().name(), concurrency = route.concurrency, "route started");
+        }
+    }
+
+    /// Stops taking messages and waits up to `grace` for those in flight;
+    /// anything unsettled then goes back to the broker.
+    async fn stop(self, grace: Duration) {
+        self.stop.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            for w in self.workers {
+                let _ = w.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(route = %self.route.name, "grace period over; unsettled messages will be redelivered");
+        }
+    }
+}
+
+pub struct Supervisor {
+    config: Config,
+    engine: Engine,
+    brokers: Brokers,
+    gates: GateStores,
+    metrics: Arc<Metrics>,
+    state: Arc<AdminState>,
+    requester: Option<Arc<dyn Requester>>,
+    plugins: BTreeMap<String, Arc<PluginSlot>>,
+    routes: Vec<Running>,
+}
+
+impl Supervisor {
+    /// Opens the brokers, loads the plugins and builds the routes of
+    /// `config`; nothing runs until [`Supervisor::start_routes`].
+    pub async fn open(config: Config) -> Result<Self, DaemonError> {
+        let brokers = Brokers::open(&config).await?;
+        let engine = build_engine(&config)?;
+        let requester = brokers.requester();
+        let metrics = Arc::new(Metrics::new());
+        let gates = GateStores::open(&config).await?;
+        let state = Arc::new(AdminState::new(metrics.clone(), brokers.embedded.clone()));
+        let mut supervisor = Self {
+            config,
+            engine,
+            brokers,
+            gates,
+            metrics,
+            state,
+            requester,
+            plugins: BTreeMap::new(),
+            routes: Vec::new(),
+        };
+        for (name, plugin) in &supervisor.config.plugins {
+            let loaded = supervisor.load(name, plugin).await?;
+            tracing::info!(
+                plugin = %name,
+                hash = %&loaded.hash()[..12],
+                isolation = loaded.isolation().as_str(),
+                "plugin loaded"
+            );
+            supervisor.metrics.plugin_version(name, None, loaded.hash());
+            supervisor
+                .plugins
+                .insert(name.clone(), Arc::new(PluginSlot::new(loaded)));
+        }
+        for r in &supervisor.config.routes {
+            let slot = supervisor.slot(&supervisor.plugins, r)?;
+            let route = build_route(
+                r,
+                &supervisor.brokers,
+                slot,
+                &supervisor.gates,
+                &supervisor.metrics,
+                None,
+            )
+            .await?;
+            supervisor.routes.push(Running::new(r.clone(), route));
+        }
+        supervisor.publish_state();
+        Ok(supervisor)
+    }
+
+    pub fn state(&self) -> Arc<AdminState> {
+        self.state.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The files whose changes [`Supervisor::changed`] acts on.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.config.file.clone()];
+        files.extend(self.config.plugins.values().map(|p| p.path.clone()));
+        files
+    }
+
+    pub fn start_routes(&mut self) {
+        for r in &mut self.routes {
+            r.start();
+        }
+    }
+
+    /// Acts on changed files (normalized paths): the config is reloaded
+    /// first, then each plugin whose `.wasm` changed.
+    pub async fn changed(&mut self, paths: &[PathBuf]) {
+        tracing::debug!(?paths, "files changed");
+        let is = |file: &PathBuf| {
+            let file = super::watch::normalize(file);
+            paths.contains(&file)
+        };
+        if is(&self.config.file.clone()) {
+            self.reload_config().await;
+        }
+        let plugins: Vec<String> = self
+            .config
+            .plugins
+            .iter()
+            .filter(|(_, p)| is(&p.path))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in plugins {
+            self.reload_plugin(&name).await;
+        }
+    }
+
+    /// Compiles (off the async workers) and instantiates once a version of
+    /// `name`.
+    async fn load(&self, name: &str, config: &PluginConfig) -> Result<Arc<Plugin>, PluginError> {
+        let spec = plugin_spec(name, config, self.requester.clone());
+        let engine = self.engine.clone();
+        let loaded = tokio::task::spawn_blocking(move || engine.load(spec))
+            .await
+            .map_err(|e| PluginError::Instantiate {
+                name: name.to_owned(),
+                path: config.path.clone(),
+                reason: format!("compilation did not finish: {e}"),
+            })??;
+        loaded.probe().await?;
+        Ok(Arc::new(loaded))
+    }
+
+    fn slot(&self, slots: &BTreeMap<String, Arc<PluginSlot>>, r: &RouteConfig) -> Result<Arc<PluginSlot>, DaemonError> {
+        slots
+            .get(&r.plugin)
+            .cloned()
+            .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))
+    }
+
+    /// Swaps in the `.wasm` now on disk for `name`, unless it is broken: then
+    /// the running version keeps serving.
+    pub async fn reload_plugin(&mut self, name: &str) {
+        let (Some(slot), Some(config)) = (self.plugins.get(name).cloned(), self.config.plugins.get(name).cloned())
+        else {
+            return;
+        };
+        let old = slot.current();
+        let started = Instant::now();
+        match self.load(name, &config).await {
+            Ok(new) if new.hash() == old.hash() => {
+                tracing::debug!(plugin = %name, "plugin file touched, content unchanged");
+            }
+            Ok(new) => {
+                slot.swap(new.clone());
+                self.metrics.plugin_reloaded(name, "ok");
+                self.metrics.plugin_version(name, Some(old.hash()), new.hash());
+                self.state.reload_result(name, None);
+                tracing::info!(
+                    plugin = %name,
+                    from = %&old.hash()[..12],
+                    to = %&new.hash()[..12],
+                    ready_ms = started.elapsed().as_millis() as u64,
+                    "plugin reloaded: new messages run the new version, those in flight finish on the old one"
+                );
+            }
+            Err(e) => {
+                self.metrics.plugin_reloaded(name, "refused");
+                self.state.reload_result(name, Some(e.to_string()));
+                tracing::error!(plugin = %name, serving = %&old.hash()[..12], "new version refused, the running one keeps serving: {e}");
+            }
+        }
+    }
+
+    /// Reads the config file again and applies it whole, or not at all.
+    pub async fn reload_config(&mut self) {
+        let result = match config::load(&self.config.file) {
+            Ok(new) => self.apply(new).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let label = |result: &str| ReloadResult {
+            result: result.to_owned(),
+        };
+        match result {
+            Ok(summary) => {
+                self.metrics.config_reloads.get_or_create(&label("ok")).inc();
+                self.state.reload_result(CONFIG_RELOAD, None);
+                tracing::info!("config reloaded: {summary}");
+            }
+            Err(e) => {
+                self.metrics.config_reloads.get_or_create(&label("refused")).inc();
+                self.state.reload_result(CONFIG_RELOAD, Some(e.clone()));
+                tracing::error!("config reload refused, the running config stays: {e}");
+            }
+        }
+    }
+
+    async fn apply(&mut self, mut new: Config) -> Result<String, String> {
+        // What is opened once at start-up stays as it is until a restart.
+        let mut pending = Vec::new();
+        if new.data_dir != self.config.data_dir {
+            pending.push("data_dir");
+        }
+        if new.admin != self.config.admin {
+            pending.push("[admin]");
+        }
+        if new.engine != self.config.engine {
+            pending.push("[engine]");
+        }
+        if new.brokers != self.config.brokers {
+            pending.push("[brokers]");
+        }
+        if new.stores != self.config.stores {
+            pending.push("[stores]");
+        }
+        if !pending.is_empty() {
+            tracing::warn!("changes to {} take effect at the next restart", pending.join(", "));
+        }
+        new.data_dir = self.config.data_dir.clone();
+        new.admin = self.config.admin.clone();
+        new.engine = self.config.engine.clone();
+        new.brokers = self.config.brokers.clone();
+        new.stores = self.config.stores.clone();
+
+        // Prepare: nothing running changes if any of this fails.
+        self.gates.ensure(&new).await.map_err(|e| e.to_string())?;
+        let mut loaded = BTreeMap::new();
+        for (name, plugin) in &new.plugins {
+            if self.plugins.contains_key(name) && self.config.plugins.get(name) == Some(plugin) {
+                continue;
+            }
+            let version = self.load(name, plugin).await.map_err(|e| e.to_string())?;
+            loaded.insert(name.clone(), version);
+        }
+        let mut slots = BTreeMap::new();
+        for name in new.plugins.keys() {
+            let slot = match (self.plugins.get(name), loaded.get(name)) {
+                (Some(slot), _) => slot.clone(),
+                (None, Some(version)) => Arc::new(PluginSlot::new(version.clone())),
+                (None, None) => return Err(format!("plugin `{name}` was not loaded")),
+            };
+            slots.insert(name.clone(), slot);
+        }
+        declare_queues(&self.brokers.embedded, &new).map_err(|e| e.to_string())?;
+        let mut built = BTreeMap::new();
+        for r in &new.routes {
+            let old = self.routes.iter().find(|x| x.config.name == r.name);
+            if old.is_some_and(|o| o.config == *r) {
+                continue;
+            }
+            let status = old.map(|o| o.route.status.clone());
+            let route = match self.slot(&slots, r) {
+                Ok(slot) => build_route(r, &self.brokers, slot, &self.gates, &self.metrics, status).await,
+                Err(e) => Err(e),
+            };
+            match route {
+                Ok(route) => {
+                    built.insert(r.name.clone(), route);
+                }
+                Err(e) => {
+                    for route in built.values() {
+                        route.source.close().await;
+                    }
+                    return Err(format!("route {}: {e}", r.name));
+                }
+            }
+        }
+
+        // Commit.
+        let mut summary = Vec::new();
+        for (name, version) in loaded {
+            match self.plugins.get(&name) {
+                Some(slot) => {
+                    let old = slot.swap(version.clone());
+                    self.metrics.plugin_version(&name, Some(old.hash()), version.hash());
+                    summary.push(format!("plugin {name} reloaded"));
+                }
+                None => {
+                    self.metrics.plugin_version(&name, None, version.hash());
+                    summary.push(format!("plugin {name} added"));
+                }
+            }
+        }
+        for (name, slot) in &self.plugins {
+            if !slots.contains_key(name) {
+                self.metrics.plugin_info.remove(&crate::metrics::PluginVersion {
+                    plugin: name.clone(),
+                    hash: slot.current().hash().to_owned(),
+                });
+                summary.push(format!("plugin {name} removed"));
+            }
+        }
+        let mut kept = Vec::new();
+        for running in std::mem::take(&mut self.routes) {
+            if new.routes.contains(&running.config) {
+                kept.push(running);
+                continue;
+            }
+            let name = running.config.name.clone();
+            let source = running.route.source.clone();
+            running.stop(new.shutdown_grace).await;
+            source.close().await;
+            if !built.contains_key(&name) {
+                tracing::info!(route = %name, "route stopped");
+                summary.push(format!("route {name} stopped"));
+            }
+        }
+        for r in &new.routes {
+            if let Some(i) = kept.iter().position(|k| k.config.name == r.name) {
+                self.routes.push(kept.remove(i));
+                continue;
+            }
+            let Some(route) = built.remove(&r.name) else {
+                continue;
+            };
+            let restarted = self.config.routes.iter().any(|old| old.name == r.name);
+            let mut running = Running::new(r.clone(), route);
+            running.start();
+            self.routes.push(running);
+            summary.push(format!(
+                "route {} {}",
+                r.name,
+                if restarted { "restarted" } else { "started" }
+            ));
+        }
+        self.plugins = slots;
+        self.config = new;
+        self.publish_state();
+        Ok(if summary.is_empty() {
+            "nothing to change".into()
+        } else {
+            summary.join(", ")
+        })
+    }
+
+    /// Shows the current routes, plugins and dead-letter destinations on
+    /// the admin API.
+    fn publish_state(&self) {
+        self.state
+            .routes
+            .store(Arc::new(self.routes.iter().map(|r| r.route.clone()).collect()));
+        self.state.plugins.store(Arc::new(self.plugins.clone()));
+        self.state
+            .dead_letters
+            .store(Arc::new(dead_letter_backends(&self.config, &self.brokers)));
+    }
+
+    /// Stops every route (waiting up to the grace period in all for the
+    /// messages in flight), then closes the brokers and stores.
+    pub async fn shutdown(self) {
+        let grace = self.config.shutdown_grace;
+        for r in &self.routes {
+            r.stop.cancel();
+        }
+        let drained = tokio::time::timeout(grace, async {
+            for r in self.routes {
+                for w in r.workers {
+                    let _ = w.await;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over; unsettled messages will be redelivered");
+        }
+        self.brokers.close().await;
+        self.gates.close();
+    }
+}

@@ -1,0 +1,84 @@
+//! Unit tests of a handler on the build machine (`cargo test`), without a
+//! host: what the handler publishes is recorded, settings and request
+//! answers are given by the test. Only compiled for non-WebAssembly targets.
+//!
+//! ```ignore
+//! #[test]
+//! fn publishes_the_order() {
+//!     sluice_sdk::testing::reset();
+//!     handle(Message::new("orders.created", r#"{"order_id":"o-1"}"#)).unwrap();
+//!     assert_eq!(sluice_sdk::testing::published()[0].subject, "audit.orders");
+//! }
+//! ```
+
+use crate::bindings::sluice::plugin::types::{Header, HostError, Level};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+/// A message the handler published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Default)]
+struct TestHost {
+    published: Vec<Published>,
+    config: BTreeMap<String, String>,
+    answers: BTreeMap<String, Vec<u8>>,
+}
+
+thread_local! {
+    static HOST: RefCell<TestHost> = RefCell::new(TestHost::default());
+}
+
+/// Forgets publishes, settings and answers of this thread.
+pub fn reset() {
+    HOST.with(|h| *h.borrow_mut() = TestHost::default());
+}
+
+/// What the handler published on this thread so far.
+pub fn published() -> Vec<Published> {
+    HOST.with(|h| h.borrow().published.clone())
+}
+
+/// Makes `config(key)` return `value`.
+pub fn set_config(key: &str, value: &str) {
+    HOST.with(|h| h.borrow_mut().config.insert(key.to_owned(), value.to_owned()));
+}
+
+/// Makes `request(subject, ..)` answer `payload`; other subjects time out.
+pub fn answer(subject: &str, payload: impl Into<Vec<u8>>) {
+    HOST.with(|h| h.borrow_mut().answers.insert(subject.to_owned(), payload.into()));
+}
+
+/// The host functions as the SDK calls them, served by the test host.
+pub(crate) mod host {
+    use super::*;
+
+    pub fn publish(subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
+        HOST.with(|h| {
+            h.borrow_mut().published.push(Published {
+                subject: subject.to_owned(),
+                headers: headers.iter().map(|x| (x.name.clone(), x.value.clone())).collect(),
+                payload: payload.to_vec(),
+            })
+        });
+        Ok(())
+    }
+
+    pub fn request(subject: &str, _payload: &[u8], _timeout_ms: u32) -> Result<Vec<u8>, HostError> {
+        HOST.with(|h| h.borrow().answers.get(subject).cloned())
+            .ok_or(HostError::Timeout)
+    }
+
+    pub fn config(key: &str) -> Option<String> {
+        HOST.with(|h| h.borrow().config.get(key).cloned())
+    }
+
+    pub fn log(level: Level, text: &str) {
+        eprintln!("[{level:?}] {text}");
+    }
+}

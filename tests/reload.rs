@@ -1,0 +1,340 @@
+//! Hot reload on the embedded broker: plugin swaps under load, broken
+//! versions refused, config reloads applied whole or not at all, and a
+//! graceful stop with messages in flight.
+
+use serde_json::Value;
+use sluice_tests::daemon::Daemon;
+use sluice_tests::plugin;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MARKER: &[u8] = b"sluice-fixture-version:";
+
+/// The stamp fixture with its version marker set to `version`.
+fn stamp_version(version: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(plugin("fixture_stamp")).unwrap();
+    let at: Vec<usize> = bytes
+        .windows(MARKER.len())
+        .enumerate()
+        .filter(|(_, w)| *w == MARKER)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the marker appears once in the fixture");
+    let digits = format!("{version:09}");
+    let start = at[0] + MARKER.len();
+    bytes[start..start + 9].copy_from_slice(digits.as_bytes());
+    bytes
+}
+
+/// Puts a new plugin file in place the way a deploy does: written aside,
+/// then renamed over the old one.
+fn deploy(path: &Path, bytes: &[u8]) {
+    let aside = path.with_extension("wasm.tmp");
+    std::fs::write(&aside, bytes).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+fn config(label: &str, extra: &str) -> String {
+    format!(
+        r#"
+[plugins.stamp]
+path = "plugins/stamp.wasm"
+isolation = "reuse"
+publish = ["stamped"]
+config = {{ label = "{label}" }}
+
+[[routes]]
+name = "work"
+plugin = "stamp"
+source = {{ broker = "embedded", subject = "work" }}
+concurrency = 1
+
+[[brokers.embedded.queues]]
+name = "stamped"
+subjects = ["stamped"]
+max_len = 1000000
+{extra}"#
+    )
+}
+
+fn start(dir: &Path, version: u32, label: &str) -> Daemon {
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    std::fs::write(dir.join("plugins/stamp.wasm"), stamp_version(version)).unwrap();
+    Daemon::start(dir, &config(label, ""))
+}
+
+fn header<'a>(m: &'a Value, name: &str) -> Option<&'a str> {
+    m["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h["name"] == name)
+        .and_then(|h| h["value"].as_str())
+}
+
+fn reloads(d: &Daemon, result: &str) -> f64 {
+    d.metric(&format!(
+        "sluice_plugin_reloads_total{{plugin=\"stamp\",result=\"{result}\"}}"
+    ))
+}
+
+fn config_reloads(d: &Daemon, result: &str) -> f64 {
+    d.metric(&format!("sluice_config_reloads_total{{result=\"{result}\"}}"))
+}
+
+/// The version and label of the last stamped message, after publishing one.
+fn handled_by(d: &Daemon, subject: &str) -> (String, String) {
+    let before = d.queue_len("stamped");
+    d.publish(subject, &[], b"probe");
+    d.wait_for("the probe handled", Duration::from_secs(20), || {
+        d.queue_len("stamped") > before
+    });
+    let last = d.queue("stamped").pop().unwrap();
+    (
+        header(&last, "plugin-version").unwrap().to_owned(),
+        header(&last, "plugin-label").unwrap().to_owned(),
+    )
+}
+
+fn route_count(d: &Daemon, route: &str, what: &str) -> u64 {
+    d.status()["routes"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == route))
+        .and_then(|r| r[what].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn twenty_swaps_while_ten_thousand_messages_flow_each_handled_once_by_the_current_version() {
+    const SWAPS: u32 = 20;
+    const AT_LEAST: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Arc::new(start(dir.path(), 0, "x"));
+    let wasm = dir.path().join("plugins/stamp.wasm");
+
+    // Publishes until the swaps are over and at least AT_LEAST were sent.
+    let swapping = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (d, swapping) = (d.clone(), swapping.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            while sent < AT_LEAST || swapping.load(Ordering::Relaxed) {
+                d.publish("work", &[], sent.to_string().as_bytes());
+                sent += 1;
+            }
+            sent
+        })
+    };
+    for version in 1..=SWAPS {
+        std::thread::sleep(Duration::from_millis(150));
+        deploy(&wasm, &stamp_version(version));
+        d.wait_for(&format!("swap {version}"), Duration::from_secs(30), || {
+            reloads(&d, "ok") >= f64::from(version)
+        });
+    }
+    // Some messages on the last version too.
+    std::thread::sleep(Duration::from_millis(300));
+    swapping.store(false, Ordering::Relaxed);
+    let sent = publisher.join().unwrap();
+    d.wait_for("every message handled", Duration::from_secs(180), || {
+        route_count(&d, "work", "handled") >= sent as u64
+    });
+
+    assert_eq!(reloads(&d, "ok"), f64::from(SWAPS));
+    assert_eq!(reloads(&d, "refused"), 0.0);
+    assert_eq!(
+        route_count(&d, "work", "handled"),
+        sent as u64,
+        "handled exactly once each"
+    );
+    assert_eq!(route_count(&d, "work", "retried"), 0);
+    assert_eq!(route_count(&d, "work", "dead_lettered"), 0);
+
+    // One worker: the queue order of the outputs is the handling order, so
+    // the versions must never go back, and every message is there once.
+    let stamped = d.queue("stamped");
+    assert_eq!(stamped.len(), sent);
+    let mut seen = BTreeSet::new();
+    let mut versions = Vec::new();
+    for m in &stamped {
+        let payload = m["payload"].as_str().unwrap().to_owned();
+        assert!(seen.insert(payload.clone()), "message {payload} handled twice");
+        versions.push(header(m, "plugin-version").unwrap().parse::<u32>().unwrap());
+    }
+    assert_eq!(seen.len(), sent);
+    assert!(
+        versions.windows(2).all(|w| w[0] <= w[1]),
+        "a message ran on an older version after a newer one took over"
+    );
+    let distinct: BTreeSet<u32> = versions.iter().copied().collect();
+    assert_eq!(distinct, (0..=SWAPS).collect(), "every version handled messages");
+
+    // The status and the version metric show the last version's hash.
+    let hash = d.status()["plugins"][0]["hash"].as_str().unwrap().to_owned();
+    assert_eq!(d.status()["routes"][0]["plugin_hash"], hash.as_str());
+    assert_eq!(
+        d.metric(&format!("sluice_plugin_info{{plugin=\"stamp\",hash=\"{hash}\"}}")),
+        1.0
+    );
+    assert_eq!(
+        d.metrics().matches("sluice_plugin_info{").count(),
+        1,
+        "old versions are not shown"
+    );
+}
+
+#[test]
+fn a_broken_version_is_refused_with_the_reason_and_the_old_one_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), 1, "x");
+    let wasm = dir.path().join("plugins/stamp.wasm");
+    assert_eq!(handled_by(&d, "work").0, "000000001");
+    let serving = d.status()["plugins"][0]["hash"].as_str().unwrap().to_owned();
+
+    let valid = stamp_version(2);
+    let broken: [(&[u8], &str); 3] = [
+        (b"this is not wasm", "is not WebAssembly"),
+        (b"\0asm\x01\0\0\0", "is a core WebAssembly module, not a component"),
+        (&valid[..valid.len() / 2], "is not a valid component"),
+    ];
+    for (n, (bytes, reason)) in broken.iter().enumerate() {
+        deploy(&wasm, bytes);
+        d.wait_for("the refusal", Duration::from_secs(20), || {
+            reloads(&d, "refused") >= (n + 1) as f64
+        });
+        let status = d.status();
+        let error = status["plugins"][0]["reload_error"].as_str().unwrap_or_default();
+        assert!(error.contains(reason), "{error}");
+        assert_eq!(status["plugins"][0]["hash"], serving.as_str());
+        assert_eq!(handled_by(&d, "work").0, "000000001", "the old version keeps serving");
+    }
+    let log = d.log();
+    assert_eq!(
+        log.matches("new version refused, the running one keeps serving")
+            .count(),
+        3,
+        "{log}"
+    );
+
+    deploy(&wasm, &valid);
+    d.wait_for("the good version", Duration::from_secs(20), || reloads(&d, "ok") >= 1.0);
+    assert_eq!(handled_by(&d, "work").0, "000000002");
+    let status = d.status();
+    assert_ne!(status["plugins"][0]["hash"], serving.as_str());
+    assert!(status["plugins"][0]["reload_error"].is_null(), "{status}");
+}
+
+#[test]
+fn a_config_reload_applies_settings_and_routes_or_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), 1, "one");
+    assert_eq!(handled_by(&d, "work").1, "one");
+
+    // Invalid: an unknown key. Nothing of it applies, not even the label.
+    d.write_config(&config("two", "").replace("isolation = \"reuse\"", "isolation = \"reuse\"\ncolour = \"red\""));
+    d.wait_for("the refusal", Duration::from_secs(20), || {
+        config_reloads(&d, "refused") >= 1.0
+    });
+    let error = d.status()["config_reload_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("sluice.toml:") && error.contains("colour"), "{error}");
+    assert_eq!(handled_by(&d, "work").1, "one");
+    assert!(d.log().contains("config reload refused, the running config stays"));
+
+    // Valid: a new label and a new route.
+    let extra = r#"
+[[routes]]
+name = "extra"
+plugin = "stamp"
+source = { broker = "embedded", subject = "extra" }
+"#;
+    d.write_config(&config("two", extra));
+    d.wait_for("the reload", Duration::from_secs(20), || {
+        config_reloads(&d, "ok") >= 1.0
+    });
+    assert!(d.status()["config_reload_error"].is_null());
+    assert_eq!(handled_by(&d, "work").1, "two", "plugin settings apply without restart");
+    assert_eq!(handled_by(&d, "extra").1, "two", "the added route runs");
+    let routes: Vec<String> = d.status()["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(routes, ["work", "extra"]);
+    let work_handled = route_count(&d, "work", "handled");
+
+    // The route removed: stopped; its messages wait in its queue.
+    d.write_config(&config("two", ""));
+    d.wait_for("the second reload", Duration::from_secs(20), || {
+        config_reloads(&d, "ok") >= 2.0
+    });
+    assert_eq!(d.status()["routes"].as_array().unwrap().len(), 1);
+    d.publish("extra", &[], b"kept");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.queue_len("extra"), 1, "the message waits for the route");
+    assert_eq!(
+        route_count(&d, "work", "handled"),
+        work_handled,
+        "counts survive a reload"
+    );
+    assert!(d.log().contains("route extra stopped"), "{}", d.log());
+}
+
+#[test]
+fn sigterm_lets_messages_in_flight_finish_and_they_are_not_handled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        r#"shutdown_grace = "20s"
+
+[plugins.record]
+path = "{}"
+publish = ["recorded"]
+config = {{ wait_ms = "1500" }}
+
+[[routes]]
+name = "slow"
+plugin = "record"
+source = {{ broker = "embedded", subject = "slow" }}
+concurrency = 4
+
+[[brokers.embedded.queues]]
+name = "recorded"
+subjects = ["recorded"]
+"#,
+        plugin("fixture_record").display()
+    );
+    let mut d = Daemon::start(dir.path(), &cfg);
+    for i in 0..8 {
+        d.publish("slow", &[], format!("{i}").as_bytes());
+    }
+    d.wait_for("four in flight", Duration::from_secs(20), || {
+        route_count(&d, "slow", "in_flight") == 4
+    });
+    let exit = d.terminate();
+    assert!(exit.success(), "exit status {exit}:\n{}", d.log());
+    assert!(d.log().contains("stopped"), "{}", d.log());
+
+    // The four in flight finished before the exit; the restart handles the
+    // other four only.
+    d.restart();
+    d.wait_for("all eight recorded", Duration::from_secs(30), || {
+        d.queue_len("recorded") == 8
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let payloads: BTreeSet<String> = d
+        .queue("recorded")
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(payloads, (0..8).map(|i| i.to_string()).collect());
+    assert_eq!(
+        d.metric("sluice_messages_total{route=\"slow\",outcome=\"ok\"}"),
+        4.0,
+        "nothing handled twice after the graceful stop"
+    );
+}
