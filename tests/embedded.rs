@@ -229,7 +229,7 @@ initial_backoff = "10ms"
 #[test]
 fn a_traceparent_goes_out_as_a_child_on_publishes_and_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &orders_config(1));
+    let d = Daemon::start_with_log_filter(dir.path(), &orders_config(1), "info,sluice::pipeline=debug");
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = format!("00-{trace}-00f067aa0ba902b7-01");
     d.publish("orders.created", &[("traceparent", &parent)], &order(7));
@@ -250,5 +250,14 @@ fn a_traceparent_goes_out_as_a_child_on_publishes_and_dead_letters() {
         assert!(tp.starts_with(&format!("00-{trace}-")), "same trace: {tp}");
         assert!(tp.ends_with("-01"), "same flags: {tp}");
         assert_ne!(tp, parent, "a child span, not the parent: {tp}");
+        // The handler span is that parent, and a child of the incoming one.
+        let span_id = tp.split('-').nth(2).unwrap();
+        let log = d.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("span_id={span_id}")) && l.contains("settled"))
+            .unwrap_or_else(|| panic!("no handler span {span_id} in the log:\n{log}"));
+        assert!(line.contains(&format!("trace_id={trace}")), "{line}");
+        assert!(line.contains("parent_span_id=00f067aa0ba902b7"), "{line}");
     }
 }

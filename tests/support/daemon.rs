@@ -13,6 +13,7 @@ pub struct Daemon {
     pub config: PathBuf,
     log: PathBuf,
     starts: u32,
+    log_filter: String,
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -68,6 +69,11 @@ impl Daemon {
     /// `data_dir` gets both added; one with them uses the `{data}` and
     /// `{admin}` placeholders.
     pub fn start(dir: &Path, config: &str) -> Self {
+        Self::start_with_log_filter(dir, config, "info,sluice::pipeline=error")
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG` set to `filter`.
+    pub fn start_with_log_filter(dir: &Path, config: &str, filter: &str) -> Self {
         let admin = format!("127.0.0.1:{}", free_port());
         let mut d = Self {
             child: None,
@@ -76,6 +82,7 @@ impl Daemon {
             config: dir.join("sluice.toml"),
             log: dir.join("sluice.log"),
             starts: 0,
+            log_filter: filter.to_owned(),
         };
         d.write_config(config);
         d.restart();
@@ -111,7 +118,7 @@ impl Daemon {
         let child = Command::new(crate::sluice_bin())
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info,sluice::pipeline=error")
+            .env("RUST_LOG", &self.log_filter)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -302,6 +302,9 @@ impl Route {
     /// Runs one delivery through gate, invoke, policy and settle.
     async fn process(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) {
         let msg = delivery.message();
+        // A `traceparent` on the message makes this handling a span of its
+        // trace; what the handling sends continues it as children.
+        let trace = trace::handler_span(msg);
         let span = tracing::info_span!(
             "message",
             route = %self.name,
@@ -309,13 +312,28 @@ impl Route {
             id = %msg.id,
             attempt = msg.attempt,
             outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
         );
+        if let Some(t) = &trace {
+            span.record("trace_id", tracing::field::display(&t.trace_id));
+            span.record("span_id", tracing::field::display(&t.span_id));
+            span.record("parent_span_id", tracing::field::display(&t.parent_id));
+        }
         async {
+            let started = std::time::Instant::now();
             let gauge = &self.series().in_flight;
             gauge.inc();
             self.status.in_flight.fetch_add(1, Ordering::Relaxed);
-            let outcome = self.handle(delivery, mode, shutdown).await;
-            tracing::Span::current().record("outcome", outcome);
+            let traceparent = trace.as_ref().map(|t| t.traceparent.as_str());
+            let outcome = self.handle(delivery, mode, traceparent, shutdown).await;
+            let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let current = tracing::Span::current();
+            current.record("outcome", tracing::field::display(outcome));
+            current.record("duration_ms", duration_ms);
+            tracing::debug!("settled");
             if outcome != INTERRUPTED {
                 self.count(outcome);
             }
@@ -326,7 +344,13 @@ impl Route {
         .await
     }
 
-    async fn handle(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) -> Label {
+    async fn handle(
+        &self,
+        delivery: Box<dyn Delivery>,
+        mode: RetryMode,
+        traceparent: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Label {
         if !delivery.begin() {
             return INTERRUPTED;
         }
@@ -392,7 +416,7 @@ impl Route {
             }
             match decision {
                 Decision::Ack => {
-                    let outbound = self.outbound(&msg, gate_key.as_deref(), invocation);
+                    let outbound = self.outbound(&msg, gate_key.as_deref(), traceparent, invocation);
                     if let Err(e) = self.sink.publish(outbound).await {
                         self.release(gate_key.as_deref(), &owner).await;
                         return self
@@ -430,7 +454,9 @@ impl Route {
                     // Released, not done: a replayed copy must run again.
                     self.release(gate_key.as_deref(), &owner).await;
                     let msg = msg.into_owned();
-                    return self.dead_letter(delivery, &plugin, &msg, kind, &reason).await;
+                    return self
+                        .dead_letter(delivery, &plugin, &msg, traceparent, kind, &reason)
+                        .await;
                 }
             }
         }
@@ -468,7 +494,13 @@ impl Route {
     /// The handler's publishes and reply, each with a dedup id derived from
     /// the idempotency key (else the message id), so a rerun's publishes are
     /// recognised downstream.
-    fn outbound(&self, msg: &Message, gate_key: Option<&str>, invocation: Invocation) -> Vec<Outbound> {
+    fn outbound(
+        &self,
+        msg: &Message,
+        gate_key: Option<&str>,
+        traceparent: Option<&str>,
+        invocation: Invocation,
+    ) -> Vec<Outbound> {
         let mut outbound = invocation.publishes;
         if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) = (invocation.outcome, &msg.reply_to) {
             outbound.push(Outbound {
@@ -480,9 +512,9 @@ impl Route {
         if outbound.is_empty() {
             return outbound;
         }
-        if let Some(tp) = trace::child_of(msg) {
+        if let Some(tp) = traceparent {
             for m in &mut outbound {
-                trace::stamp(&mut m.headers, &tp);
+                trace::stamp(&mut m.headers, tp);
             }
         }
         let mut base = gate_key
@@ -512,12 +544,13 @@ impl Route {
         delivery: Box<dyn Delivery>,
         plugin: &Plugin,
         msg: &Message,
+        traceparent: Option<&str>,
         kind: FailureKind,
         reason: &str,
     ) -> Label {
         if let Some(reply_to) = &msg.reply_to {
             // The requester is waiting: tell it what went wrong.
-            let error_reply = Outbound {
+            let mut error_reply = Outbound {
                 subject: reply_to.clone(),
                 headers: vec![
                     Header::new(dead_letter::ERROR, dead_letter::one_line(reason)),
@@ -525,6 +558,9 @@ impl Route {
                 ],
                 payload: Vec::new(),
             };
+            if let Some(tp) = traceparent {
+                trace::stamp(&mut error_reply.headers, tp);
+            }
             if let Err(e) = self.sink.publish(vec![error_reply]).await {
                 tracing::warn!("cannot send the error reply to {reply_to}: {e}");
             }
@@ -541,8 +577,8 @@ impl Route {
                 origin: delivery.origin(),
             },
         );
-        if let Some(tp) = trace::child_of(msg) {
-            trace::stamp(&mut copy.headers, &tp);
+        if let Some(tp) = traceparent {
+            trace::stamp(&mut copy.headers, tp);
         }
         if let Err(e) = self.dead_letter_sink.publish(vec![copy]).await {
             return self.settle_failed(delivery, "publishing the dead letter", e).await;

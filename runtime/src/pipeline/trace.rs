@@ -10,9 +10,21 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// The `traceparent` of the handling of `msg`: same version, trace id and
-/// flags, a new span id. None if the message carries no valid one.
-pub fn child_of(msg: &Message) -> Option<String> {
+/// The span of one handling, continuing the trace of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerSpan {
+    pub trace_id: String,
+    /// The span id of the incoming message's `traceparent`.
+    pub parent_id: String,
+    /// The handling's own span id: the parent of what it sends.
+    pub span_id: String,
+    /// The `traceparent` everything the handling sends carries.
+    pub traceparent: String,
+}
+
+/// The span of the handling of `msg`: same version, trace id and flags, a
+/// new span id. None if the message carries no valid `traceparent`.
+pub fn handler_span(msg: &Message) -> Option<HandlerSpan> {
     let parent = find_header(&msg.headers, TRACEPARENT)?;
     let mut parts = parent.trim().split('-');
     let (version, trace_id, span_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -29,7 +41,13 @@ pub fn child_of(msg: &Message) -> Option<String> {
     if span == 0 {
         span = 1;
     }
-    Some(format!("{version}-{trace_id}-{span:016x}-{flags}"))
+    let own = format!("{span:016x}");
+    Some(HandlerSpan {
+        trace_id: trace_id.to_owned(),
+        parent_id: span_id.to_owned(),
+        traceparent: format!("{version}-{trace_id}-{own}-{flags}"),
+        span_id: own,
+    })
 }
 
 /// Sets (or replaces) the `traceparent` of outgoing headers.
@@ -58,7 +76,11 @@ mod tests {
     #[test]
     fn child_keeps_trace_and_flags_with_a_new_span() {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let child = child_of(&msg(parent)).unwrap();
+        let span = handler_span(&msg(parent)).unwrap();
+        assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(span.parent_id, "00f067aa0ba902b7");
+        assert!(span.traceparent.contains(&span.span_id));
+        let child = span.traceparent;
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(child.ends_with("-01"));
         assert_ne!(child, parent);
@@ -73,7 +95,7 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
         ] {
-            assert_eq!(child_of(&msg(bad)), None, "{bad}");
+            assert_eq!(handler_span(&msg(bad)), None, "{bad}");
         }
     }
 }
