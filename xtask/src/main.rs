@@ -165,7 +165,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         cargo()
             .args([
                 "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats", "--bench",
-                "rabbitmq", "--bench", "kafka",
+                "rabbitmq", "--bench", "kafka", "--bench", "hot_swap",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
