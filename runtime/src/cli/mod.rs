@@ -44,6 +44,17 @@ enum Command {
         #[arg(long, short, default_value = "config/sluice.toml", env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running daemon whether it is ready (`/readyz`) or, with
+    /// `--live`, alive (`/healthz`); exit 0 if so. For container
+    /// healthchecks.
+    Health {
+        /// Admin API address (`0.0.0.0:PORT` is asked on 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:9595", env = "SLUICE_ADMIN")]
+        admin: String,
+        /// Liveness instead of readiness.
+        #[arg(long)]
+        live: bool,
+    },
     /// Scaffold something new: `sluice new plugin NAME`.
     New(new_plugin::NewArgs),
     /// Validate the config and load every plugin, then exit.
@@ -89,6 +100,7 @@ pub fn main() -> anyhow::Result<i32> {
             Ok(0)
         }),
         Command::New(args) => new_plugin::run(args),
+        Command::Health { admin, live } => health(&admin, live),
         Command::Check { config } => {
             let config = config::load(&config)?;
             let engine = crate::daemon::build_engine(&config)?;
@@ -105,6 +117,27 @@ pub fn main() -> anyhow::Result<i32> {
         Command::Publish(args) => publish::run(args),
         Command::Dlq(args) => dlq::run(args),
         Command::Kafka(args) => kafka::run(args),
+    }
+}
+
+fn health(admin: &str, live: bool) -> anyhow::Result<i32> {
+    let admin = admin.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
+    let path = if live { "/healthz" } else { "/readyz" };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(3)))
+        .build()
+        .into();
+    match agent.get(format!("http://{admin}{path}")).call() {
+        Ok(mut response) => {
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            print!("{body}");
+            Ok(if response.status() == 200 { 0 } else { 1 })
+        }
+        Err(e) => {
+            println!("cannot reach the admin API at {admin}: {e}");
+            Ok(1)
+        }
     }
 }
 
