@@ -395,3 +395,104 @@ fn reset_offsets_re_drives_a_topic_from_the_start_or_an_offset() {
     let payloads: Vec<&str> = got.iter().map(|r| r.payload.as_str()).collect();
     assert_eq!(payloads, ["r0", "r1", "r2", "r3", "r4", "r0", "r1", "r2", "r3", "r4"]);
 }
+
+#[test]
+fn with_retry_topics_a_failing_record_waits_in_them_while_the_records_after_it_flow() {
+    let _serial = serial();
+    let id = unique();
+    let input = format!("in-{id}");
+    let rt = rt();
+    let done = kafka::Collected::subscribe(&rt, "flaky.done");
+    let producer = kafka::producer(&brokers());
+    let mut records = vec![(
+        Some(0),
+        Some("k-slow".to_owned()),
+        vec![("fail-times".to_owned(), "2".to_owned())],
+        format!("{id}-slow"),
+    )];
+    for i in 0..10 {
+        records.push((
+            Some(0),
+            None,
+            vec![("fail-times".to_owned(), "0".to_owned())],
+            format!("{id}-{i}"),
+        ));
+    }
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 1).await;
+        produce(&producer, &input, records).await;
+    });
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
+        plugin("fixture_flaky").display()
+    );
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}", retry_topics = true }}
+ordering = "none"
+concurrency = 2
+publish_broker = "nats"
+[routes.retry]
+max_attempts = 4
+initial_backoff = "1s"
+multiplier = 2.0
+jitter = "none""#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&brokers(), &id, &plugin_table, &route));
+    let group = format!("g-{id}");
+    let mine = || -> Vec<String> {
+        done.all()
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.starts_with(&id))
+            .collect()
+    };
+
+    // The ten after it are handled and the input's offset commits past the
+    // failing record while it waits in the retry topics.
+    d.wait_for("the others handled and committed", Duration::from_secs(30), || {
+        mine().len() >= 10 && committed(&brokers(), &group, &input, 1) == [11]
+    });
+    let others_done = Instant::now();
+    assert!(
+        !mine().contains(&format!("{id}-slow")),
+        "the failing record is not done yet"
+    );
+    d.wait_for("the failing record handled", Duration::from_secs(30), || {
+        mine().contains(&format!("{id}-slow"))
+    });
+    // Its two retries waited 1 s and 2 s (the first may have started before
+    // the others were done).
+    assert!(
+        others_done.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        others_done.elapsed()
+    );
+    assert_eq!(mine().len(), 11, "each handled once: {:?}", mine());
+    assert_eq!(route_count(&d, "handled"), 11);
+    assert_eq!(route_count(&d, "retried"), 2);
+
+    // It went through `<topic>.retry.1` and `.retry.2`, keeping its key.
+    for (level, attempt) in [(1, "2"), (2, "3")] {
+        let retried = read(
+            &brokers(),
+            &format!("{input}.retry.{level}"),
+            1,
+            Duration::from_secs(20),
+        );
+        assert_eq!(retried.len(), 1, "retry topic {level}");
+        let r = &retried[0];
+        assert_eq!(r.key.as_deref(), Some("k-slow"));
+        assert_eq!(r.header("sluice-retry-attempt"), Some(attempt));
+        assert_eq!(r.header("sluice-retry-topic"), Some(input.as_str()));
+        assert!(r.header("sluice-retry-not-before").is_some());
+        assert_eq!(
+            r.header("sluice-retry-origin"),
+            Some(format!("kafka://{input}?partition=0&offset=0").as_str())
+        );
+    }
+    d.wait_for("the retry topics committed", Duration::from_secs(20), || {
+        committed(&brokers(), &group, &format!("{input}.retry.1"), 1) == [1]
+            && committed(&brokers(), &group, &format!("{input}.retry.2"), 1) == [1]
+    });
+}

@@ -29,7 +29,7 @@ fn main() -> Result<()> {
             eprintln!("usage: cargo xtask <run|test|bench|plugins> [args...]");
             eprintln!("  run      build the plugins and the daemon, run it on config/sluice.toml");
             eprintln!("  test     install what the tests need, then run the whole suite");
-            eprintln!("  bench    run the dispatch benchmark (release build)");
+            eprintln!("  bench    run the benchmarks (release build)");
             eprintln!("  plugins  build the example and fixture plugins for {WASM_TARGET}");
             std::process::exit(2);
         }
@@ -148,7 +148,8 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]);
+    // Every test binary runs even after a failure: one run shows them all.
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
     for p in plugin_packages(root)? {
         cmd.args(["--exclude", &p]);
     }

@@ -2,7 +2,7 @@
 
 use super::interpolate::interpolate;
 use super::locate::KeyLines;
-use super::{BrokerKind, Config, GateStore, RouteConfig};
+use super::{BrokerKind, Config, GateStore, Ordering, RouteConfig};
 use crate::pipeline::keys::KeySource;
 use crate::subject::{validate_subject, SubjectPattern};
 use std::collections::BTreeSet;
@@ -245,6 +245,20 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
         if s.max_in_flight_per_partition == Some(0) {
             return Err((key("source.max_in_flight_per_partition"), "must be at least 1".into()));
         }
+        if s.retry_topics == Some(true) {
+            if route.ordering() != Ordering::None {
+                return Err((
+                    key("source.retry_topics"),
+                    "needs `ordering = \"none\"`: records after a failing one overtake it while it waits in a retry topic".into(),
+                ));
+            }
+            if s.topics.iter().flatten().any(|t| t.starts_with('^')) {
+                return Err((
+                    key("source.retry_topics"),
+                    "needs topic names, not regexes (the retry topics are named after them)".into(),
+                ));
+            }
+        }
     }
     if s.broker == BrokerKind::Rabbitmq {
         if s.queue.is_none() {
@@ -293,6 +307,7 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
     only("group", s.group.is_some(), "kafka")?;
     only("offset_reset", s.offset_reset.is_some(), "kafka")?;
     only("instance_id", s.instance_id.is_some(), "kafka")?;
+    only("retry_topics", s.retry_topics.is_some(), "kafka")?;
     only(
         "max_in_flight_per_partition",
         s.max_in_flight_per_partition.is_some(),

@@ -281,6 +281,11 @@ pub struct SourceConfig {
     /// Kafka: how long a revoke waits for the partition's work in flight.
     #[serde(default, with = "humantime_serde")]
     pub revoke_timeout: Option<Duration>,
+    /// Kafka, with `ordering = "none"`: retry through the topics
+    /// `<topic>.retry.N` (N = the attempt that failed) with a not-before
+    /// header instead of in place, so a failing record does not hold up the
+    /// ones after it (which then overtake it).
+    pub retry_topics: Option<bool>,
 }
 
 fn default_broker() -> BrokerKind {

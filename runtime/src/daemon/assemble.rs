@@ -358,9 +358,28 @@ impl Brokers {
                     instance_id: s.instance_id.clone(),
                     max_in_flight_per_partition: s.max_in_flight_per_partition.unwrap_or(5000),
                     revoke_timeout: s.revoke_timeout.unwrap_or(Duration::from_secs(30)),
+                    retry_levels: match s.retry_topics {
+                        Some(true) => r.retry.max_attempts.saturating_sub(1),
+                        _ => 0,
+                    },
                 };
-                let description = format!("kafka {} (group {})", settings.topics.join(","), settings.group);
-                (Arc::new(self.kafka()?.source(settings)?), description)
+                let kafka = self.kafka()?;
+                for topic in &settings.topics {
+                    for level in 1..=settings.retry_levels {
+                        kafka.ensure_topic(&kafka::retry_topic(topic, level)).await?;
+                    }
+                }
+                let retries = if settings.retry_levels > 0 {
+                    ", retry topics"
+                } else {
+                    ""
+                };
+                let description = format!(
+                    "kafka {} (group {}{retries})",
+                    settings.topics.join(","),
+                    settings.group
+                );
+                (Arc::new(kafka.source(settings)?), description)
             }
         })
     }

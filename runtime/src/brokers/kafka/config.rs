@@ -105,4 +105,8 @@ pub struct ConsumerSettings {
     pub max_in_flight_per_partition: usize,
     /// How long a revoke waits for the partition's records in flight.
     pub revoke_timeout: Duration,
+    /// Retry topics per topic (`<topic>.retry.1` ..), 0 for retries in
+    /// place: a failed record is produced to the next one with a not-before
+    /// time, and its offset settles.
+    pub retry_levels: u32,
 }

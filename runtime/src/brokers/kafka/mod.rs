@@ -7,9 +7,11 @@
 pub mod admin;
 pub mod config;
 mod offsets;
+mod retry;
 mod source;
 
 pub use config::{ConsumerSettings, KafkaConfig, OffsetReset, TopicConfig};
+pub use retry::retry_topic;
 pub use source::KafkaSource;
 
 use super::{BoxFuture, BrokerError, Sink};
@@ -111,7 +113,7 @@ impl KafkaBroker {
 
     /// A consumer-group member on the route's topics.
     pub fn source(&self, settings: ConsumerSettings) -> Result<KafkaSource, KafkaSetupError> {
-        let source = KafkaSource::start(&self.config, settings)?;
+        let source = KafkaSource::start(&self.config, settings, Some(self.clone()))?;
         if let Ok(mut s) = self.sources.lock() {
             s.push(source.shared());
         }

@@ -6,7 +6,8 @@
 
 use super::config::{ConsumerSettings, KafkaConfig};
 use super::offsets::OffsetTracker;
-use super::{client_config, failed, KafkaSetupError};
+use super::retry::{self, Retried};
+use super::{client_config, failed, KafkaBroker, KafkaSetupError};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
 use crate::message::{Header, Message};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -28,7 +29,10 @@ type PartitionKey = (String, i32);
 struct Partition {
     generation: u64,
     tracker: OffsetTracker,
+    /// Paused because its records in flight reached the bound.
     paused: bool,
+    /// Paused until then: its next record (in a retry topic) is not due.
+    delayed_until: Option<Instant>,
     revoked: bool,
     committed: Option<i64>,
 }
@@ -48,6 +52,8 @@ pub(super) struct State {
     /// The consumer (owned by its thread), to resume a partition as soon as
     /// its backlog has halved.
     consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<Context>>>,
+    /// With retry topics: the producer failed records go through.
+    retry: Option<KafkaBroker>,
 }
 
 impl State {
@@ -98,8 +104,10 @@ impl State {
         if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
             p.tracker.settled(offset);
             if p.paused && !p.revoked && p.tracker.pending() <= self.max_in_flight / 2 {
-                let consumer = self.consumer.get().and_then(std::sync::Weak::upgrade);
-                if let Some(c) = consumer {
+                if p.delayed_until.is_some() {
+                    // Resumed when its record is due.
+                    p.paused = false;
+                } else if let Some(c) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
                     match c.resume(&pause_list(key)) {
                         Ok(()) => p.paused = false,
                         Err(e) => tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1),
@@ -185,6 +193,7 @@ impl ConsumerContext for Context {
                             generation,
                             tracker: OffsetTracker::default(),
                             paused: false,
+                            delayed_until: None,
                             revoked: false,
                             committed: None,
                         },
@@ -222,7 +231,13 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    pub(super) fn start(config: &KafkaConfig, s: ConsumerSettings) -> Result<Self, KafkaSetupError> {
+    /// Joins the group; `retry` is the producer for retry topics (when
+    /// `s.retry_levels` > 0).
+    pub(super) fn start(
+        config: &KafkaConfig,
+        s: ConsumerSettings,
+        retry: Option<KafkaBroker>,
+    ) -> Result<Self, KafkaSetupError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             partitions: Mutex::new(HashMap::new()),
@@ -234,6 +249,7 @@ impl KafkaSource {
             revoke_timeout: s.revoke_timeout,
             tx,
             consumer: std::sync::OnceLock::new(),
+            retry: retry.filter(|_| s.retry_levels > 0),
         });
         let mut c = client_config(config);
         c.set("group.id", &s.group)
@@ -248,7 +264,12 @@ impl KafkaSource {
                 .map_err(|e| KafkaSetupError::Client(e.to_string()))?,
         );
         let _ = state.consumer.set(Arc::downgrade(&consumer));
-        let topics: Vec<&str> = s.topics.iter().map(String::as_str).collect();
+        let retry_topics: Vec<String> = s
+            .topics
+            .iter()
+            .flat_map(|t| (1..=s.retry_levels).map(move |level| retry::retry_topic(t, level)))
+            .collect();
+        let topics: Vec<&str> = s.topics.iter().chain(&retry_topics).map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|e| KafkaSetupError::Client(format!("subscribing to {topics:?}: {e}")))?;
@@ -338,6 +359,41 @@ fn pause_list(key: &PartitionKey) -> TopicPartitionList {
     tpl
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Pauses a partition whose record at `offset` is due in `wait`, and
+/// rewinds it to that record.
+fn delay(consumer: &BaseConsumer<Context>, key: &PartitionKey, p: &mut Partition, offset: i64, wait: Duration) {
+    if let Err(e) = consumer.pause(&pause_list(key)) {
+        tracing::warn!("cannot pause {}/{}: {e}", key.0, key.1);
+    }
+    if let Err(e) = consumer.seek(&key.0, key.1, Offset::Offset(offset), Duration::from_secs(5)) {
+        tracing::warn!("cannot rewind {}/{} to {offset}: {e}", key.0, key.1);
+    }
+    p.delayed_until = Some(Instant::now() + wait);
+}
+
+/// Resumes the delayed partitions whose record is due.
+fn resume_due(consumer: &BaseConsumer<Context>, state: &State) {
+    let now = Instant::now();
+    let mut parts = state.lock();
+    for (key, p) in parts.iter_mut() {
+        if p.delayed_until.is_some_and(|at| at <= now) {
+            p.delayed_until = None;
+            if !p.paused && !p.revoked {
+                if let Err(e) = consumer.resume(&pause_list(key)) {
+                    tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1);
+                }
+            }
+        }
+    }
+}
+
 fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {
     let mut last_commit = Instant::now();
     let mut last_check = Instant::now();
@@ -347,7 +403,17 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
                 state.connected.store(true, Ordering::Relaxed);
                 let key = (m.topic().to_owned(), m.partition());
                 let offset = m.offset();
+                let mut message = to_message(&m);
+                drop(m);
+                let due_in = retry::not_before_ms(&message.headers)
+                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                    .filter(|d| !d.is_zero());
                 let mut parts = state.lock();
+                if let (Some(p), Some(wait)) = (parts.get_mut(&key), due_in) {
+                    // Not due: read it again once it is.
+                    delay(&consumer, &key, p, offset, wait);
+                    continue;
+                }
                 if let Some(p) = parts.get_mut(&key) {
                     p.tracker.received(offset);
                     let generation = p.generation;
@@ -358,11 +424,13 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
                         }
                     }
                     drop(parts);
+                    let retried = retry::restore(&mut message);
                     let delivery = KafkaDelivery {
-                        message: to_message(&m),
+                        message,
                         key,
                         offset,
                         generation,
+                        retried,
                         state: state.clone(),
                         settled: false,
                     };
@@ -381,6 +449,7 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
             }
             None => {}
         }
+        resume_due(&consumer, &state);
         if last_commit.elapsed() >= commit_interval {
             state.commit(&consumer, state.committable(None), CommitMode::Async);
             last_commit = Instant::now();
@@ -408,6 +477,8 @@ pub struct KafkaDelivery {
     key: PartitionKey,
     offset: i64,
     generation: u64,
+    /// Read from a retry topic: the original record.
+    retried: Option<Retried>,
     state: Arc<State>,
     /// Settled or given up on: nothing to do at drop.
     settled: bool,
@@ -453,6 +524,7 @@ impl KafkaDelivery {
             key: self.key.clone(),
             offset: self.offset,
             generation: self.generation,
+            retried: self.retried.clone(),
             state: self.state.clone(),
             settled: false,
         };
@@ -475,7 +547,11 @@ impl Delivery for KafkaDelivery {
     }
 
     fn origin(&self) -> String {
-        format!("kafka://{}?partition={}&offset={}", self.key.0, self.key.1, self.offset)
+        match &self.retried {
+            // Where the record first was: a replay goes back there.
+            Some(r) if !r.origin.is_empty() => r.origin.clone(),
+            _ => format!("kafka://{}?partition={}&offset={}", self.key.0, self.key.1, self.offset),
+        }
     }
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -483,10 +559,23 @@ impl Delivery for KafkaDelivery {
     }
 
     fn retry(mut self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
-        // In process: Kafka has no per-record redelivery. The offset is not
-        // committed until the retry settles.
-        let r = self.hand_back(delay, true);
-        Box::pin(async move { r })
+        let Some(producer) = self.state.retry.clone() else {
+            // In process: Kafka has no per-record redelivery. The offset is
+            // not committed until the retry settles.
+            let r = self.hand_back(delay, true);
+            return Box::pin(async move { r });
+        };
+        // Through the next retry topic: produced (acks=all) before the
+        // offset settles, so a crash in between repeats, never loses it.
+        let due = now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        let record = retry::next(&self.message, &self.origin(), due);
+        Box::pin(async move {
+            match producer.produce(&record).await {
+                Ok(()) => self.settle().await,
+                // Dropped unsettled: handed back, tried again in process.
+                Err(e) => Err(e),
+            }
+        })
     }
 
     fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
