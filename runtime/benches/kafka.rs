@@ -111,7 +111,6 @@ async fn sluice(
                 instance_id: None,
                 revoke_timeout: Duration::from_secs(5),
                 retry_levels: 0,
-                revoke_timeout: Duration::from_secs(5),
             })
             .expect("source"),
     );
