@@ -109,6 +109,7 @@ async fn sluice(
                 group: group.to_owned(),
                 offset_reset: OffsetReset::Earliest,
                 instance_id: None,
+                max_in_flight_per_partition: env_or("SLUICE_BENCH_MAX_IN_FLIGHT", 5000),
                 revoke_timeout: Duration::from_secs(5),
                 retry_levels: 0,
             })
