@@ -261,3 +261,124 @@ fn a_traceparent_goes_out_as_a_child_on_publishes_and_dead_letters() {
         assert!(line.contains("parent_span_id=00f067aa0ba902b7"), "{line}");
     }
 }
+
+/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP posts and keeps
+/// their JSON bodies.
+fn collector() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            let mut path = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if path.is_empty() {
+                    path = line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            if path == "/v1/traces" {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    kept.lock().unwrap().push(v);
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+        }
+    });
+    (endpoint, bodies)
+}
+
+/// Every exported span, flattened.
+fn spans(bodies: &std::sync::Mutex<Vec<Value>>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for body in bodies.lock().unwrap().iter() {
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            assert_eq!(rs["resource"]["attributes"][0]["value"]["stringValue"], "sluice-test");
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+            }
+        }
+    }
+    out
+}
+
+fn traceparent_of(m: &Value) -> String {
+    m["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "traceparent")
+        .and_then(|h| h["value"].as_str())
+        .unwrap_or_else(|| panic!("no traceparent on {m}"))
+        .to_owned()
+}
+
+#[test]
+fn message_spans_are_exported_over_otlp_as_children_of_the_incoming_trace() {
+    let (endpoint, bodies) = collector();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"sluice-test\"\n",
+        orders_config(1)
+    );
+    let d = Daemon::start(dir.path(), &cfg);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    d.publish(
+        "orders.created",
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+        &order(1),
+    );
+    d.publish("orders.created", &[], &order(2));
+    d.wait_for("two spans exported", Duration::from_secs(20), || {
+        spans(&bodies).len() >= 2
+    });
+    d.wait_for("two enriched events", Duration::from_secs(20), || {
+        d.queue("enriched").len() == 2
+    });
+
+    let enriched = d.queue("enriched");
+    let all = spans(&bodies);
+    for (m, incoming_parent) in [(&enriched[0], Some("00f067aa0ba902b7")), (&enriched[1], None)] {
+        let tp = traceparent_of(m);
+        let parts: Vec<&str> = tp.split('-').collect();
+        let span = all
+            .iter()
+            .find(|s| s["spanId"] == parts[2])
+            .unwrap_or_else(|| panic!("the publish's parent {tp} is an exported span: {all:?}"));
+        assert_eq!(span["traceId"], parts[1]);
+        assert_eq!(span["name"], "orders process");
+        assert_eq!(span["status"]["code"], 1);
+        let outcome = span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == "sluice.outcome")
+            .map(|a| a["value"]["stringValue"].clone());
+        assert_eq!(outcome, Some(Value::from("ok")));
+        match incoming_parent {
+            // A child of the incoming span, in its trace.
+            Some(parent) => {
+                assert_eq!(parts[1], trace);
+                assert_eq!(span["parentSpanId"], parent);
+            }
+            // No traceparent came in: a trace of its own starts here.
+            None => {
+                assert_ne!(parts[1], trace);
+                assert_eq!(span["parentSpanId"], "");
+            }
+        }
+    }
+}

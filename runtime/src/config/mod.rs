@@ -33,6 +33,8 @@ pub struct Config {
     #[serde(default)]
     pub stores: StoresConfig,
     #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -143,6 +145,32 @@ fn default_duplicate_window() -> Duration {
 pub struct StoresConfig {
     /// `redis://host:port/db`, for `idempotency.store = "redis"`.
     pub redis_url: Option<String>,
+}
+
+/// Export of message spans.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint of an OpenTelemetry collector
+    /// (`http://collector:4318`); spans go to `<endpoint>/v1/traces` as
+    /// JSON. Unset or empty: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "sluice".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -30,6 +30,9 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> Result<(), DaemonError> {
     // Installed first: a signal during start-up is not lost.
     let mut signals = Signals::new();
+    if let Some(endpoint) = config.telemetry.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        crate::telemetry::otlp::start(endpoint, &config.telemetry.service_name);
+    }
     let mut supervisor = Supervisor::open(config).await?;
     let state = supervisor.state();
     let listen = supervisor.config().admin.listen;

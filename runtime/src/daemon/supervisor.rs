@@ -265,6 +265,9 @@ impl Supervisor {
         if new.stores != self.config.stores {
             pending.push("[stores]");
         }
+        if new.telemetry != self.config.telemetry {
+            pending.push("[telemetry]");
+        }
         if !pending.is_empty() {
             tracing::warn!("changes to {} take effect at the next restart", pending.join(", "));
         }
@@ -273,6 +276,7 @@ impl Supervisor {
         new.engine = self.config.engine.clone();
         new.brokers = self.config.brokers.clone();
         new.stores = self.config.stores.clone();
+        new.telemetry = self.config.telemetry.clone();
 
         // Prepare: nothing running changes if any of this fails.
         self.gates.ensure(&new).await.map_err(|e| e.to_string())?;

@@ -304,7 +304,13 @@ impl Route {
         let msg = delivery.message();
         // A `traceparent` on the message makes this handling a span of its
         // trace; what the handling sends continues it as children.
-        let trace = trace::handler_span(msg);
+        let exporting = crate::telemetry::otlp::enabled();
+        let trace = match trace::handler_span(msg) {
+            None if exporting => Some(trace::root_span()),
+            found => found,
+        };
+        // What the exported span says about the message (copied only then).
+        let about = exporting.then(|| (msg.subject.clone(), msg.id.clone(), msg.attempt));
         let span = tracing::info_span!(
             "message",
             route = %self.name,
@@ -320,10 +326,13 @@ impl Route {
         if let Some(t) = &trace {
             span.record("trace_id", tracing::field::display(&t.trace_id));
             span.record("span_id", tracing::field::display(&t.span_id));
-            span.record("parent_span_id", tracing::field::display(&t.parent_id));
+            if !t.parent_id.is_empty() {
+                span.record("parent_span_id", tracing::field::display(&t.parent_id));
+            }
         }
         async {
             let started = std::time::Instant::now();
+            let started_at = std::time::SystemTime::now();
             let gauge = &self.series().in_flight;
             gauge.inc();
             self.status.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +343,20 @@ impl Route {
             current.record("outcome", tracing::field::display(outcome));
             current.record("duration_ms", duration_ms);
             tracing::debug!("settled");
+            if let (Some(t), Some((subject, message_id, attempt))) = (trace, about) {
+                crate::telemetry::otlp::export(crate::telemetry::otlp::SpanRecord {
+                    trace_id: t.trace_id,
+                    span_id: t.span_id,
+                    parent_span_id: t.parent_id,
+                    start: started_at,
+                    end: std::time::SystemTime::now(),
+                    route: self.name.clone(),
+                    subject,
+                    message_id,
+                    attempt,
+                    outcome,
+                });
+            }
             if outcome != INTERRUPTED {
                 self.count(outcome);
             }

@@ -50,6 +50,20 @@ pub fn handler_span(msg: &Message) -> Option<HandlerSpan> {
     })
 }
 
+/// A span starting a new trace (sampled), for a message that carries no
+/// `traceparent` when spans are exported.
+pub fn root_span() -> HandlerSpan {
+    let trace = rand::random::<u128>().max(1);
+    let span = rand::random::<u64>().max(1);
+    let (trace_id, span_id) = (format!("{trace:032x}"), format!("{span:016x}"));
+    HandlerSpan {
+        traceparent: format!("00-{trace_id}-{span_id}-01"),
+        trace_id,
+        parent_id: String::new(),
+        span_id,
+    }
+}
+
 /// Sets (or replaces) the `traceparent` of outgoing headers.
 pub fn stamp(headers: &mut Vec<Header>, traceparent: &str) {
     headers.retain(|h| !h.name.eq_ignore_ascii_case(TRACEPARENT));

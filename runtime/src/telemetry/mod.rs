@@ -1,4 +1,7 @@
 //! Logging: human-readable by default, JSON on request; `RUST_LOG` filters.
+//! Optional export of message spans to an OpenTelemetry collector.
+
+pub mod otlp;
 
 use tracing_subscriber::EnvFilter;
 
