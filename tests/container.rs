@@ -5,21 +5,13 @@
 //! read-only for the daemon alone; that needs root, which the test command
 //! runs as (CI does).
 
-use sluice_tests::daemon::free_port;
+use sluice_tests::daemon::{agent, free_port};
 use sluice_tests::{plugin, sluice_bin};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const UID: u32 = 10001;
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
-}
 
 fn get(admin: &str, path: &str) -> Option<(u16, String)> {
     let mut resp = agent().get(format!("http://{admin}{path}")).call().ok()?;

@@ -3,7 +3,7 @@
 //! hot-swaps it on save, and keeps the running version when a save does not
 //! compile. Runs real cargo builds (about a minute the first time).
 
-use sluice_tests::daemon::free_port;
+use sluice_tests::daemon::{agent, free_port};
 use sluice_tests::{sluice_bin, workspace};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,14 +16,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
 }
 
 fn get(admin: &str, path: &str) -> String {

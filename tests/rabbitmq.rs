@@ -548,3 +548,78 @@ jitter = "none""#
         &[&format!("ex-{id}")],
     ));
 }
+
+/// Consumers on `queue` now (a passive declare reports them).
+async fn consumers(rabbit: &Rabbit, queue: &str) -> u32 {
+    let ch = rabbit.connection.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    q.consumer_count()
+}
+
+#[test]
+fn a_config_reload_restarts_or_removes_a_route_and_hands_back_what_it_had_prefetched() {
+    const N: u64 = 30;
+    let id = unique();
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\npublish = [\"recorded.>\"]\nconfig = {{ to = \"recorded.x\", wait_ms = 150 }}",
+        plugin("fixture_record").display()
+    );
+    let route = |concurrency: u32| {
+        format!(
+            "source = {{ broker = \"rabbitmq\", queue = \"work-{id}\", prefetch = 10 }}\nconcurrency = {concurrency}"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &one_route(&id, &plugin_table, &route(1)));
+    let rt = rt();
+    let rabbit = rt.block_on(Rabbit::connect());
+    let work = format!("work-{id}");
+    rt.block_on(async {
+        for i in 0..N {
+            rabbit
+                .publish(&format!("ex-{id}"), "in.x", &[], i.to_string().as_bytes())
+                .await;
+        }
+    });
+    d.wait_for("a few handled", Duration::from_secs(20), || {
+        route_count(&d, "handled") >= 2
+    });
+    let reloads = |result: &str| d.metric(&format!("sluice_config_reloads_total{{result=\"{result}\"}}"));
+
+    // Restarted with two workers: one consumer again, nothing stuck.
+    d.write_config(&one_route(&id, &plugin_table, &route(2)));
+    d.wait_for("the reload", Duration::from_secs(20), || reloads("ok") >= 1.0);
+    assert!(d.log().contains("route r restarted"), "{}", d.log());
+    assert_eq!(rt.block_on(consumers(&rabbit, &work)), 1, "the old consumer is gone");
+    d.wait_for("some more handled", Duration::from_secs(20), || {
+        route_count(&d, "handled") >= 8
+    });
+
+    // Removed: no consumer; what it had prefetched is ready again, not
+    // held unacked.
+    let without_route = one_route(&id, &plugin_table, "")
+        .split("[[routes]]")
+        .next()
+        .unwrap()
+        .to_owned();
+    d.write_config(&without_route);
+    d.wait_for("the second reload", Duration::from_secs(20), || reloads("ok") >= 2.0);
+    assert_eq!(rt.block_on(consumers(&rabbit, &work)), 0);
+    // The route is gone from the status; its series stays in the metrics.
+    let handled = d.metric("sluice_messages_total{route=\"r\",outcome=\"ok\"}") as u64;
+    d.wait_for("the rest ready in the queue", Duration::from_secs(10), || {
+        u64::from(rt.block_on(rabbit.count(&work))) == N - handled
+    });
+    rt.block_on(rabbit.delete(&[&work, &format!("dlq-{id}")], &[&format!("ex-{id}")]));
+}

@@ -24,7 +24,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn agent() -> ureq::Agent {
+/// An HTTP client that reports error statuses as answers.
+pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))

@@ -392,6 +392,9 @@ impl Brokers {
         if let Some(rabbit) = &self.rabbitmq {
             rabbit.close().await;
         }
+        if let Some(nats) = &self.nats {
+            nats.close().await;
+        }
         self.embedded.close();
     }
 }

@@ -145,6 +145,17 @@ impl NatsBroker {
         })
     }
 
+    /// Sends what is buffered (acks, publishes) and closes the connection:
+    /// at shutdown, after the routes have settled their messages.
+    pub async fn close(&self) {
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!("NATS: cannot flush before closing: {e}");
+        }
+        if let Err(e) = self.client.drain().await {
+            tracing::debug!("NATS: drain: {e}");
+        }
+    }
+
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

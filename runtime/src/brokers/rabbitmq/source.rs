@@ -21,6 +21,9 @@ const MIN_DELAY: Duration = Duration::from_millis(10);
 
 struct Subscription {
     consumer: Option<Consumer>,
+    /// The consumer's own channel: closing it hands back everything it
+    /// holds unacked.
+    channel: Option<lapin::Channel>,
     /// In-process retries whose delay has passed.
     due: mpsc::UnboundedReceiver<RabbitDelivery>,
 }
@@ -38,12 +41,16 @@ impl RabbitSource {
         Self {
             broker,
             settings: Arc::new(settings),
-            subscription: Mutex::new(Subscription { consumer: None, due }),
+            subscription: Mutex::new(Subscription {
+                consumer: None,
+                channel: None,
+                due,
+            }),
             due_tx,
         }
     }
 
-    async fn subscribe(&self) -> Result<Consumer, BrokerError> {
+    async fn subscribe(&self) -> Result<(lapin::Channel, Consumer), BrokerError> {
         let (channel, _) = self.broker.channel().await?;
         channel
             .basic_qos(self.settings.prefetch, BasicQosOptions::default())
@@ -59,15 +66,17 @@ impl RabbitSource {
             .await
             .map_err(|e| failed(format!("cannot consume queue `{}`: {e}", self.settings.queue)))?;
         tracing::info!(queue = %self.settings.queue, prefetch = self.settings.prefetch, "RabbitMQ consumer started");
-        Ok(consumer)
+        Ok((channel, consumer))
     }
 
     async fn next_delivery(&self) -> Result<RabbitDelivery, BrokerError> {
         let mut sub = self.subscription.lock().await;
         if sub.consumer.is_none() {
-            sub.consumer = Some(self.subscribe().await?);
+            let (channel, consumer) = self.subscribe().await?;
+            sub.channel = Some(channel);
+            sub.consumer = Some(consumer);
         }
-        let Subscription { consumer, due } = &mut *sub;
+        let Subscription { consumer, due, .. } = &mut *sub;
         let Some(stream) = consumer.as_mut() else {
             return Err(failed("no consumer"));
         };
@@ -102,6 +111,20 @@ impl Source for RabbitSource {
 
     fn is_connected(&self) -> bool {
         self.broker.is_connected()
+    }
+
+    /// Closes the consumer's channel: RabbitMQ requeues what it delivered to
+    /// it and nobody took (prefetched), so another consumer gets it now.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut sub = self.subscription.lock().await;
+            sub.consumer = None;
+            if let Some(channel) = sub.channel.take() {
+                if let Err(e) = channel.close(200, "route stopped".into()).await {
+                    tracing::debug!(queue = %self.settings.queue, "closing the consumer channel: {e}");
+                }
+            }
+        })
     }
 }
 
