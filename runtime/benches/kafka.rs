@@ -110,6 +110,7 @@ async fn sluice(
                 offset_reset: OffsetReset::Earliest,
                 instance_id: None,
                 max_in_flight_per_partition: env_or("SLUICE_BENCH_MAX_IN_FLIGHT", 5000),
+                max_in_flight: usize::MAX,
                 revoke_timeout: Duration::from_secs(5),
                 retry_levels: 0,
             })

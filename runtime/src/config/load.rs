@@ -245,6 +245,9 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
         if s.max_in_flight_per_partition == Some(0) {
             return Err((key("source.max_in_flight_per_partition"), "must be at least 1".into()));
         }
+        if s.max_in_flight == Some(0) {
+            return Err((key("source.max_in_flight"), "must be at least 1".into()));
+        }
         if s.retry_topics == Some(true) {
             if route.ordering() != Ordering::None {
                 return Err((
@@ -308,6 +311,7 @@ fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> S
     only("offset_reset", s.offset_reset.is_some(), "kafka")?;
     only("instance_id", s.instance_id.is_some(), "kafka")?;
     only("retry_topics", s.retry_topics.is_some(), "kafka")?;
+    only("max_in_flight", s.max_in_flight.is_some(), "kafka")?;
     only(
         "max_in_flight_per_partition",
         s.max_in_flight_per_partition.is_some(),

@@ -306,6 +306,9 @@ pub struct SourceConfig {
     /// Kafka: records received and not settled per partition before the
     /// partition is paused (default 5000); it resumes at half.
     pub max_in_flight_per_partition: Option<usize>,
+    /// Kafka: records received and not settled across all partitions before
+    /// the consumer stops taking more (default 20000).
+    pub max_in_flight: Option<usize>,
     /// Kafka: how long a revoke waits for the partition's work in flight.
     #[serde(default, with = "humantime_serde")]
     pub revoke_timeout: Option<Duration>,

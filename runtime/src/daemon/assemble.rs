@@ -357,6 +357,7 @@ impl Brokers {
                     offset_reset: s.offset_reset.unwrap_or_default(),
                     instance_id: s.instance_id.clone(),
                     max_in_flight_per_partition: s.max_in_flight_per_partition.unwrap_or(5000),
+                    max_in_flight: s.max_in_flight.unwrap_or(20_000),
                     revoke_timeout: s.revoke_timeout.unwrap_or(Duration::from_secs(30)),
                     retry_levels: match s.retry_topics {
                         Some(true) => r.retry.max_attempts.saturating_sub(1),

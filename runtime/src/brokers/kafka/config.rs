@@ -103,6 +103,9 @@ pub struct ConsumerSettings {
     /// Records received and not settled per partition before the partition
     /// is paused.
     pub max_in_flight_per_partition: usize,
+    /// Records received and not settled across all partitions before the
+    /// consumer stops taking more (librdkafka keeps its own bounded prefetch).
+    pub max_in_flight: usize,
     /// How long a revoke waits for the partition's records in flight.
     pub revoke_timeout: Duration,
     /// Retry topics per topic (`<topic>.retry.1` ..), 0 for retries in

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 const POLL: Duration = Duration::from_millis(50);
+/// Pause of the poll loop while the overall in-flight bound is reached.
+const FULL_WAIT: Duration = Duration::from_millis(5);
 /// A delivery dropped unsettled (a settle that failed) comes back after this.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
@@ -47,6 +49,8 @@ pub(super) struct State {
     connected: AtomicBool,
     stop: AtomicBool,
     max_in_flight: usize,
+    /// Across partitions: the poll loop stops taking records at this many.
+    max_in_flight_total: usize,
     revoke_timeout: Duration,
     tx: mpsc::UnboundedSender<KafkaDelivery>,
     /// The consumer (owned by its thread), to resume a partition as soon as
@@ -96,6 +100,11 @@ impl State {
             Ok(()) => self.mark_committed(&tpl),
             Err(e) => tracing::warn!("Kafka commit failed (retried at the next interval): {e}"),
         }
+    }
+
+    /// Records received and not settled, all partitions together.
+    fn pending_total(&self) -> usize {
+        self.lock().values().map(|p| p.tracker.pending()).sum()
     }
 
     /// Settles an offset of the assignment `generation`.
@@ -246,6 +255,7 @@ impl KafkaSource {
             connected: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             max_in_flight: s.max_in_flight_per_partition.max(1),
+            max_in_flight_total: s.max_in_flight.max(1),
             revoke_timeout: s.revoke_timeout,
             tx,
             consumer: std::sync::OnceLock::new(),
@@ -398,6 +408,17 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
     let mut last_commit = Instant::now();
     let mut last_check = Instant::now();
     while !state.stop.load(Ordering::Relaxed) {
+        if state.pending_total() >= state.max_in_flight_total {
+            // Full: take nothing more until work settles. Short waits, so
+            // commits go on and the group does not think us gone.
+            std::thread::sleep(FULL_WAIT);
+            resume_due(&consumer, &state);
+            if last_commit.elapsed() >= commit_interval {
+                state.commit(&consumer, state.committable(None), CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            continue;
+        }
         match consumer.poll(POLL) {
             Some(Ok(m)) => {
                 state.connected.store(true, Ordering::Relaxed);
