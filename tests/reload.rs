@@ -338,3 +338,25 @@ subjects = ["recorded"]
         "nothing handled twice after the graceful stop"
     );
 }
+
+#[test]
+fn a_plugin_mounted_through_a_swapped_symlink_is_reloaded_too() {
+    // The layout of a Kubernetes ConfigMap volume: stamp.wasm -> ..data/
+    // stamp.wasm, ..data -> a versioned folder, swapped by a rename.
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(plugins.join("v1")).unwrap();
+    std::fs::write(plugins.join("v1/stamp.wasm"), stamp_version(1)).unwrap();
+    std::os::unix::fs::symlink("v1", plugins.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/stamp.wasm", plugins.join("stamp.wasm")).unwrap();
+    let d = Daemon::start(dir.path(), &config("x", ""));
+    assert_eq!(handled_by(&d, "work").0, "000000001");
+
+    std::fs::create_dir_all(plugins.join("v2")).unwrap();
+    std::fs::write(plugins.join("v2/stamp.wasm"), stamp_version(2)).unwrap();
+    std::os::unix::fs::symlink("v2", plugins.join("..data_tmp")).unwrap();
+    std::fs::rename(plugins.join("..data_tmp"), plugins.join("..data")).unwrap();
+    d.wait_for("the swap", Duration::from_secs(20), || reloads(&d, "ok") >= 1.0);
+    assert_eq!(handled_by(&d, "work").0, "000000002");
+    assert_eq!(reloads(&d, "refused"), 0.0);
+}

@@ -70,6 +70,15 @@ pub struct Supervisor {
     requester: Option<Arc<dyn Requester>>,
     plugins: BTreeMap<String, Arc<PluginSlot>>,
     routes: Vec<Running>,
+    /// SHA-256 of the config file's content last acted on.
+    config_digest: Option<String>,
+}
+
+/// SHA-256 (hex) of a file's content; none if it cannot be read.
+async fn digest_of(path: &std::path::Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = tokio::fs::read(path).await.ok()?;
+    Some(hex::encode(Sha256::digest(&bytes)))
 }
 
 impl Supervisor {
@@ -92,7 +101,9 @@ impl Supervisor {
             requester,
             plugins: BTreeMap::new(),
             routes: Vec::new(),
+            config_digest: None,
         };
+        supervisor.config_digest = digest_of(&supervisor.config.file).await;
         for (name, plugin) in &supervisor.config.plugins {
             let loaded = supervisor.load(name, plugin).await?;
             tracing::info!(
@@ -146,20 +157,28 @@ impl Supervisor {
 
     /// Acts on changed files (normalized paths): the config is reloaded
     /// first, then each plugin whose `.wasm` changed.
+    ///
+    /// Any change in a watched file's folder counts: a file replaced through
+    /// a symlink swap (a Kubernetes ConfigMap, say) changes other entries
+    /// than its own name. Files whose content is the same are left alone.
     pub async fn changed(&mut self, paths: &[PathBuf]) {
         tracing::debug!(?paths, "files changed");
-        let is = |file: &PathBuf| {
+        let touched = |file: &PathBuf| {
             let file = super::watch::normalize(file);
-            paths.contains(&file)
+            paths.iter().any(|p| *p == file || p.parent() == file.parent())
         };
-        if is(&self.config.file.clone()) {
-            self.reload_config().await;
+        if touched(&self.config.file.clone()) {
+            let digest = digest_of(&self.config.file).await;
+            if digest != self.config_digest {
+                self.config_digest = digest;
+                self.reload_config().await;
+            }
         }
         let plugins: Vec<String> = self
             .config
             .plugins
             .iter()
-            .filter(|(_, p)| is(&p.path))
+            .filter(|(_, p)| touched(&p.path))
             .map(|(name, _)| name.clone())
             .collect();
         for name in plugins {
@@ -198,6 +217,9 @@ impl Supervisor {
             return;
         };
         let old = slot.current();
+        if digest_of(&config.path).await.is_some_and(|d| d == old.hash()) {
+            return;
+        }
         let started = Instant::now();
         match self.load(name, &config).await {
             Ok(new) if new.hash() == old.hash() => {
