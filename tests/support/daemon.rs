@@ -155,6 +155,14 @@ impl Daemon {
         }
     }
 
+    /// `/readyz` answers 200 now.
+    pub fn ready(&self) -> bool {
+        agent()
+            .get(format!("http://{}/readyz", self.admin))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+    }
+
     /// Publishes through the admin API; Err on any failure (daemon down).
     pub fn try_publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
         publish_to(&self.admin, subject, headers, payload)
