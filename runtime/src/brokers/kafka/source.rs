@@ -1,8 +1,10 @@
 //! One consumer-group member: a thread owns the librdkafka consumer (poll,
-//! pause/resume, commits, rebalance callbacks); deliveries reach the
-//! pipeline through a channel. Per partition, the offsets received and not
-//! settled are tracked: the partition is paused when they reach the bound,
-//! and only the contiguous settled prefix is committed.
+//! commits, rebalance callbacks); deliveries reach the pipeline through a
+//! channel. Each assigned partition gets its own librdkafka queue: a
+//! partition whose records received and not settled reach the bound is
+//! simply not read (librdkafka stops fetching it once its queue is full, and
+//! keeps what it prefetched), while the others go on. Only the contiguous
+//! settled prefix of a partition is committed.
 
 use super::config::{ConsumerSettings, KafkaConfig};
 use super::offsets::OffsetTracker;
@@ -10,6 +12,7 @@ use super::retry::{self, Retried};
 use super::{client_config, failed, KafkaBroker, KafkaSetupError};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
 use crate::message::{Header, Message};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -31,12 +34,17 @@ type PartitionKey = (String, i32);
 struct Partition {
     generation: u64,
     tracker: OffsetTracker,
-    /// Paused because its records in flight reached the bound.
-    paused: bool,
-    /// Paused until then: its next record (in a retry topic) is not due.
-    delayed_until: Option<Instant>,
+    /// The next record of a retry topic, read before it was due: the
+    /// partition is not read further until then.
+    held: Option<Held>,
     revoked: bool,
     committed: Option<i64>,
+}
+
+struct Held {
+    due: Instant,
+    offset: i64,
+    message: Message,
 }
 
 /// State shared by the consumer thread, the rebalance callbacks and the
@@ -53,9 +61,9 @@ pub(super) struct State {
     max_in_flight_total: usize,
     revoke_timeout: Duration,
     tx: mpsc::UnboundedSender<KafkaDelivery>,
-    /// The consumer (owned by its thread), to resume a partition as soon as
-    /// its backlog has halved.
-    consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<Context>>>,
+    /// Partitions assigned since the poll loop last looked: it gives each
+    /// its own queue.
+    to_split: Mutex<Vec<(PartitionKey, u64)>>,
     /// With retry topics: the producer failed records go through.
     retry: Option<KafkaBroker>,
 }
@@ -112,17 +120,6 @@ impl State {
         let mut parts = self.lock();
         if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
             p.tracker.settled(offset);
-            if p.paused && !p.revoked && p.tracker.pending() <= self.max_in_flight / 2 {
-                if p.delayed_until.is_some() {
-                    // Resumed when its record is due.
-                    p.paused = false;
-                } else if let Some(c) = self.consumer.get().and_then(std::sync::Weak::upgrade) {
-                    match c.resume(&pause_list(key)) {
-                        Ok(()) => p.paused = false,
-                        Err(e) => tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1),
-                    }
-                }
-            }
         }
         drop(parts);
         self.settled.notify_all();
@@ -187,12 +184,9 @@ impl ConsumerContext for Context {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                // A partition paused under an earlier assignment would stay
-                // paused: start every assigned one afresh.
-                if let Err(e) = consumer.resume(tpl) {
-                    tracing::warn!("cannot resume the assigned partitions: {e}");
-                }
+                let _ = consumer;
                 let mut parts = self.state.lock();
+                let mut to_split = self.state.to_split.lock().unwrap_or_else(|e| e.into_inner());
                 let mut assigned = Vec::new();
                 for e in tpl.elements() {
                     let generation = self.state.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -201,12 +195,12 @@ impl ConsumerContext for Context {
                         Partition {
                             generation,
                             tracker: OffsetTracker::default(),
-                            paused: false,
-                            delayed_until: None,
+                            held: None,
                             revoked: false,
                             committed: None,
                         },
                     );
+                    to_split.push(((e.topic().to_owned(), e.partition()), generation));
                     assigned.push(format!("{}/{}", e.topic(), e.partition()));
                 }
                 tracing::info!(partitions = ?assigned, "Kafka partitions assigned");
@@ -258,7 +252,7 @@ impl KafkaSource {
             max_in_flight_total: s.max_in_flight.max(1),
             revoke_timeout: s.revoke_timeout,
             tx,
-            consumer: std::sync::OnceLock::new(),
+            to_split: Mutex::new(Vec::new()),
             retry: retry.filter(|_| s.retry_levels > 0),
         });
         let mut c = client_config(config);
@@ -273,7 +267,6 @@ impl KafkaSource {
             c.create_with_context(Context { state: state.clone() })
                 .map_err(|e| KafkaSetupError::Client(e.to_string()))?,
         );
-        let _ = state.consumer.set(Arc::downgrade(&consumer));
         let retry_topics: Vec<String> = s
             .topics
             .iter()
@@ -363,12 +356,6 @@ fn to_message(m: &BorrowedMessage<'_>) -> Message {
     }
 }
 
-fn pause_list(key: &PartitionKey) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&key.0, key.1);
-    tpl
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -376,101 +363,165 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Pauses a partition whose record at `offset` is due in `wait`, and
-/// rewinds it to that record.
-fn delay(consumer: &BaseConsumer<Context>, key: &PartitionKey, p: &mut Partition, offset: i64, wait: Duration) {
-    if let Err(e) = consumer.pause(&pause_list(key)) {
-        tracing::warn!("cannot pause {}/{}: {e}", key.0, key.1);
-    }
-    if let Err(e) = consumer.seek(&key.0, key.1, Offset::Offset(offset), Duration::from_secs(5)) {
-        tracing::warn!("cannot rewind {}/{} to {offset}: {e}", key.0, key.1);
-    }
-    p.delayed_until = Some(Instant::now() + wait);
+/// Records taken from one partition queue per turn, so partitions share the
+/// thread fairly.
+const BATCH: usize = 64;
+/// How long the loop waits on the main queue (events) when no partition
+/// queue had anything.
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+
+/// The poll thread's side: the queue of each assigned partition.
+struct Queues {
+    consumer: Arc<BaseConsumer<Context>>,
+    by_partition: HashMap<PartitionKey, (u64, PartitionQueue<Context>)>,
 }
 
-/// Resumes the delayed partitions whose record is due.
-fn resume_due(consumer: &BaseConsumer<Context>, state: &State) {
-    let now = Instant::now();
-    let mut parts = state.lock();
-    for (key, p) in parts.iter_mut() {
-        if p.delayed_until.is_some_and(|at| at <= now) {
-            p.delayed_until = None;
-            if !p.paused && !p.revoked {
-                if let Err(e) = consumer.resume(&pause_list(key)) {
-                    tracing::warn!("cannot resume {}/{}: {e}", key.0, key.1);
+impl Queues {
+    /// Gives newly assigned partitions their own queue and drops those of
+    /// partitions no longer assigned (or assigned again since).
+    fn refresh(&mut self, state: &State) {
+        let new: Vec<(PartitionKey, u64)> =
+            std::mem::take(&mut *state.to_split.lock().unwrap_or_else(|e| e.into_inner()));
+        for (key, generation) in new {
+            match self.consumer.split_partition_queue(&key.0, key.1) {
+                Some(q) => {
+                    self.by_partition.insert(key, (generation, q));
                 }
+                // Its records keep arriving on the main queue.
+                None => tracing::warn!("no queue of its own for {}/{}", key.0, key.1),
             }
         }
+        let parts = state.lock();
+        self.by_partition.retain(|key, (generation, _)| {
+            parts
+                .get(key)
+                .is_some_and(|p| p.generation == *generation && !p.revoked)
+        });
     }
+}
+
+/// Hands a record to the pipeline, or holds it in its partition while it is
+/// not due (a retry topic's record).
+fn take(state: &Arc<State>, key: PartitionKey, offset: i64, mut message: Message) {
+    let due_in = retry::not_before_ms(&message.headers)
+        .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+        .filter(|d| !d.is_zero());
+    let mut parts = state.lock();
+    let Some(p) = parts.get_mut(&key) else {
+        return;
+    };
+    if let Some(wait) = due_in {
+        p.held = Some(Held {
+            due: Instant::now() + wait,
+            offset,
+            message,
+        });
+        return;
+    }
+    p.tracker.received(offset);
+    let generation = p.generation;
+    drop(parts);
+    let retried = retry::restore(&mut message);
+    let delivery = KafkaDelivery {
+        message,
+        key,
+        offset,
+        generation,
+        retried,
+        state: state.clone(),
+        settled: false,
+    };
+    let _ = state.tx.send(delivery);
+}
+
+/// Hands on the held records that are due.
+fn release_due(state: &Arc<State>) {
+    let now = Instant::now();
+    let due: Vec<(PartitionKey, Held)> = {
+        let mut parts = state.lock();
+        parts
+            .iter_mut()
+            .filter(|(_, p)| p.held.as_ref().is_some_and(|h| h.due <= now))
+            .filter_map(|(key, p)| p.held.take().map(|h| (key.clone(), h)))
+            .collect()
+    };
+    for (key, mut held) in due {
+        // Due now: the not-before header is past.
+        held.message.headers.retain(|h| h.name != retry::NOT_BEFORE);
+        take(state, key, held.offset, held.message);
+    }
+}
+
+/// Whether the loop should read `key`'s queue now: not at its bound, not
+/// holding a record that is not due, not revoked.
+fn readable(state: &State, key: &PartitionKey) -> bool {
+    state
+        .lock()
+        .get(key)
+        .is_some_and(|p| !p.revoked && p.held.is_none() && p.tracker.pending() < state.max_in_flight)
+}
+
+fn consumer_error(state: &State, e: &KafkaError) {
+    if matches!(
+        e,
+        KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)
+            | KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure)
+    ) {
+        state.connected.store(false, Ordering::Relaxed);
+    }
+    tracing::warn!("Kafka consumer: {e}");
 }
 
 fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {
     let mut last_commit = Instant::now();
     let mut last_check = Instant::now();
+    let mut queues = Queues {
+        consumer: consumer.clone(),
+        by_partition: HashMap::new(),
+    };
+    let mut busy = false;
     while !state.stop.load(Ordering::Relaxed) {
-        if state.pending_total() >= state.max_in_flight_total {
-            // Full: take nothing more until work settles. Short waits, so
-            // commits go on and the group does not think us gone.
-            std::thread::sleep(FULL_WAIT);
-            resume_due(&consumer, &state);
-            if last_commit.elapsed() >= commit_interval {
-                state.commit(&consumer, state.committable(None), CommitMode::Async);
-                last_commit = Instant::now();
-            }
-            continue;
-        }
-        match consumer.poll(POLL) {
+        // Events (rebalances, errors), and records of partitions not yet on
+        // a queue of their own.
+        match consumer.poll(if busy { Duration::ZERO } else { IDLE_WAIT }) {
             Some(Ok(m)) => {
                 state.connected.store(true, Ordering::Relaxed);
                 let key = (m.topic().to_owned(), m.partition());
-                let offset = m.offset();
-                let mut message = to_message(&m);
+                let (offset, message) = (m.offset(), to_message(&m));
                 drop(m);
-                let due_in = retry::not_before_ms(&message.headers)
-                    .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
-                    .filter(|d| !d.is_zero());
-                let mut parts = state.lock();
-                if let (Some(p), Some(wait)) = (parts.get_mut(&key), due_in) {
-                    // Not due: read it again once it is.
-                    delay(&consumer, &key, p, offset, wait);
-                    continue;
-                }
-                if let Some(p) = parts.get_mut(&key) {
-                    p.tracker.received(offset);
-                    let generation = p.generation;
-                    if !p.paused && p.tracker.pending() >= state.max_in_flight {
-                        match consumer.pause(&pause_list(&key)) {
-                            Ok(()) => p.paused = true,
-                            Err(e) => tracing::warn!("cannot pause {}/{}: {e}", key.0, key.1),
-                        }
-                    }
-                    drop(parts);
-                    let retried = retry::restore(&mut message);
-                    let delivery = KafkaDelivery {
-                        message,
-                        key,
-                        offset,
-                        generation,
-                        retried,
-                        state: state.clone(),
-                        settled: false,
-                    };
-                    let _ = state.tx.send(delivery);
-                }
+                take(&state, key, offset, message);
             }
-            Some(Err(e)) => {
-                if matches!(
-                    e,
-                    KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)
-                        | KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure)
-                ) {
-                    state.connected.store(false, Ordering::Relaxed);
-                }
-                tracing::warn!("Kafka consumer: {e}");
-            }
+            Some(Err(e)) => consumer_error(&state, &e),
             None => {}
         }
-        resume_due(&consumer, &state);
+        queues.refresh(&state);
+        release_due(&state);
+        busy = false;
+        // Full overall: take nothing more until work settles.
+        if state.pending_total() < state.max_in_flight_total {
+            for (key, (_, queue)) in &queues.by_partition {
+                let mut n = 0;
+                while n < BATCH && readable(&state, key) {
+                    match queue.poll(Duration::ZERO) {
+                        Some(Ok(m)) => {
+                            state.connected.store(true, Ordering::Relaxed);
+                            let (offset, message) = (m.offset(), to_message(&m));
+                            drop(m);
+                            take(&state, key.clone(), offset, message);
+                            n += 1;
+                        }
+                        Some(Err(e)) => {
+                            consumer_error(&state, &e);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                busy |= n > 0;
+            }
+        } else {
+            std::thread::sleep(FULL_WAIT);
+        }
         if last_commit.elapsed() >= commit_interval {
             state.commit(&consumer, state.committable(None), CommitMode::Async);
             last_commit = Instant::now();
@@ -486,6 +537,7 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
     // Shutdown: commit what is done, then leave the group (the revoke
     // callback commits again after waiting for stragglers).
     state.commit(&consumer, state.committable(None), CommitMode::Sync);
+    drop(queues);
     consumer.unsubscribe();
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && !state.lock().is_empty() {
