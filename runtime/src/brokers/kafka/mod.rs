@@ -1,6 +1,6 @@
 //! Kafka (librdkafka via rdkafka): consumer groups with manual commits of
-//! the contiguous handled prefix per partition, partitions paused when their
-//! records in flight reach a bound, rebalances that wait for in-flight work,
+//! the contiguous handled prefix per partition, a partition left unread
+//! while its records in flight are at a bound, rebalances that wait for in-flight work,
 //! an idempotent producer (`acks=all`) for publishes and dead letters.
 //! Knows nothing of WASM.
 

@@ -1,9 +1,10 @@
 //! Non-blocking retries through retry topics: a record whose attempt N
 //! failed is produced to `<topic>.retry.N` with a not-before time, and its
 //! offset settles, so the records after it flow on. The consumer reads the
-//! retry topics too; a record not due yet pauses its retry partition until
-//! it is. The retry headers are taken off before the handler sees the
-//! record, so it sees the original topic and the attempt number.
+//! retry topics too; a record read before it is due is held, and its retry
+//! partition is not read further until then. The retry headers are taken
+//! off before the handler sees the record, so it sees the original topic
+//! and the attempt number.
 
 use crate::message::{Header, Message, Outbound, KEY_HEADER};
 
