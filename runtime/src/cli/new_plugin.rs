@@ -54,9 +54,12 @@ pub fn run(args: NewArgs) -> anyhow::Result<i32> {
     println!("created plugin crate {}", dir.display());
     println!();
     println!("  cd {}", dir.display());
-    println!("  cargo test                                   # the handler's own tests");
-    println!("  sluice dev -c sluice.toml                    # build, run, rebuild on save");
-    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'       # send it a message");
+    println!("  cargo test                 # the handler's own tests");
+    println!("  sluice dev -c sluice.toml  # build, run, rebuild and swap on save");
+    println!();
+    println!("and, in another terminal, send it a message:");
+    println!();
+    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'");
     println!();
     println!("The component is target/wasm32-wasip2/release/{lib}.wasm.");
     Ok(0)
