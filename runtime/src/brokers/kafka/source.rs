@@ -181,10 +181,11 @@ impl ConsumerContext for Context {
         tracing::info!(partitions = ?revoked, "Kafka partitions revoked");
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let _ = consumer;
+                // Each gets a queue of its own from the poll loop (which holds
+                // the consumer's `Arc`, needed to split a queue off).
                 let mut parts = self.state.lock();
                 let mut to_split = self.state.to_split.lock().unwrap_or_else(|e| e.into_inner());
                 let mut assigned = Vec::new();
