@@ -294,7 +294,10 @@ key = "header:Idempotency-Key"
 lease = "3s""#
     );
     let dir = tempfile::tempdir().unwrap();
+    // Started once to declare the topology, then stopped: all N wait in the
+    // queue, so the kill below lands mid-stream however fast sluice is.
     let mut d = Daemon::start(dir.path(), &one_route(&id, &plugin_table, &route));
+    assert!(d.terminate().success());
     let rt = rt();
     let rabbit = rt.block_on(Rabbit::connect());
     let out = format!("out-{id}");
@@ -313,6 +316,7 @@ lease = "3s""#
                 .await;
         }
     });
+    d.restart();
     d.wait_for("some handled", Duration::from_secs(60), || {
         route_count(&d, "handled") >= 1000
     });
