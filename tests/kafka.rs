@@ -67,6 +67,15 @@ fn record_plugin(to: &str, wait_ms: u32) -> String {
     )
 }
 
+/// The `flaky` fixture as plugin `p`: fails the number of times in a
+/// record's `fail-times` header, then publishes `flaky.done`.
+fn flaky_plugin() -> String {
+    format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
+        plugin("fixture_flaky").display()
+    )
+}
+
 fn route_count(d: &Daemon, what: &str) -> u64 {
     d.status()["routes"][0][what].as_u64().unwrap_or(0)
 }
@@ -144,10 +153,7 @@ fn a_failing_record_retries_in_place_while_other_partitions_flow_and_commits_wai
         kafka::create_topic(&brokers(), &input, 3).await;
         produce(&producer, &input, records).await;
     });
-    let plugin_table = format!(
-        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
-        plugin("fixture_flaky").display()
-    );
+    let plugin_table = flaky_plugin();
     let route = format!(
         r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}
 concurrency = 3
@@ -426,10 +432,7 @@ fn with_retry_topics_a_failing_record_waits_in_them_while_the_records_after_it_f
         kafka::create_topic(&brokers(), &input, 1).await;
         produce(&producer, &input, records).await;
     });
-    let plugin_table = format!(
-        "[plugins.p]\npath = \"{}\"\npublish = [\"flaky.>\"]",
-        plugin("fixture_flaky").display()
-    );
+    let plugin_table = flaky_plugin();
     let route = format!(
         r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}", retry_topics = true }}
 ordering = "none"

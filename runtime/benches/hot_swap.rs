@@ -141,16 +141,16 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn plugin_file() -> PathBuf {
-    common::noop().with_file_name("fixture_stamp.wasm")
+fn stamp_file() -> PathBuf {
+    common::plugin_file("fixture_stamp.wasm")
 }
 
 fn main() {
     let swaps: u32 = env_or("SWAPS", 10);
-    let original = std::fs::read(plugin_file()).expect("the stamp fixture is built (cargo xtask plugins)");
+    let original = std::fs::read(stamp_file()).expect("the stamp fixture is built (cargo xtask plugins)");
     println!(
         "hot swap: {} ({} KiB), {swaps} swaps",
-        plugin_file().display(),
+        stamp_file().display(),
         original.len() / 1024
     );
 

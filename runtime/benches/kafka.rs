@@ -11,7 +11,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, rate};
+use common::{env_or, noop, noop_plugin, rate};
 
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice::brokers::kafka::{ConsumerSettings, KafkaBroker, KafkaConfig, OffsetReset, TopicConfig};
 use sluice::brokers::{Sink, Source};
 use sluice::config::{Isolation, Ordering as RouteOrdering};
-use sluice::engine::{Engine, EngineSettings, PluginSpec};
+use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -116,14 +116,12 @@ async fn sluice(
             })
             .expect("source"),
     );
-    let mut spec = PluginSpec::new("noop", noop());
-    spec.isolation = isolation;
     let mut route = Route::new(
         "bench",
         source,
         "kafka",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        Arc::new(engine.load(spec).expect("load noop")),
+        noop_plugin(engine, isolation),
     );
     route.concurrency = PARTITIONS as u32;
     route.ordering = RouteOrdering::Partition;

@@ -9,14 +9,14 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{noop, rate};
+use common::{noop, noop_plugin as plugin, rate};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
 use sluice::brokers::nats::{ConsumerSettings, NatsBroker, NatsConfig};
 use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
-use sluice::engine::{Engine, EngineSettings, PluginSpec};
+use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -115,12 +115,6 @@ fn broker_client(_broker: &NatsBroker) -> async_nats::Client {
 }
 
 static CLIENT: std::sync::OnceLock<async_nats::Client> = std::sync::OnceLock::new();
-
-fn plugin(engine: &Engine, isolation: Isolation) -> Arc<sluice::engine::Plugin> {
-    let mut spec = PluginSpec::new("noop", noop());
-    spec.isolation = isolation;
-    Arc::new(engine.load(spec).expect("load noop"))
-}
 
 async fn native_jetstream(js: &jetstream::Context, stream: &str, n: usize) -> f64 {
     let consumer = js

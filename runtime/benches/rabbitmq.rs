@@ -9,7 +9,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, rate};
+use common::{env_or, noop, noop_plugin, rate};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -21,7 +21,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sluice::brokers::rabbitmq::{ConsumerSettings, RabbitBroker, RabbitConfig, RetryVia};
 use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
-use sluice::engine::{Engine, EngineSettings, PluginSpec};
+use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,14 +107,12 @@ async fn sluice(
         retry_via: RetryVia::DelayQueue,
         consumer_tag: format!("sluice-{}", isolation.as_str()),
     }));
-    let mut spec = PluginSpec::new("noop", noop());
-    spec.isolation = isolation;
     let mut route = Route::new(
         "bench",
         source,
         "rabbitmq",
         Arc::new(broker.sink()) as Arc<dyn Sink>,
-        Arc::new(engine.load(spec).expect("load noop")),
+        noop_plugin(engine, isolation),
     );
     route.concurrency = u32::try_from(concurrency()).unwrap_or(16);
     let route = Arc::new(route);

@@ -2,7 +2,10 @@
 
 #![allow(dead_code)]
 
+use sluice::config::Isolation;
+use sluice::engine::{Engine, Plugin, PluginSpec};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// An environment setting, else `default`.
@@ -10,12 +13,24 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The built `noop` plugin (`SLUICE_PLUGIN_DIR`, else the workspace's).
-pub fn noop() -> PathBuf {
+/// A built plugin file (`SLUICE_PLUGIN_DIR`, else the workspace's).
+pub fn plugin_file(file: &str) -> PathBuf {
     std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"))
-        .join("noop.wasm")
+        .join(file)
+}
+
+/// The built `noop` plugin.
+pub fn noop() -> PathBuf {
+    plugin_file("noop.wasm")
+}
+
+/// `noop` loaded in `isolation`.
+pub fn noop_plugin(engine: &Engine, isolation: Isolation) -> Arc<Plugin> {
+    let mut spec = PluginSpec::new("noop", noop());
+    spec.isolation = isolation;
+    Arc::new(engine.load(spec).expect("load noop"))
 }
 
 /// Messages per second.

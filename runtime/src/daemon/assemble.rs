@@ -125,22 +125,45 @@ pub fn plugin_spec(name: &str, plugin: &PluginConfig, requester: Option<Arc<dyn 
     }
 }
 
+/// Loads one version of plugin `name`: compiled on a blocking thread (off
+/// the async workers, which keep handling messages), then instantiated once
+/// so a version whose start-up fails is refused before it serves. Used at
+/// start-up, by hot reloads and by `sluice check`.
+pub async fn load_plugin(
+    engine: &Engine,
+    name: &str,
+    config: &PluginConfig,
+    requester: Option<Arc<dyn Requester>>,
+) -> Result<Arc<Plugin>, PluginError> {
+    let spec = plugin_spec(name, config, requester);
+    let engine = engine.clone();
+    let loaded = tokio::task::spawn_blocking(move || engine.load(spec))
+        .await
+        .map_err(|e| PluginError::Instantiate {
+            name: name.to_owned(),
+            path: config.path.clone(),
+            reason: format!("compilation did not finish: {e}"),
+        })??;
+    loaded.probe().await?;
+    Ok(Arc::new(loaded))
+}
+
 /// Loads every plugin of the config; the first refusal is the error.
-pub fn load_plugins(
+pub async fn load_plugins(
     engine: &Engine,
     config: &Config,
     requester: Option<Arc<dyn Requester>>,
-) -> Result<BTreeMap<String, Arc<Plugin>>, DaemonError> {
+) -> Result<BTreeMap<String, Arc<Plugin>>, PluginError> {
     let mut plugins = BTreeMap::new();
     for (name, plugin) in &config.plugins {
-        let loaded = engine.load(plugin_spec(name, plugin, requester.clone()))?;
+        let loaded = load_plugin(engine, name, plugin, requester.clone()).await?;
         tracing::info!(
             plugin = %name,
             hash = %&loaded.hash()[..12],
             isolation = loaded.isolation().as_str(),
             "plugin loaded"
         );
-        plugins.insert(name.clone(), Arc::new(loaded));
+        plugins.insert(name.clone(), loaded);
     }
     Ok(plugins)
 }

@@ -4,7 +4,8 @@
 //! so a refused one leaves the daemon exactly as it was.
 
 use super::assemble::{
-    build_engine, build_route, dead_letter_backends, declare_queues, plugin_spec, Brokers, DaemonError, GateStores,
+    build_engine, build_route, dead_letter_backends, declare_queues, load_plugin, load_plugins, Brokers, DaemonError,
+    GateStores,
 };
 use crate::admin::{AdminState, CONFIG_RELOAD};
 use crate::config::{self, Config, PluginConfig, RouteConfig};
@@ -47,8 +48,12 @@ impl Running {
     /// Stops taking messages and waits up to `grace` for those in flight;
     /// anything unsettled then goes back to the broker.
     async fn stop(self, grace: Duration) {
+        self.stop_by(tokio::time::Instant::now() + grace).await;
+    }
+
+    async fn stop_by(self, deadline: tokio::time::Instant) {
         self.stop.cancel();
-        let drained = tokio::time::timeout(grace, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             for w in self.workers {
                 let _ = w.await;
             }
@@ -72,6 +77,15 @@ pub struct Supervisor {
     routes: Vec<Running>,
     /// SHA-256 of the config file's content last acted on.
     config_digest: Option<String>,
+}
+
+/// Keeps the running value of a section that only a restart applies,
+/// noting its name in `pending` when the new config changes it.
+fn keep<T: PartialEq + Clone>(name: &'static str, new: &mut T, old: &T, pending: &mut Vec<&'static str>) {
+    if new != old {
+        pending.push(name);
+        *new = old.clone();
+    }
 }
 
 /// SHA-256 (hex) of a file's content; none if it cannot be read.
@@ -104,18 +118,10 @@ impl Supervisor {
             config_digest: None,
         };
         supervisor.config_digest = digest_of(&supervisor.config.file).await;
-        for (name, plugin) in &supervisor.config.plugins {
-            let loaded = supervisor.load(name, plugin).await?;
-            tracing::info!(
-                plugin = %name,
-                hash = %&loaded.hash()[..12],
-                isolation = loaded.isolation().as_str(),
-                "plugin loaded"
-            );
-            supervisor.metrics.plugin_version(name, None, loaded.hash());
-            supervisor
-                .plugins
-                .insert(name.clone(), Arc::new(PluginSlot::new(loaded)));
+        let loaded = load_plugins(&supervisor.engine, &supervisor.config, supervisor.requester.clone()).await?;
+        for (name, plugin) in loaded {
+            supervisor.metrics.plugin_version(&name, None, plugin.hash());
+            supervisor.plugins.insert(name, Arc::new(PluginSlot::new(plugin)));
         }
         for r in &supervisor.config.routes {
             let slot = supervisor.slot(&supervisor.plugins, r)?;
@@ -186,20 +192,8 @@ impl Supervisor {
         }
     }
 
-    /// Compiles (off the async workers) and instantiates once a version of
-    /// `name`.
     async fn load(&self, name: &str, config: &PluginConfig) -> Result<Arc<Plugin>, PluginError> {
-        let spec = plugin_spec(name, config, self.requester.clone());
-        let engine = self.engine.clone();
-        let loaded = tokio::task::spawn_blocking(move || engine.load(spec))
-            .await
-            .map_err(|e| PluginError::Instantiate {
-                name: name.to_owned(),
-                path: config.path.clone(),
-                reason: format!("compilation did not finish: {e}"),
-            })??;
-        loaded.probe().await?;
-        Ok(Arc::new(loaded))
+        load_plugin(&self.engine, name, config, self.requester.clone()).await
     }
 
     fn slot(&self, slots: &BTreeMap<String, Arc<PluginSlot>>, r: &RouteConfig) -> Result<Arc<PluginSlot>, DaemonError> {
@@ -222,9 +216,6 @@ impl Supervisor {
         }
         let started = Instant::now();
         match self.load(name, &config).await {
-            Ok(new) if new.hash() == old.hash() => {
-                tracing::debug!(plugin = %name, "plugin file touched, content unchanged");
-            }
             Ok(new) => {
                 slot.swap(new.clone());
                 self.metrics.plugin_reloaded(name, "ok");
@@ -271,34 +262,17 @@ impl Supervisor {
 
     async fn apply(&mut self, mut new: Config) -> Result<String, String> {
         // What is opened once at start-up stays as it is until a restart.
+        let old = &self.config;
         let mut pending = Vec::new();
-        if new.data_dir != self.config.data_dir {
-            pending.push("data_dir");
-        }
-        if new.admin != self.config.admin {
-            pending.push("[admin]");
-        }
-        if new.engine != self.config.engine {
-            pending.push("[engine]");
-        }
-        if new.brokers != self.config.brokers {
-            pending.push("[brokers]");
-        }
-        if new.stores != self.config.stores {
-            pending.push("[stores]");
-        }
-        if new.telemetry != self.config.telemetry {
-            pending.push("[telemetry]");
-        }
+        keep("data_dir", &mut new.data_dir, &old.data_dir, &mut pending);
+        keep("[admin]", &mut new.admin, &old.admin, &mut pending);
+        keep("[engine]", &mut new.engine, &old.engine, &mut pending);
+        keep("[brokers]", &mut new.brokers, &old.brokers, &mut pending);
+        keep("[stores]", &mut new.stores, &old.stores, &mut pending);
+        keep("[telemetry]", &mut new.telemetry, &old.telemetry, &mut pending);
         if !pending.is_empty() {
             tracing::warn!("changes to {} take effect at the next restart", pending.join(", "));
         }
-        new.data_dir = self.config.data_dir.clone();
-        new.admin = self.config.admin.clone();
-        new.engine = self.config.engine.clone();
-        new.brokers = self.config.brokers.clone();
-        new.stores = self.config.stores.clone();
-        new.telemetry = self.config.telemetry.clone();
 
         // Prepare: nothing running changes if any of this fails.
         self.gates.ensure(&new).await.map_err(|e| e.to_string())?;
@@ -426,20 +400,14 @@ impl Supervisor {
     /// Stops every route (waiting up to the grace period in all for the
     /// messages in flight), then closes the brokers and stores.
     pub async fn shutdown(self) {
-        let grace = self.config.shutdown_grace;
+        // All stop taking messages at once; then each gets what is left of
+        // one grace period.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
         for r in &self.routes {
             r.stop.cancel();
         }
-        let drained = tokio::time::timeout(grace, async {
-            for r in self.routes {
-                for w in r.workers {
-                    let _ = w.await;
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("grace period over; unsettled messages will be redelivered");
+        for r in self.routes {
+            r.stop_by(deadline).await;
         }
         self.brokers.close().await;
         self.gates.close();

@@ -13,10 +13,11 @@ use tokio::sync::mpsc;
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot watch {}: {source}", path.display())]
-pub struct WatchError {
-    path: PathBuf,
-    source: notify::Error,
+pub enum WatchError {
+    #[error("cannot start the file watcher: {0}")]
+    Start(notify::Error),
+    #[error("cannot watch {}: {source}", path.display())]
+    Watch { path: PathBuf, source: notify::Error },
 }
 
 /// A debounced file watcher whose changes arrive on a tokio channel.
@@ -57,10 +58,7 @@ impl FileWatcher {
                 }
             }
         })
-        .map_err(|source| WatchError {
-            path: PathBuf::new(),
-            source,
-        })?;
+        .map_err(WatchError::Start)?;
         Ok((
             Self {
                 debouncer,
@@ -87,7 +85,7 @@ impl FileWatcher {
         if self.watched.contains(dir) {
             return Ok(());
         }
-        self.debouncer.watch(dir, mode).map_err(|source| WatchError {
+        self.debouncer.watch(dir, mode).map_err(|source| WatchError::Watch {
             path: dir.to_path_buf(),
             source,
         })?;

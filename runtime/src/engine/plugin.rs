@@ -256,32 +256,37 @@ impl Plugin {
     /// version whose start-up fails is refused before it is put in service.
     /// In `reuse` mode the instance is kept warm for the first message.
     pub async fn probe(&self) -> Result<(), PluginError> {
-        let mut store = self.new_store();
-        self.arm(&mut store);
-        match self.pre.instantiate_async(&mut store).await {
-            Ok(handler) => {
+        match self.new_warm().await {
+            Ok(warm) => {
                 if self.spec_isolation == Isolation::Reuse {
                     if let Ok(mut pool) = self.warm.lock() {
-                        pool.push(Warm {
-                            store,
-                            handler,
-                            uses: 0,
-                        });
+                        pool.push(warm);
                     }
                 }
                 Ok(())
             }
-            Err(e) => {
-                let reason = match self.classify(Ok(Err(e)), store.data()) {
+            Err(outcome) => Err(PluginError::Instantiate {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                reason: match outcome {
                     Outcome::Failed { kind, reason } => format!("{kind}: {reason}"),
                     Outcome::Ok { .. } => "unknown".into(),
-                };
-                Err(PluginError::Instantiate {
-                    name: self.name.clone(),
-                    path: self.path.clone(),
-                    reason,
-                })
-            }
+                },
+            }),
+        }
+    }
+
+    /// A new instance, ready for messages; the failure as an outcome.
+    async fn new_warm(&self) -> Result<Warm, Outcome> {
+        let mut store = self.new_store();
+        self.arm(&mut store);
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(handler) => Ok(Warm {
+                store,
+                handler,
+                uses: 0,
+            }),
+            Err(e) => Err(self.classify(Ok(Err(e)), store.data())),
         }
     }
 
@@ -367,21 +372,10 @@ impl Plugin {
         let warm = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None);
         let mut warm = match warm {
             Some(w) => w,
-            None => {
-                let mut store = self.new_store();
-                self.arm(&mut store);
-                match self.pre.instantiate_async(&mut store).await {
-                    Ok(handler) => Warm {
-                        store,
-                        handler,
-                        uses: 0,
-                    },
-                    Err(e) => {
-                        let outcome = self.classify(Ok(Err(e)), store.data());
-                        return (outcome, Vec::new());
-                    }
-                }
-            }
+            None => match self.new_warm().await {
+                Ok(w) => w,
+                Err(outcome) => return (outcome, Vec::new()),
+            },
         };
         warm.store.data_mut().reset(route, &msg.id);
         self.arm(&mut warm.store);

@@ -113,7 +113,9 @@ impl KafkaBroker {
 
     /// A consumer-group member on the route's topics.
     pub fn source(&self, settings: ConsumerSettings) -> Result<KafkaSource, KafkaSetupError> {
-        let source = KafkaSource::start(&self.config, settings, Some(self.clone()))?;
+        // Failed records are produced to retry topics through this broker.
+        let retry = (settings.retry_levels > 0).then(|| self.clone());
+        let source = KafkaSource::start(&self.config, settings, retry)?;
         if let Ok(mut s) = self.sources.lock() {
             s.push(source.shared());
         }

@@ -235,8 +235,8 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Joins the group; `retry` is the producer for retry topics (when
-    /// `s.retry_levels` > 0).
+    /// Joins the group; `retry` is the producer for retry topics (given
+    /// when `s.retry_levels` > 0).
     pub(super) fn start(
         config: &KafkaConfig,
         s: ConsumerSettings,
@@ -254,7 +254,7 @@ impl KafkaSource {
             revoke_timeout: s.revoke_timeout,
             tx,
             to_split: Mutex::new(Vec::new()),
-            retry: retry.filter(|_| s.retry_levels > 0),
+            retry,
         });
         let mut c = client_config(config);
         c.set("group.id", &s.group)
@@ -446,9 +446,7 @@ fn release_due(state: &Arc<State>) {
             .filter_map(|(key, p)| p.held.take().map(|h| (key.clone(), h)))
             .collect()
     };
-    for (key, mut held) in due {
-        // Due now: the not-before header is past.
-        held.message.headers.retain(|h| h.name != retry::NOT_BEFORE);
+    for (key, held) in due {
         take(state, key, held.offset, held.message);
     }
 }
