@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod dlq;
 pub mod engine;
+pub mod headers;
 pub mod idempotency;
 pub mod message;
 pub mod metrics;

@@ -100,6 +100,14 @@ pub mod payload_text {
     }
 }
 
+/// A random id of this process, fixed for its lifetime: part of ids that
+/// must not repeat across restarts or replicas (core NATS message ids,
+/// RabbitMQ delivery ids without a message id, lease owners).
+pub fn process_nonce() -> &'static str {
+    static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NONCE.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

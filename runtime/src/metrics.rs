@@ -21,6 +21,13 @@ pub struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutput {
+    pub route: String,
+    /// `log_lines` (dropped) | `log_bytes` (lines shortened)
+    pub what: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteFailure {
     pub route: String,
     /// retryable | permanent | trap | timeout | memory
@@ -77,6 +84,10 @@ pub struct Metrics {
     pub in_flight: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
     pub settle_errors: Family<RouteLabel, Counter>,
+    /// Panics caught while handling a message (the worker lives on).
+    pub panics: Family<RouteLabel, Counter>,
+    /// Plugin output the host cut to its bounds, by route and what.
+    pub output_cut: Family<RouteOutput, Counter>,
     pub plugin_reloads: Family<PluginReload, Counter>,
     pub config_reloads: Family<ReloadResult, Counter>,
     pub plugin_info: Family<PluginVersion, Gauge>,
@@ -122,6 +133,18 @@ impl Metrics {
             "Acks, retries or publishes the broker refused (the message is redelivered)",
             settle_errors.clone(),
         );
+        let panics = Family::<RouteLabel, Counter>::default();
+        let output_cut = Family::<RouteOutput, Counter>::default();
+        registry.register(
+            "worker_panics",
+            "Panics caught while handling a message, by route (the message is redelivered or dead-lettered; the worker lives on)",
+            panics.clone(),
+        );
+        registry.register(
+            "plugin_output_cut",
+            "Plugin output cut to the host's bounds, by route and what (log_lines dropped, log_bytes: lines shortened)",
+            output_cut.clone(),
+        );
         let plugin_reloads = Family::<PluginReload, Counter>::default();
         let config_reloads = Family::<ReloadResult, Counter>::default();
         let plugin_info = Family::<PluginVersion, Gauge>::default();
@@ -150,6 +173,8 @@ impl Metrics {
             in_flight,
             handler_duration,
             settle_errors,
+            panics,
+            output_cut,
             encode_lock: Mutex::new(()),
         }
     }

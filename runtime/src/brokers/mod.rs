@@ -21,6 +21,28 @@ pub enum BrokerError {
     Failed { broker: &'static str, reason: String },
     #[error("{broker}: shutting down")]
     Closed { broker: &'static str },
+    /// The broker (or its client) cannot carry the message as it is: a bad
+    /// header, an invalid or unroutable destination, an oversized payload.
+    /// Sending it again fails again, so the message is dead-lettered.
+    #[error("{broker}: refused: {reason}")]
+    Refused { broker: &'static str, reason: String },
+}
+
+impl BrokerError {
+    pub fn refused(broker: &'static str, reason: impl Into<String>) -> Self {
+        Self::Refused {
+            broker,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a sink did with a batch of messages, once all are confirmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Messages the broker dropped as duplicates of one it already holds
+    /// (same dedup id within its window): stored earlier, not now.
+    pub duplicates: usize,
 }
 
 /// One received message, to be settled exactly once. Dropping it unsettled
@@ -67,7 +89,9 @@ pub trait Source: Send + Sync {
     }
 }
 
-/// Publishes messages and returns once the broker has confirmed all of them.
+/// Publishes messages and returns once the broker has confirmed all of them
+/// (stored, or dropped as a duplicate of a message it holds). A message the
+/// broker cannot carry is [`BrokerError::Refused`], never a panic.
 pub trait Sink: Send + Sync {
-    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>>;
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>>;
 }

@@ -109,12 +109,30 @@ pub fn build_engine(config: &Config) -> Result<Engine, DaemonError> {
     })?)
 }
 
-pub fn plugin_spec(name: &str, plugin: &PluginConfig, requester: Option<Arc<dyn Requester>>) -> PluginSpec {
+/// Subjects a plugin's wildcard allow-list must not reach: every route's
+/// dead-letter subject (a plugin forging dead letters could replay them).
+pub fn protected_subjects(config: &Config) -> Vec<String> {
+    let mut subjects: Vec<String> = config.routes.iter().map(|r| r.dead_letter_subject()).collect();
+    subjects.sort();
+    subjects.dedup();
+    subjects
+}
+
+pub fn plugin_spec(
+    name: &str,
+    plugin: &PluginConfig,
+    requester: Option<Arc<dyn Requester>>,
+    protected_subjects: Vec<String>,
+) -> PluginSpec {
     PluginSpec {
         name: name.to_owned(),
         path: plugin.path.clone(),
         isolation: plugin.isolation,
-        memory_cap_bytes: usize::try_from(plugin.max_memory_mb << 20).unwrap_or(usize::MAX),
+        memory_cap_bytes: plugin
+            .max_memory_mb
+            .checked_mul(1 << 20)
+            .and_then(|b| usize::try_from(b).ok())
+            .unwrap_or(usize::MAX),
         timeout: plugin.timeout,
         fuel: plugin.fuel,
         reuse_max_messages: plugin.reuse_max_messages,
@@ -122,6 +140,7 @@ pub fn plugin_spec(name: &str, plugin: &PluginConfig, requester: Option<Arc<dyn 
         request_allow: plugin.request.clone(),
         settings: plugin.settings(),
         requester,
+        protected_subjects,
     }
 }
 
@@ -134,8 +153,9 @@ pub async fn load_plugin(
     name: &str,
     config: &PluginConfig,
     requester: Option<Arc<dyn Requester>>,
+    protected_subjects: Vec<String>,
 ) -> Result<Arc<Plugin>, PluginError> {
-    let spec = plugin_spec(name, config, requester);
+    let spec = plugin_spec(name, config, requester, protected_subjects);
     let engine = engine.clone();
     let loaded = tokio::task::spawn_blocking(move || engine.load(spec))
         .await
@@ -156,7 +176,7 @@ pub async fn load_plugins(
 ) -> Result<BTreeMap<String, Arc<Plugin>>, PluginError> {
     let mut plugins = BTreeMap::new();
     for (name, plugin) in &config.plugins {
-        let loaded = load_plugin(engine, name, plugin, requester.clone()).await?;
+        let loaded = load_plugin(engine, name, plugin, requester.clone(), protected_subjects(config)).await?;
         tracing::info!(
             plugin = %name,
             hash = %&loaded.hash()[..12],

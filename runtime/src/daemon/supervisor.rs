@@ -193,7 +193,8 @@ impl Supervisor {
     }
 
     async fn load(&self, name: &str, config: &PluginConfig) -> Result<Arc<Plugin>, PluginError> {
-        load_plugin(&self.engine, name, config, self.requester.clone()).await
+        let protected = super::assemble::protected_subjects(self.config());
+        load_plugin(&self.engine, name, config, self.requester.clone(), protected).await
     }
 
     fn slot(&self, slots: &BTreeMap<String, Arc<PluginSlot>>, r: &RouteConfig) -> Result<Arc<PluginSlot>, DaemonError> {

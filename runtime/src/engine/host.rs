@@ -2,23 +2,27 @@
 //! imports (`log`, `publish`, `request`, `config`).
 
 use super::bindings::sluice::plugin::{host, types};
+use super::stderr::StderrTail;
+use crate::headers;
 use crate::message::{Header, Outbound};
-use crate::subject::{validate_subject, SubjectPattern};
+use crate::subject::SubjectPattern;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-/// Publishes one handler invocation may queue, and their total size: a
-/// runaway handler must not be able to exhaust host memory.
+/// Publishes one handler invocation may queue, and their total size
+/// (payloads, headers and the reply): a runaway handler must not be able to
+/// exhaust host memory.
 const MAX_PUBLISHES: usize = 1_000;
-const MAX_PUBLISH_BYTES: usize = 16 << 20;
-/// What a plugin's stderr (panic messages) is kept of, for the trap reason.
-const STDERR_CAPTURE: usize = 4096;
+pub(crate) const MAX_PUBLISH_BYTES: usize = 16 << 20;
+/// Log lines one message may write, and the length of each; the rest is cut
+/// (and counted), so a plugin cannot flood the host's log.
+const MAX_LOG_LINES: u32 = 100;
+const MAX_LOG_LINE_BYTES: usize = 4096;
 
 /// Sends a request and waits for the answer. Supplied by a broker that has
 /// request/reply (NATS); the engine itself knows no broker.
@@ -46,6 +50,10 @@ pub struct PluginContext {
     pub request_allow: Vec<SubjectPattern>,
     pub settings: BTreeMap<String, String>,
     pub requester: Option<Arc<dyn Requester>>,
+    /// Subjects a wildcard allow-list never reaches (dead-letter and retry
+    /// subjects of the routes): only a pattern whose first token names them
+    /// does.
+    pub protected: Vec<SubjectPattern>,
 }
 
 /// Counts linear-memory growth against the plugin's cap and remembers a hit,
@@ -79,7 +87,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    stderr: MemoryOutputPipe,
+    stderr: StderrTail,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) plugin: Arc<PluginContext>,
     /// Route and message id of the message being handled, for log lines.
@@ -87,13 +95,18 @@ pub struct HostState {
     pub(crate) message_id: String,
     pub(crate) publishes: Vec<Outbound>,
     publish_bytes: usize,
+    /// The first publish the host refused as malformed: the message then
+    /// fails as `invalid-publish`, whatever the handler returns.
+    pub(crate) invalid_publish: Option<String>,
+    /// Plugin output cut by the host's bounds during this message.
+    pub(crate) cut: super::outcome::Cut,
     /// When the current message's time is up; waiting host calls stop here.
     pub(crate) deadline: std::time::Instant,
 }
 
 impl HostState {
     pub fn new(plugin: Arc<PluginContext>, memory_cap: usize) -> Self {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let stderr = StderrTail::new();
         // No preopens, no environment, no arguments, no sockets: a plugin
         // gets clocks and randomness from WASI and nothing else.
         let wasi = WasiCtx::builder()
@@ -112,6 +125,8 @@ impl HostState {
             message_id: String::new(),
             publishes: Vec::new(),
             publish_bytes: 0,
+            invalid_publish: None,
+            cut: Default::default(),
             deadline: std::time::Instant::now(),
         }
     }
@@ -124,7 +139,10 @@ impl HostState {
         self.message_id.push_str(message_id);
         self.publishes.clear();
         self.publish_bytes = 0;
+        self.invalid_publish = None;
+        self.cut = Default::default();
         self.limiter.hit = false;
+        self.stderr.clear();
     }
 
     pub fn take_publishes(&mut self) -> Vec<Outbound> {
@@ -136,6 +154,7 @@ impl HostState {
     /// if there is one, else the last line.
     pub fn last_stderr_line(&self) -> Option<String> {
         let bytes = self.stderr.contents();
+        // The kept tail may start inside a character.
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text
             .lines()
@@ -172,10 +191,30 @@ fn headers_from_wit(headers: Vec<types::Header>) -> Vec<Header> {
         .collect()
 }
 
-fn check_allowed(allow: &[SubjectPattern], subject: &str, what: &str) -> Result<(), types::HostError> {
-    validate_subject(subject).map_err(|e| types::HostError::Failed(e.to_string()))?;
-    if allow.iter().any(|p| p.matches(subject)) {
+/// True if `pattern` names `subject`'s first token literally: how a
+/// protected subject (server APIs, dead-letter subjects) must be allowed.
+fn names_first_token(pattern: &SubjectPattern, subject: &str) -> bool {
+    let first = |s: &str| s.split('.').next().unwrap_or_default().to_owned();
+    let p = first(pattern.as_str());
+    p != "*" && p != ">" && p == first(subject)
+}
+
+fn check_allowed(
+    ctx: &PluginContext,
+    allow: &[SubjectPattern],
+    subject: &str,
+    what: &str,
+) -> Result<(), types::HostError> {
+    let protected = headers::is_system_subject(subject) || ctx.protected.iter().any(|p| p.matches(subject));
+    let allowed = allow
+        .iter()
+        .any(|p| p.matches(subject) && (!protected || names_first_token(p, subject)));
+    if allowed {
         Ok(())
+    } else if protected {
+        Err(types::HostError::Denied(format!(
+            "{what} to {subject:?} is reserved (server API or dead-letter subject); only an allow-list entry naming its first token reaches it"
+        )))
     } else {
         Err(types::HostError::Denied(format!(
             "{what} to {subject:?} is not in the plugin's `{what}` allow-list"
@@ -183,10 +222,52 @@ fn check_allowed(allow: &[SubjectPattern], subject: &str, what: &str) -> Result<
     }
 }
 
+impl HostState {
+    /// Notes a malformed publish (the message will fail as
+    /// `invalid-publish`) and tells the guest why.
+    fn refuse_publish(&mut self, why: String) -> types::HostError {
+        if self.invalid_publish.is_none() {
+            self.invalid_publish = Some(why.clone());
+        }
+        types::HostError::Failed(why)
+    }
+
+    /// Bytes queued so far (publishes), for the reply's share of the bound.
+    pub(crate) fn publish_bytes(&self) -> usize {
+        self.publish_bytes
+    }
+}
+
+/// A plugin's log text as one bounded line: control characters escaped, so
+/// a `\n` cannot forge a log line of its own.
+fn one_log_line(text: &str, cut: &mut super::outcome::Cut) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_LOG_LINE_BYTES));
+    for c in text.chars() {
+        if out.len() >= MAX_LOG_LINE_BYTES {
+            cut.log_bytes += 1;
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&c.escape_default().to_string()),
+            c => out.push(c),
+        }
+    }
+    cut.logged += 1;
+    out
+}
+
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
     async fn log(&mut self, level: types::Level, text: String) {
+        if self.cut.logged >= MAX_LOG_LINES {
+            self.cut.log_lines += 1;
+            return;
+        }
+        let text = one_log_line(&text, &mut self.cut);
         let plugin = self.plugin.name.as_str();
         let route = self.route.as_str();
         let id = self.message_id.as_str();
@@ -215,17 +296,26 @@ impl host::Host for HostState {
         headers: Vec<types::Header>,
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
-        check_allowed(&self.plugin.publish_allow, &subject, "publish")?;
-        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes + payload.len() > MAX_PUBLISH_BYTES {
-            return Err(types::HostError::Failed(format!(
+        if let Err(why) = headers::check_subject(&subject) {
+            return Err(self.refuse_publish(why));
+        }
+        check_allowed(&self.plugin, &self.plugin.publish_allow, &subject, "publish")?;
+        let headers = headers_from_wit(headers);
+        let header_bytes = match headers::check_plugin_headers(&headers) {
+            Ok(n) => n,
+            Err(e) => return Err(self.refuse_publish(format!("publish to {:?}: {e}", headers::shown(&subject)))),
+        };
+        let size = payload.len().saturating_add(header_bytes).saturating_add(subject.len());
+        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes.saturating_add(size) > MAX_PUBLISH_BYTES {
+            return Err(self.refuse_publish(format!(
                 "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
                 MAX_PUBLISH_BYTES >> 20
             )));
         }
-        self.publish_bytes += payload.len();
+        self.publish_bytes += size;
         self.publishes.push(Outbound {
             subject,
-            headers: headers_from_wit(headers),
+            headers,
             payload,
         });
         Ok(())
@@ -237,7 +327,8 @@ impl host::Host for HostState {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Vec<u8>, types::HostError> {
-        check_allowed(&self.plugin.request_allow, &subject, "request")?;
+        headers::check_subject(&subject).map_err(types::HostError::Failed)?;
+        check_allowed(&self.plugin, &self.plugin.request_allow, &subject, "request")?;
         let Some(requester) = self.plugin.requester.clone() else {
             return Err(types::HostError::Failed(
                 "no broker with request/reply is configured".into(),

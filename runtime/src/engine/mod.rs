@@ -7,9 +7,10 @@ mod host;
 mod outcome;
 mod plugin;
 mod slot;
+mod stderr;
 
 pub use host::{HostState, PluginContext, RequestError, Requester};
-pub use outcome::{FailureKind, Invocation, Outcome, Reply};
+pub use outcome::{bounded, Cut, FailureKind, Invocation, Outcome, Reply, MAX_REASON_BYTES};
 pub use plugin::{Plugin, PluginError, PluginSpec};
 pub use slot::PluginSlot;
 
@@ -133,8 +134,8 @@ impl EpochTicker {
             }
         });
         if let Err(e) = spawned {
-            // Without the ticker deadlines never fire; the backstop timeout
-            // in the plugin still bounds each call.
+            // Without the ticker a busy guest is never interrupted; the
+            // timer around each call still ends the invocation when it waits.
             tracing::error!("cannot start the epoch thread: {e}");
         }
         Self { stop }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Why a handler invocation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// The handler returned `retryable`.
     Retryable,
@@ -19,6 +19,10 @@ pub enum FailureKind {
     Timeout,
     /// The memory cap was hit.
     Memory,
+    /// The handler asked to send something no broker can carry or the host
+    /// refuses (a bad header, a reserved name, an oversized or invalid
+    /// destination): permanent, the same input fails the same way.
+    InvalidPublish,
 }
 
 impl FailureKind {
@@ -29,6 +33,7 @@ impl FailureKind {
             Self::Trap => "trap",
             Self::Timeout => "timeout",
             Self::Memory => "memory",
+            Self::InvalidPublish => "invalid-publish",
         }
     }
 
@@ -60,12 +65,48 @@ pub enum Outcome {
     Failed { kind: FailureKind, reason: String },
 }
 
+/// Longest failure reason kept (a plugin chooses its error text; the status
+/// page, `/v1/status` and the dead-letter header must stay bounded).
+pub const MAX_REASON_BYTES: usize = 1024;
+
 impl Outcome {
+    /// A failure; the reason is cut to [`MAX_REASON_BYTES`].
     pub fn failed(kind: FailureKind, reason: impl Into<String>) -> Self {
         Self::Failed {
             kind,
-            reason: reason.into(),
+            reason: bounded(reason.into()),
         }
+    }
+}
+
+/// `text` cut to [`MAX_REASON_BYTES`] at a character boundary.
+pub fn bounded(mut text: String) -> String {
+    if text.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// Plugin output the host cut to its bounds during one invocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Cut {
+    /// Log lines written (kept).
+    #[serde(skip)]
+    pub logged: u32,
+    /// Log lines dropped past the per-message limit.
+    pub log_lines: u32,
+    /// Log lines shortened to the line limit.
+    pub log_bytes: u32,
+}
+
+impl Cut {
+    pub fn is_empty(&self) -> bool {
+        self.log_lines == 0 && self.log_bytes == 0
     }
 }
 
@@ -76,6 +117,9 @@ pub struct Invocation {
     #[serde(flatten)]
     pub outcome: Outcome,
     pub publishes: Vec<Outbound>,
+    /// What the host cut of the plugin's output.
+    #[serde(skip_serializing_if = "Cut::is_empty")]
+    pub cut: Cut,
     #[serde(serialize_with = "as_micros", rename = "duration_us")]
     pub duration: Duration,
 }

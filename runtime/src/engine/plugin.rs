@@ -3,7 +3,7 @@
 
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
-use super::outcome::{FailureKind, Invocation, Outcome, Reply};
+use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
 use super::{cache, Engine, YIELD_EVERY_TICKS};
 use crate::config::Isolation;
 use crate::message::{Header, Message};
@@ -30,6 +30,9 @@ pub struct PluginSpec {
     pub request_allow: Vec<String>,
     pub settings: BTreeMap<String, String>,
     pub requester: Option<Arc<dyn Requester>>,
+    /// Subjects the allow-lists reach only by naming them (dead-letter and
+    /// retry subjects of the routes).
+    pub protected_subjects: Vec<String>,
 }
 
 impl PluginSpec {
@@ -47,6 +50,7 @@ impl PluginSpec {
             request_allow: Vec::new(),
             settings: BTreeMap::new(),
             requester: None,
+            protected_subjects: Vec::new(),
         }
     }
 }
@@ -213,6 +217,7 @@ impl Plugin {
             request_allow: patterns(&name, "request", &spec.request_allow)?,
             settings: spec.settings,
             requester: spec.requester,
+            protected: patterns(&name, "protected", &spec.protected_subjects)?,
         });
         Ok(Self {
             name,
@@ -280,7 +285,12 @@ impl Plugin {
     async fn new_warm(&self) -> Result<Warm, Outcome> {
         let mut store = self.new_store();
         self.arm(&mut store);
-        match self.pre.instantiate_async(&mut store).await {
+        let deadline = store.data().deadline;
+        let Ok(instantiated) = tokio::time::timeout_at(deadline.into(), self.pre.instantiate_async(&mut store)).await
+        else {
+            return Err(self.timed_out());
+        };
+        match instantiated {
             Ok(handler) => Ok(Warm {
                 store,
                 handler,
@@ -313,7 +323,11 @@ impl Plugin {
 
     /// Arms the deadline for one message.
     fn arm(&self, store: &mut Store<HostState>) {
-        store.data_mut().deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        // A timeout too large for the clock means: no deadline in practice.
+        store.data_mut().deadline = now
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         store.set_epoch_deadline(YIELD_EVERY_TICKS);
         if self.engine.settings.fuel {
             // Without a budget of its own a plugin runs unmetered in practice.
@@ -325,7 +339,7 @@ impl Plugin {
     pub async fn invoke(&self, route: &str, msg: &Message) -> Invocation {
         let started = Instant::now();
         let wit_msg = to_wit(route, msg);
-        let (outcome, publishes) = match self.spec_isolation {
+        let (outcome, publishes, cut) = match self.spec_isolation {
             Isolation::Fresh => self.invoke_fresh(route, msg, &wit_msg).await,
             Isolation::Reuse => self.invoke_reused(route, msg, &wit_msg).await,
         };
@@ -338,6 +352,7 @@ impl Plugin {
         Invocation {
             outcome,
             publishes,
+            cut,
             duration: started.elapsed(),
         }
     }
@@ -347,20 +362,24 @@ impl Plugin {
         route: &str,
         msg: &Message,
         wit_msg: &types::Message,
-    ) -> (Outcome, Vec<crate::message::Outbound>) {
+    ) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
         let mut store = self.new_store();
         store.data_mut().reset(route, &msg.id);
         self.arm(&mut store);
+        let deadline = store.data().deadline;
         let call = async {
             let handler = self.pre.instantiate_async(&mut store).await?;
             handler.call_handle(&mut store, wit_msg).await
         };
-        // No timer per call: the epoch deadline stops the guest, and host
-        // calls that wait (`request`) are cut at the same deadline.
-        let result = Ok(call.await);
-        let outcome = self.classify(result, store.data());
+        // The epoch deadline stops a busy guest; the timer stops one that
+        // waits (a WASI sleep or poll, a host call): the whole invocation is
+        // bounded either way.
+        let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
+            return (self.timed_out(), Vec::new(), store.data().cut);
+        };
+        let outcome = self.classify(Ok(result), store.data());
         let publishes = store.data_mut().take_publishes();
-        (outcome, publishes)
+        (outcome, publishes, store.data().cut)
     }
 
     async fn invoke_reused(
@@ -368,19 +387,25 @@ impl Plugin {
         route: &str,
         msg: &Message,
         wit_msg: &types::Message,
-    ) -> (Outcome, Vec<crate::message::Outbound>) {
+    ) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
         let warm = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None);
         let mut warm = match warm {
             Some(w) => w,
             None => match self.new_warm().await {
                 Ok(w) => w,
-                Err(outcome) => return (outcome, Vec::new()),
+                Err(outcome) => return (outcome, Vec::new(), Cut::default()),
             },
         };
         warm.store.data_mut().reset(route, &msg.id);
         self.arm(&mut warm.store);
-        let result = Ok(warm.handler.call_handle(&mut warm.store, wit_msg).await);
-        let outcome = self.classify(result, warm.store.data());
+        let deadline = warm.store.data().deadline;
+        let call = warm.handler.call_handle(&mut warm.store, wit_msg);
+        // Timed out while waiting: the instance is dropped, never reused.
+        let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
+            return (self.timed_out(), Vec::new(), warm.store.data().cut);
+        };
+        let outcome = self.classify(Ok(result), warm.store.data());
+        let cut = warm.store.data().cut;
         let publishes = warm.store.data_mut().take_publishes();
         warm.uses += 1;
         // After a trap, a limit hit or a timeout the instance's state is
@@ -391,7 +416,7 @@ impl Plugin {
                 pool.push(warm);
             }
         }
-        (outcome, publishes)
+        (outcome, publishes, cut)
     }
 
     fn classify(
@@ -399,15 +424,36 @@ impl Plugin {
         result: Result<wasmtime::Result<Result<Option<types::Reply>, types::HandlerError>>, std::convert::Infallible>,
         state: &HostState,
     ) -> Outcome {
+        // A refused publish fails the message whatever the handler made of
+        // the refusal: running it again would fail the same way.
+        if let (Some(why), Ok(Ok(_))) = (&state.invalid_publish, &result) {
+            return Outcome::failed(FailureKind::InvalidPublish, why.clone());
+        }
         let err = match result {
             Err(never) => match never {},
             Ok(Ok(Ok(reply))) => {
+                let Some(r) = reply else {
+                    return Outcome::Ok { reply: None };
+                };
+                let headers: Vec<Header> = r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect();
+                if let Err(e) = crate::headers::check_plugin_headers(&headers) {
+                    return Outcome::failed(FailureKind::InvalidPublish, format!("reply: {e}"));
+                }
+                if r.payload.len().saturating_add(state.publish_bytes()) > super::host::MAX_PUBLISH_BYTES {
+                    return Outcome::failed(
+                        FailureKind::InvalidPublish,
+                        format!(
+                            "reply and publishes exceed {} MiB in all",
+                            super::host::MAX_PUBLISH_BYTES >> 20
+                        ),
+                    );
+                }
                 return Outcome::Ok {
-                    reply: reply.map(|r| Reply {
-                        headers: r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect(),
+                    reply: Some(Reply {
+                        headers,
                         payload: r.payload,
                     }),
-                }
+                };
             }
             Ok(Ok(Err(types::HandlerError::Retryable(why)))) => return Outcome::failed(FailureKind::Retryable, why),
             Ok(Ok(Err(types::HandlerError::Permanent(why)))) => return Outcome::failed(FailureKind::Permanent, why),

@@ -2,7 +2,7 @@
 //! `sluice-*` headers saying what failed, where and when.
 
 use crate::engine::FailureKind;
-use crate::message::{Header, Message, Outbound};
+use crate::message::{Header, Message, Outbound, DEDUP_HEADER};
 use std::time::SystemTime;
 
 pub const ERROR: &str = "sluice-error";
@@ -12,6 +12,10 @@ pub const ROUTE: &str = "sluice-route";
 pub const PLUGIN: &str = "sluice-plugin";
 pub const ORIGIN: &str = "sluice-origin";
 pub const FAILED_AT: &str = "sluice-failed-at";
+/// The producer's `Nats-Msg-Id` of a dead-lettered message: the copy has a
+/// dedup id of its own, so no broker drops it as a duplicate of its
+/// original.
+pub const ORIGINAL_MSG_ID: &str = "sluice-original-msg-id";
 
 /// All headers sluice adds to a dead letter.
 pub const FAILURE_HEADERS: [&str; 7] = [ERROR, ERROR_KIND, ATTEMPTS, ROUTE, PLUGIN, ORIGIN, FAILED_AT];
@@ -23,6 +27,8 @@ pub struct FailureContext<'a> {
     pub plugin_name: &'a str,
     pub plugin_hash: &'a str,
     pub origin: String,
+    /// The copy's own dedup id (`<route>:<key or id>:dlq:<attempt>`).
+    pub dedup_id: String,
 }
 
 pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbound {
@@ -32,7 +38,13 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
         .headers
         .iter()
         .filter(|h| !FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f)))
-        .cloned()
+        .map(|h| {
+            if h.name.eq_ignore_ascii_case(DEDUP_HEADER) {
+                Header::new(ORIGINAL_MSG_ID, h.value.as_str())
+            } else {
+                h.clone()
+            }
+        })
         .collect();
     if let Some(key) = &msg.key {
         if crate::message::find_header(&headers, crate::message::KEY_HEADER).is_none() {
@@ -49,6 +61,7 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
             format!("{}@sha256:{}", failure.plugin_name, failure.plugin_hash),
         ),
         Header::new(ORIGIN, failure.origin),
+        Header::new(DEDUP_HEADER, failure.dedup_id),
         Header::new(
             FAILED_AT,
             humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -59,6 +72,17 @@ pub fn copy(msg: &Message, subject: &str, failure: FailureContext<'_>) -> Outbou
         headers,
         payload: msg.payload.clone(),
     }
+}
+
+/// `copy` without the headers no broker can carry (names or values a
+/// producer of another broker could set); returns how many were dropped.
+pub fn portable(mut copy: Outbound) -> (Outbound, usize) {
+    let before = copy.headers.len();
+    copy.headers.retain(|h| {
+        crate::headers::check_name(&h.name).is_ok() && crate::headers::check_value(&h.name, &h.value).is_ok()
+    });
+    let dropped = before - copy.headers.len();
+    (copy, dropped)
 }
 
 /// Header values must stay on one line for every broker.

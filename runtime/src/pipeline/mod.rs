@@ -11,16 +11,18 @@ pub mod keys;
 pub mod policy;
 pub mod trace;
 
-use crate::brokers::{BrokerError, Delivery, Sink, Source};
+use crate::brokers::{BrokerError, Delivery, Published, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin, PluginSlot};
 use crate::idempotency::{Claim, IdempotencyStore};
-use crate::message::{find_header, Header, Message, Outbound, DEDUP_HEADER};
-use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics};
+use crate::message::{Header, Message, Outbound, DEDUP_HEADER};
+use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics, RouteOutput};
+use futures_util::FutureExt as _;
 use keys::KeySource;
-use policy::{Decision, Policy};
+use policy::{FailureDecision, Policy};
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,7 +76,7 @@ impl RouteStatus {
 
     fn set_error(&self, error: String) {
         if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error);
+            *last = Some(crate::engine::bounded(error));
         }
     }
 }
@@ -151,6 +153,15 @@ impl Route {
     }
 }
 
+/// A failure on its way to the dead-letter destination.
+struct Failure<'a> {
+    kind: FailureKind,
+    reason: &'a str,
+    /// Send the requester an error reply (not when its reply address was
+    /// the problem).
+    answer_requester: bool,
+}
+
 /// How a failed attempt waits for the next.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RetryMode {
@@ -163,9 +174,11 @@ enum RetryMode {
 /// A unique token per handling, the owner of an idempotency lease.
 fn lease_owner() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let process = PROCESS.get_or_init(rand::random::<u64>);
-    format!("{process:016x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        crate::message::process_nonce(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn lane_of(key: &str, lanes: usize) -> usize {
@@ -197,6 +210,8 @@ impl LaneReceiver {
 type Label = &'static str;
 /// Handling stopped by shutdown; the delivery went back unsettled.
 const INTERRUPTED: Label = "interrupted";
+/// Handling panicked; the delivery went back unsettled.
+const PANICKED: Label = "panic";
 
 impl Route {
     /// Starts the route's workers. They stop taking messages when `shutdown`
@@ -337,7 +352,18 @@ impl Route {
             gauge.inc();
             self.status.in_flight.fetch_add(1, Ordering::Relaxed);
             let traceparent = trace.as_ref().map(|t| t.traceparent.as_str());
-            let outcome = self.handle(delivery, mode, traceparent, shutdown).await;
+            // Last line of defence: a panic anywhere in the handling hands
+            // the delivery back (dropped unsettled) and the worker lives on.
+            let outcome = match AssertUnwindSafe(self.handle(delivery, mode, traceparent, shutdown))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    self.caught_panic("handling a message", panic.as_ref());
+                    PANICKED
+                }
+            };
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             let current = tracing::Span::current();
             current.record("outcome", tracing::field::display(outcome));
@@ -421,44 +447,73 @@ impl Route {
         // This message runs on the version current now, to the end, even if
         // a hot reload swaps the plugin meanwhile.
         let plugin = self.plugin.current();
+        // A reply address is the producer's choice: it must not point sluice
+        // at the server's own APIs or at its dead-letter subject. Refused
+        // before the handler runs; no reply is sent there.
+        if let Some(why) = delivery.message().reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
+            tracing::warn!("refusing the message: {why}");
+            self.note_failure(FailureKind::InvalidPublish, &why);
+            self.release(gate_key.as_deref(), &owner).await;
+            let msg = delivery.message().clone();
+            let failure = Failure {
+                kind: FailureKind::InvalidPublish,
+                reason: &why,
+                answer_requester: false,
+            };
+            return self
+                .dead_letter(delivery, &plugin, &msg, gate_key.as_deref(), traceparent, failure)
+                .await;
+        }
         // Cloned only if a retry in place needs a new attempt number.
         let mut msg: std::borrow::Cow<'_, Message> = std::borrow::Cow::Borrowed(delivery.message());
         loop {
-            let invocation = plugin.invoke(&self.name, &msg).await;
+            let invocation = self.invoke(&plugin, &msg).await;
             self.observe(&invocation);
-            let mut decision = self.policy.decide(&invocation.outcome, msg.attempt);
+            let (kind, reason) = match invocation.outcome {
+                Outcome::Ok { reply } => {
+                    let outbound = self.outbound(&msg, gate_key.as_deref(), traceparent, invocation.publishes, reply);
+                    match self.send(&*self.sink, outbound).await {
+                        Ok(_) => {
+                            if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
+                                // The publishes are durable: a failure here only
+                                // risks a rerun, whose publishes carry the same
+                                // dedup ids.
+                                if let Err(e) = gate.store.complete(key, &owner, gate.ttl).await {
+                                    tracing::warn!("cannot record {key} as done: {e}");
+                                }
+                            }
+                            return self.settle_result(delivery.ack().await, "ok");
+                        }
+                        // A publish that failed is a failed attempt: counted,
+                        // retried with backoff, dead-lettered in the end (at
+                        // once when the broker can never carry it).
+                        Err(e) => {
+                            let kind = if matches!(e, BrokerError::Refused { .. }) {
+                                FailureKind::InvalidPublish
+                            } else {
+                                FailureKind::Retryable
+                            };
+                            let reason = format!("publishing the handler's messages: {e}");
+                            self.note_failure(kind, &reason);
+                            self.count_settle_error();
+                            (kind, reason)
+                        }
+                    }
+                }
+                Outcome::Failed { kind, reason } => (kind, reason),
+            };
+            let mut decision = self.policy.decide_failure(kind, &reason, msg.attempt);
             // A requester is waiting: answer with the error now rather than
             // retry behind its back until it times out.
-            if let (Decision::Retry(_), Some(_), Outcome::Failed { kind, reason }) =
-                (&decision, &msg.reply_to, &invocation.outcome)
-            {
-                decision = Decision::DeadLetter {
-                    kind: *kind,
+            if msg.reply_to.is_some() && matches!(decision, FailureDecision::Retry(_)) {
+                decision = FailureDecision::DeadLetter {
+                    kind,
                     reason: reason.clone(),
                 };
             }
             match decision {
-                Decision::Ack => {
-                    let outbound = self.outbound(&msg, gate_key.as_deref(), traceparent, invocation);
-                    if let Err(e) = self.sink.publish(outbound).await {
-                        self.release(gate_key.as_deref(), &owner).await;
-                        return self
-                            .settle_failed(delivery, "publishing the handler's messages", e)
-                            .await;
-                    }
-                    if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
-                        // The publishes are durable: a failure here only risks a
-                        // rerun, whose publishes carry the same dedup ids.
-                        if let Err(e) = gate.store.complete(key, &owner, gate.ttl).await {
-                            tracing::warn!("cannot record {key} as done: {e}");
-                        }
-                    }
-                    return self.settle_result(delivery.ack().await, "ok");
-                }
-                Decision::Retry(delay) => {
-                    if let Outcome::Failed { kind, reason } = &invocation.outcome {
-                        tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
-                    }
+                FailureDecision::Retry(delay) => {
+                    tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
                     if mode == RetryMode::Broker {
                         self.release(gate_key.as_deref(), &owner).await;
                         return self.settle_result(delivery.retry(delay).await, "retry");
@@ -470,19 +525,90 @@ impl Route {
                         self.release(gate_key.as_deref(), &owner).await;
                         return INTERRUPTED;
                     }
-                    msg.to_mut().attempt += 1;
+                    let next = msg.attempt.saturating_add(1);
+                    msg.to_mut().attempt = next;
                 }
-                Decision::DeadLetter { kind, reason } => {
+                FailureDecision::DeadLetter { kind, reason } => {
                     tracing::warn!(kind = %kind, dead_letter = %self.dead_letter_subject, "dead-lettering: {reason}");
                     // Released, not done: a replayed copy must run again.
                     self.release(gate_key.as_deref(), &owner).await;
                     let msg = msg.into_owned();
+                    let failure = Failure {
+                        kind,
+                        reason: &reason,
+                        answer_requester: true,
+                    };
                     return self
-                        .dead_letter(delivery, &plugin, &msg, traceparent, kind, &reason)
+                        .dead_letter(delivery, &plugin, &msg, gate_key.as_deref(), traceparent, failure)
                         .await;
                 }
             }
         }
+    }
+
+    /// Why a reply address must not be used, if it must not.
+    fn refused_reply(&self, reply_to: &str) -> Option<String> {
+        if let Err(why) = crate::headers::check_address(reply_to) {
+            return Some(format!("reply address {why}"));
+        }
+        if crate::headers::is_system_subject(reply_to) || reply_to == self.dead_letter_subject {
+            return Some(format!(
+                "reply address {:?} is a server API or dead-letter subject",
+                crate::headers::shown(reply_to)
+            ));
+        }
+        None
+    }
+
+    /// Runs the handler; a panic in the host while doing so (a bug, never
+    /// the plugin's trap, which wasmtime reports) fails the attempt as a
+    /// trap instead of killing the worker.
+    async fn invoke(&self, plugin: &Plugin, msg: &Message) -> Invocation {
+        let started = std::time::Instant::now();
+        match AssertUnwindSafe(plugin.invoke(&self.name, msg)).catch_unwind().await {
+            Ok(invocation) => invocation,
+            Err(panic) => {
+                let why = self.caught_panic("running the handler", panic.as_ref());
+                Invocation {
+                    outcome: Outcome::failed(FailureKind::Trap, why),
+                    publishes: Vec::new(),
+                    cut: Default::default(),
+                    duration: started.elapsed(),
+                }
+            }
+        }
+    }
+
+    /// Publishes through `sink`; a panic inside the broker client (some
+    /// assert on values they dislike) is caught and refused.
+    async fn send(&self, sink: &dyn Sink, outbound: Vec<Outbound>) -> Result<Published, BrokerError> {
+        if outbound.is_empty() {
+            return Ok(Published::default());
+        }
+        match AssertUnwindSafe(sink.publish(outbound)).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => Err(BrokerError::refused(
+                "publish",
+                self.caught_panic("publishing", panic.as_ref()),
+            )),
+        }
+    }
+
+    /// Logs and counts a caught panic; returns its text.
+    fn caught_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) -> String {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(route = %self.name, "caught a panic while {what}: {text}");
+        self.metrics
+            .panics
+            .get_or_create(&RouteLabel {
+                route: self.name.clone(),
+            })
+            .inc();
+        crate::engine::bounded(format!("internal error while {what}: {text}"))
     }
 
     fn series(&self) -> &RouteMetrics {
@@ -503,15 +629,54 @@ impl Route {
     fn observe(&self, invocation: &Invocation) {
         self.series().duration.observe(invocation.duration.as_secs_f64());
         if let Outcome::Failed { kind, reason } = &invocation.outcome {
-            self.metrics
-                .failures
-                .get_or_create(&RouteFailure {
-                    route: self.name.clone(),
-                    kind: kind.as_str().to_owned(),
-                })
-                .inc();
-            self.status.set_error(format!("{kind}: {reason}"));
+            self.note_failure(*kind, reason);
         }
+        let cut = invocation.cut;
+        for (what, n) in [("log_lines", cut.log_lines), ("log_bytes", cut.log_bytes)] {
+            if n > 0 {
+                self.metrics
+                    .output_cut
+                    .get_or_create(&RouteOutput {
+                        route: self.name.clone(),
+                        what: what.to_owned(),
+                    })
+                    .inc_by(u64::from(n));
+            }
+        }
+    }
+
+    /// Counts a failed attempt and shows it on the status page.
+    fn note_failure(&self, kind: FailureKind, reason: &str) {
+        self.metrics
+            .failures
+            .get_or_create(&RouteFailure {
+                route: self.name.clone(),
+                kind: kind.as_str().to_owned(),
+            })
+            .inc();
+        self.status.set_error(format!("{kind}: {reason}"));
+    }
+
+    fn count_settle_error(&self) {
+        self.metrics
+            .settle_errors
+            .get_or_create(&RouteLabel {
+                route: self.name.clone(),
+            })
+            .inc();
+    }
+
+    /// The base of the dedup ids of what handling `msg` sends: the
+    /// idempotency key, else the message id; a replay counts apart.
+    fn dedup_base(&self, msg: &Message, gate_key: Option<&str>) -> String {
+        let mut base = gate_key
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));
+        // Only a count: the header is the producer's to forge.
+        if let Some(replays) = msg.header(REPLAYS_HEADER).and_then(|r| r.parse::<u32>().ok()) {
+            base = format!("{base}:r{replays}");
+        }
+        base
     }
 
     /// The handler's publishes and reply, each with a dedup id derived from
@@ -522,10 +687,11 @@ impl Route {
         msg: &Message,
         gate_key: Option<&str>,
         traceparent: Option<&str>,
-        invocation: Invocation,
+        publishes: Vec<Outbound>,
+        reply: Option<crate::engine::Reply>,
     ) -> Vec<Outbound> {
-        let mut outbound = invocation.publishes;
-        if let (Outcome::Ok { reply: Some(reply) }, Some(reply_to)) = (invocation.outcome, &msg.reply_to) {
+        let mut outbound = publishes;
+        if let (Some(reply), Some(reply_to)) = (reply, &msg.reply_to) {
             outbound.push(Outbound {
                 subject: reply_to.clone(),
                 headers: reply.headers,
@@ -540,16 +706,11 @@ impl Route {
                 trace::stamp(&mut m.headers, tp);
             }
         }
-        let mut base = gate_key
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));
-        if let Some(replays) = msg.header(REPLAYS_HEADER) {
-            base = format!("{base}:r{replays}");
-        }
+        // Plugins cannot set the dedup header (it is reserved): the host's
+        // id is the only one.
+        let base = self.dedup_base(msg, gate_key);
         for (i, m) in outbound.iter_mut().enumerate() {
-            if find_header(&m.headers, DEDUP_HEADER).is_none() {
-                m.headers.push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
-            }
+            m.headers.push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
         }
         outbound
     }
@@ -567,11 +728,16 @@ impl Route {
         delivery: Box<dyn Delivery>,
         plugin: &Plugin,
         msg: &Message,
+        gate_key: Option<&str>,
         traceparent: Option<&str>,
-        kind: FailureKind,
-        reason: &str,
+        failure: Failure<'_>,
     ) -> Label {
-        if let Some(reply_to) = &msg.reply_to {
+        let Failure {
+            kind,
+            reason,
+            answer_requester,
+        } = failure;
+        if let (Some(reply_to), true) = (&msg.reply_to, answer_requester) {
             // The requester is waiting: tell it what went wrong.
             let mut error_reply = Outbound {
                 subject: reply_to.clone(),
@@ -584,10 +750,13 @@ impl Route {
             if let Some(tp) = traceparent {
                 trace::stamp(&mut error_reply.headers, tp);
             }
-            if let Err(e) = self.sink.publish(vec![error_reply]).await {
+            if let Err(e) = self.send(&*self.sink, vec![error_reply]).await {
                 tracing::warn!("cannot send the error reply to {reply_to}: {e}");
             }
         }
+        // Its own dedup id: never dropped as a duplicate of its original
+        // (whose producer-set id it would otherwise carry).
+        let dedup_id = format!("{}:dlq:{}", self.dedup_base(msg, gate_key), msg.attempt);
         let mut copy = dead_letter::copy(
             msg,
             &self.dead_letter_subject,
@@ -598,27 +767,36 @@ impl Route {
                 plugin_name: plugin.name(),
                 plugin_hash: plugin.hash(),
                 origin: delivery.origin(),
+                dedup_id,
             },
         );
         if let Some(tp) = traceparent {
             trace::stamp(&mut copy.headers, tp);
         }
-        if let Err(e) = self.dead_letter_sink.publish(vec![copy]).await {
-            return self.settle_failed(delivery, "publishing the dead letter", e).await;
+        let mut sent = self.send(&*self.dead_letter_sink, vec![copy.clone()]).await;
+        if let Err(BrokerError::Refused { .. }) = &sent {
+            // A header of the original that the dead-letter broker cannot
+            // carry (it came from another broker): keep the rest.
+            let (kept, dropped) = dead_letter::portable(copy);
+            tracing::warn!("the dead-letter broker refused {dropped} header(s) of the original; sending without them");
+            sent = self.send(&*self.dead_letter_sink, vec![kept]).await;
         }
-        self.settle_result(delivery.dead_lettered().await, "dead_letter")
+        match sent {
+            Err(e) => self.settle_failed(delivery, "publishing the dead letter", e).await,
+            Ok(published) => {
+                if published.duplicates > 0 {
+                    tracing::debug!("this dead letter was stored by an earlier attempt");
+                }
+                self.settle_result(delivery.dead_lettered().await, "dead_letter")
+            }
+        }
     }
 
     /// A publish failed: the message must not be acked; have it redelivered.
     async fn settle_failed(&self, delivery: Box<dyn Delivery>, what: &str, e: BrokerError) -> Label {
         tracing::error!("{what} failed, the message will be redelivered: {e}");
         self.status.set_error(format!("{what}: {e}"));
-        self.metrics
-            .settle_errors
-            .get_or_create(&RouteLabel {
-                route: self.name.clone(),
-            })
-            .inc();
+        self.count_settle_error();
         // If even the retry fails, dropping the delivery hands it back.
         let _ = delivery.retry(SETTLE_RETRY_DELAY).await;
         "retry"
@@ -628,12 +806,7 @@ impl Route {
         if let Err(e) = result {
             tracing::error!("settling ({label}) failed, the message will be redelivered: {e}");
             self.status.set_error(format!("settle: {e}"));
-            self.metrics
-                .settle_errors
-                .get_or_create(&RouteLabel {
-                    route: self.name.clone(),
-                })
-                .inc();
+            self.count_settle_error();
         }
         label
     }

@@ -13,6 +13,22 @@ pub enum Decision {
     DeadLetter { kind: FailureKind, reason: String },
 }
 
+/// What to do with a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailureDecision {
+    Retry(Duration),
+    DeadLetter { kind: FailureKind, reason: String },
+}
+
+impl From<FailureDecision> for Decision {
+    fn from(f: FailureDecision) -> Self {
+        match f {
+            FailureDecision::Retry(d) => Decision::Retry(d),
+            FailureDecision::DeadLetter { kind, reason } => Decision::DeadLetter { kind, reason },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub retry: RetryConfig,
@@ -21,23 +37,28 @@ pub struct Policy {
 
 impl Policy {
     pub fn decide(&self, outcome: &Outcome, attempt: u32) -> Decision {
-        let (kind, reason) = match outcome {
-            Outcome::Ok { .. } => return Decision::Ack,
-            Outcome::Failed { kind, reason } => (*kind, reason),
-        };
+        match outcome {
+            Outcome::Ok { .. } => Decision::Ack,
+            Outcome::Failed { kind, reason } => self.decide_failure(*kind, reason, attempt).into(),
+        }
+    }
+
+    /// A failed attempt `attempt` of kind `kind`: retry while the kind is
+    /// retried and attempts are left, else dead-letter.
+    pub fn decide_failure(&self, kind: FailureKind, reason: &str, attempt: u32) -> FailureDecision {
         let action = match kind {
             FailureKind::Retryable => FailureAction::Retry,
-            FailureKind::Permanent => FailureAction::DeadLetter,
+            FailureKind::Permanent | FailureKind::InvalidPublish => FailureAction::DeadLetter,
             FailureKind::Trap => self.on_failure.trap,
             FailureKind::Timeout => self.on_failure.timeout,
             FailureKind::Memory => self.on_failure.memory,
         };
         if action == FailureAction::Retry && attempt < self.retry.max_attempts {
-            Decision::Retry(self.backoff(attempt))
+            FailureDecision::Retry(self.backoff(attempt))
         } else {
-            Decision::DeadLetter {
+            FailureDecision::DeadLetter {
                 kind,
-                reason: reason.clone(),
+                reason: reason.to_owned(),
             }
         }
     }

@@ -12,7 +12,7 @@ mod subject_bindings;
 pub use source::{origin, parse_origin, EmbeddedDelivery, EmbeddedSource};
 pub use store::{OpReport, StoreError, Stored};
 
-use super::{BoxFuture, BrokerError, Sink};
+use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::{now_ms, Outbound};
 use crate::subject::{validate_subject, SubjectError, SubjectPattern};
 use serde::Serialize;
@@ -171,17 +171,16 @@ impl EmbeddedBroker {
 }
 
 impl Sink for EmbeddedBroker {
-    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
             EmbeddedBroker::publish(self, messages)
                 .await
-                .map(|_| ())
+                .map(|report| Published {
+                    duplicates: report.duplicates,
+                })
                 .map_err(|e| match e {
                     PublishError::Store(s) => s.into(),
-                    PublishError::Subject(s) => BrokerError::Failed {
-                        broker: NAME,
-                        reason: s.to_string(),
-                    },
+                    PublishError::Subject(s) => BrokerError::refused(NAME, s.to_string()),
                 })
         })
     }

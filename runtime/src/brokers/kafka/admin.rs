@@ -10,7 +10,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::Duration;
 
@@ -221,14 +221,9 @@ pub async fn read_topic(config: &KafkaConfig, topic: &str, limit: usize) -> Resu
             remaining -= 1;
             let mut headers = Vec::new();
             if let Some(key) = m.key() {
-                headers.push(Header::new(KEY_HEADER, String::from_utf8_lossy(key)));
+                headers.push(Header::new(KEY_HEADER, super::record::key_text(key)));
             }
-            if let Some(hs) = m.headers() {
-                for h in hs.iter() {
-                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                    headers.push(Header::new(h.key, v));
-                }
-            }
+            headers.extend(super::record::headers(&m));
             out.push((
                 seq_of(m.partition(), m.offset()),
                 Outbound {

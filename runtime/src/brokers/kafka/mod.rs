@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 mod offsets;
+pub mod record;
 mod retry;
 mod source;
 
@@ -14,10 +15,11 @@ pub use config::{ConsumerSettings, KafkaConfig, OffsetReset, TopicConfig};
 pub use retry::retry_topic;
 pub use source::KafkaSource;
 
-use super::{BoxFuture, BrokerError, Sink};
+use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::{Outbound, KEY_HEADER};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -148,10 +150,17 @@ impl KafkaBroker {
     /// Produces one record and waits for the broker's acknowledgement
     /// (`acks=all`). The `sluice-key` header, if any, becomes the key.
     pub async fn produce(&self, m: &Outbound) -> Result<(), BrokerError> {
+        record::check_topic(&m.subject).map_err(|why| BrokerError::refused(NAME, why))?;
+        if let Some(h) = m.headers.iter().find(|h| h.name.contains('\0')) {
+            return Err(BrokerError::refused(
+                NAME,
+                format!("header name {:?} contains NUL", crate::headers::shown(&h.name)),
+            ));
+        }
         if self.config.create_topics {
             self.ensure_topic(&m.subject).await.map_err(failed)?;
         }
-        let key = crate::message::find_header(&m.headers, KEY_HEADER);
+        let key = crate::message::find_header(&m.headers, KEY_HEADER).map(record::key_bytes);
         let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
         for h in m.headers.iter().filter(|h| !h.name.eq_ignore_ascii_case(KEY_HEADER)) {
             headers = headers.insert(KafkaHeader {
@@ -159,16 +168,28 @@ impl KafkaBroker {
                 value: Some(h.value.as_bytes()),
             });
         }
-        let mut record: FutureRecord<'_, str, [u8]> =
+        let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&m.subject).payload(&m.payload[..]).headers(headers);
-        if let Some(k) = key {
-            record = record.key(k);
+        if let Some(k) = &key {
+            record = record.key(&k[..]);
         }
         self.producer
             .send(record, PRODUCE_TIMEOUT)
             .await
             .map(|_| ())
-            .map_err(|(e, _)| failed(format!("producing to `{}`: {e}", m.subject)))
+            .map_err(|(e, _)| {
+                let why = format!("producing to `{}`: {e}", m.subject);
+                // What the broker will refuse every time: dead-letter it.
+                match e.rdkafka_error_code() {
+                    Some(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::InvalidTopic
+                        | RDKafkaErrorCode::InvalidMessage
+                        | RDKafkaErrorCode::InvalidRecord,
+                    ) => BrokerError::refused(NAME, why),
+                    _ => failed(why),
+                }
+            })
     }
 
     /// Commits what each source has handled and leaves the groups.
@@ -185,14 +206,14 @@ impl KafkaBroker {
 }
 
 impl Sink for KafkaBroker {
-    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
             // Sent together, then every acknowledgement awaited.
             let sends = messages.iter().map(|m| self.produce(m));
             for r in futures_util::future::join_all(sends).await {
                 r?;
             }
-            Ok(())
+            Ok(Published::default())
         })
     }
 }

@@ -23,6 +23,28 @@ pub fn retry_topic(topic: &str, level: u32) -> String {
     format!("{topic}.retry.{level}")
 }
 
+/// The topic a retry topic (`<topic>.retry.<n>`) retries.
+pub fn retried_topic(topic: &str) -> Option<&str> {
+    let (base, level) = topic.rsplit_once(".retry.")?;
+    (!base.is_empty() && level.parse::<u32>().is_ok()).then_some(base)
+}
+
+/// Retry headers are sluice's own bookkeeping on its retry topics; on any
+/// other record they are a producer's forgery (a not-before in the far
+/// future would freeze the partition) and are taken off unread.
+pub fn scrub(msg: &mut Message, retry_topics: bool) {
+    if retry_topics && retried_topic(&msg.subject).is_some() {
+        return;
+    }
+    msg.headers.retain(|h| !is_retry_header(&h.name));
+}
+
+fn is_retry_header(name: &str) -> bool {
+    [TOPIC, ATTEMPT, NOT_BEFORE, ORIGIN]
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+}
+
 /// What a record read from a retry topic says about the original.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retried {
@@ -38,13 +60,18 @@ pub fn not_before_ms(headers: &[Header]) -> Option<u64> {
 /// Takes the retry headers off `msg`, restoring the original topic as its
 /// subject and the attempt number; `None` for a first delivery.
 pub fn restore(msg: &mut Message) -> Option<Retried> {
-    let topic = msg.header(TOPIC).map(str::to_owned)?;
-    if let Some(attempt) = msg.header(ATTEMPT).and_then(|a| a.parse().ok()) {
-        msg.attempt = attempt;
+    // The original topic is the retry topic's base, whatever a header says.
+    let topic = retried_topic(&msg.subject)?.to_owned();
+    msg.header(TOPIC)?;
+    if let Some(attempt) = msg.header(ATTEMPT).and_then(|a| a.parse::<u32>().ok()) {
+        msg.attempt = attempt.max(1);
     }
-    let origin = msg.header(ORIGIN).map(str::to_owned).unwrap_or_default();
-    msg.headers
-        .retain(|h| ![TOPIC, ATTEMPT, NOT_BEFORE, ORIGIN].contains(&h.name.as_str()));
+    let origin = msg
+        .header(ORIGIN)
+        .filter(|o| o.starts_with(&format!("kafka://{topic}?")))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    msg.headers.retain(|h| !is_retry_header(&h.name));
     msg.subject = topic.clone();
     // The original record's id: publish dedup ids stay the same across
     // attempts.

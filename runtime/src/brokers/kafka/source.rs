@@ -8,14 +8,15 @@
 
 use super::config::{ConsumerSettings, KafkaConfig};
 use super::offsets::OffsetTracker;
+use super::record;
 use super::retry::{self, Retried};
 use super::{client_config, failed, KafkaBroker, KafkaSetupError};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
-use crate::message::{Header, Message};
+use crate::message::Message;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -334,18 +335,11 @@ impl Source for KafkaSource {
 }
 
 fn to_message(m: &BorrowedMessage<'_>) -> Message {
-    let mut headers = Vec::new();
-    if let Some(hs) = m.headers() {
-        for h in hs.iter() {
-            let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-            headers.push(Header::new(h.key, value));
-        }
-    }
     Message {
         id: format!("{}/{}/{}", m.topic(), m.partition(), m.offset()),
         subject: m.topic().to_owned(),
-        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-        headers,
+        key: m.key().map(record::key_text),
+        headers: record::headers(m),
         payload: m.payload().unwrap_or_default().to_vec(),
         attempt: 1,
         timestamp_ms: m
@@ -404,6 +398,7 @@ impl Queues {
 /// Hands a record to the pipeline, or holds it in its partition while it is
 /// not due (a retry topic's record).
 fn take(state: &Arc<State>, key: PartitionKey, offset: i64, mut message: Message) {
+    retry::scrub(&mut message, state.retry.is_some());
     let due_in = retry::not_before_ms(&message.headers)
         .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
         .filter(|d| !d.is_zero());

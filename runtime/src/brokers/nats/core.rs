@@ -55,7 +55,12 @@ impl CoreSource {
             Some(retry) = retries.recv() => retry,
             next = subscriber.next() => match next {
                 Some(m) => Message {
-                    id: format!("core-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+                    // Unique across restarts and queue-group replicas.
+                    id: format!(
+                        "core-{}-{}",
+                        crate::message::process_nonce(),
+                        self.next_id.fetch_add(1, Ordering::Relaxed)
+                    ),
                     subject: m.subject.to_string(),
                     key: None,
                     headers: from_header_map(m.headers.as_ref()),

@@ -10,7 +10,7 @@ pub use self::core::CoreSource;
 pub use self::jetstream::JetStreamSource;
 pub use config::{ConsumerSettings, NatsConfig, Retention, StreamConfig};
 
-use super::{BoxFuture, BrokerError, Sink};
+use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::{Header, Outbound};
 use crate::subject::SubjectPattern;
 use async_nats::jetstream::stream;
@@ -55,12 +55,33 @@ pub struct NatsBroker {
     request_timeout: Duration,
 }
 
-pub(crate) fn to_header_map(headers: &[Header]) -> async_nats::HeaderMap {
+/// Headers as NATS carries them. A name or value NATS cannot carry is
+/// refused here: async-nats asserts (panics) on them.
+pub(crate) fn to_header_map(headers: &[Header]) -> Result<async_nats::HeaderMap, BrokerError> {
     let mut map = async_nats::HeaderMap::new();
     for h in headers {
-        map.append(h.name.as_str(), h.value.as_str());
+        let shown = || crate::headers::shown(&h.name);
+        if h.name.is_empty() {
+            return Err(BrokerError::refused(NAME, "empty header name"));
+        }
+        let name = async_nats::HeaderName::try_from(h.name.as_str())
+            .map_err(|_| BrokerError::refused(NAME, format!("header name {:?} is not valid for NATS", shown())))?;
+        let value: async_nats::HeaderValue = h
+            .value
+            .parse()
+            .map_err(|_| BrokerError::refused(NAME, format!("header {:?} has a value with CR or LF", shown())))?;
+        map.append(name, value);
     }
-    map
+    Ok(map)
+}
+
+/// A subject NATS accepts for a publish: no whitespace or control bytes,
+/// no wildcards, no empty tokens.
+fn check_publish_subject(subject: &str) -> Result<(), BrokerError> {
+    if subject.chars().any(char::is_control) {
+        return Err(BrokerError::refused(NAME, "subject contains a control character"));
+    }
+    crate::subject::validate_subject(subject).map_err(|e| BrokerError::refused(NAME, e.to_string()))
 }
 
 fn stored_outbound(m: async_nats::jetstream::message::StreamMessage) -> Outbound {
@@ -223,22 +244,31 @@ impl NatsBroker {
 
     /// Publishes one message: JetStream with PubAck where a declared stream
     /// stores the subject, else core NATS followed by a flush.
-    async fn publish_one(&self, m: Outbound) -> Result<bool, BrokerError> {
-        let headers = to_header_map(&m.headers);
+    /// Returns (sent on core NATS, dropped by JetStream as a duplicate).
+    async fn publish_one(&self, m: Outbound) -> Result<(bool, bool), BrokerError> {
+        check_publish_subject(&m.subject)?;
+        let headers = to_header_map(&m.headers)?;
+        let max = self.client.server_info().max_payload;
+        if max > 0 && m.payload.len() > max {
+            return Err(BrokerError::refused(
+                NAME,
+                format!("payload of {} bytes is above the server's max_payload of {max}", m.payload.len()),
+            ));
+        }
         if self.stored_by_stream(&m.subject) {
             let ack = self
                 .js
                 .publish_with_headers(m.subject, headers, m.payload.into())
                 .await
                 .map_err(failed)?;
-            ack.await.map_err(failed)?;
-            Ok(false)
+            let ack = ack.await.map_err(failed)?;
+            Ok((false, ack.duplicate))
         } else {
             self.client
                 .publish_with_headers(m.subject, headers, m.payload.into())
                 .await
                 .map_err(failed)?;
-            Ok(true)
+            Ok((true, false))
         }
     }
 
@@ -262,18 +292,21 @@ impl NatsBroker {
 }
 
 impl Sink for NatsBroker {
-    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
             let mut core = false;
+            let mut published = Published::default();
             for m in messages {
-                core |= self.publish_one(m).await?;
+                let (on_core, duplicate) = self.publish_one(m).await?;
+                core |= on_core;
+                published.duplicates += usize::from(duplicate);
             }
             if core {
                 // Core NATS has no confirm; a flush at least means the
                 // server has the bytes.
                 self.client.flush().await.map_err(failed)?;
             }
-            Ok(())
+            Ok(published)
         })
     }
 }

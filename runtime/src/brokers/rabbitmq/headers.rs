@@ -87,11 +87,12 @@ pub fn to_table(headers: &[Header]) -> FieldTable {
 /// was delivered before (a crash or a lost channel), else 1.
 pub fn attempt(table: Option<&FieldTable>, redelivered: bool) -> u32 {
     let own = table.and_then(|t| t.inner().get(ATTEMPT)).and_then(integer);
+    // Producer-supplied numbers: saturating, never overflowing.
     let base = match own {
         Some(n) => n,
-        None => 1 + table.map(deaths).unwrap_or(0),
+        None => table.map(deaths).unwrap_or(0).saturating_add(1),
     };
-    let base = if redelivered { base + 1 } else { base };
+    let base = if redelivered { base.saturating_add(1) } else { base };
     u32::try_from(base.max(1)).unwrap_or(u32::MAX)
 }
 
@@ -104,10 +105,10 @@ fn deaths(table: &FieldTable) -> i64 {
         .as_slice()
         .iter()
         .filter_map(|e| match e {
-            AMQPValue::FieldTable(t) => Some(t.inner().get("count").and_then(integer).unwrap_or(1)),
+            AMQPValue::FieldTable(t) => Some(t.inner().get("count").and_then(integer).unwrap_or(1).max(0)),
             _ => None,
         })
-        .sum()
+        .fold(0i64, i64::saturating_add)
 }
 
 /// A header value from the raw table, as text.

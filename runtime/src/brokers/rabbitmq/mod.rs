@@ -12,7 +12,7 @@ pub use config::{ConsumerSettings, RabbitConfig, RetryVia};
 pub use source::RabbitSource;
 pub use stored::{parse_origin, Letter};
 
-use super::{BoxFuture, BrokerError, Sink};
+use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::Outbound;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -186,12 +186,14 @@ impl RabbitBroker {
         RabbitSource::new(self.clone(), settings)
     }
 
-    /// Handler publishes go to the configured exchange.
+    /// Handler publishes go to the configured exchange; one that no queue
+    /// receives is returned, and counts as a failed publish (a confirm alone
+    /// would report it stored).
     pub fn sink(&self) -> RabbitSink {
         RabbitSink {
             broker: self.clone(),
             exchange: self.shared.config.publish_exchange.clone(),
-            mandatory: false,
+            mandatory: true,
         }
     }
 
@@ -322,27 +324,65 @@ fn outbound_properties(headers: &[crate::message::Header]) -> BasicProperties {
         .with_headers(headers::to_table(headers))
 }
 
+/// AMQP short strings (routing keys, header names, correlation ids) hold at
+/// most 255 bytes.
+const MAX_SHORT_STRING: usize = 255;
+
+fn short_string(what: &str, text: &str) -> Result<(), BrokerError> {
+    if text.len() > MAX_SHORT_STRING {
+        return Err(BrokerError::refused(
+            NAME,
+            format!(
+                "{what} {:?}... is {} bytes; AMQP allows {MAX_SHORT_STRING}",
+                crate::headers::shown(text),
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl RabbitSink {
-    fn frame(&self, m: Outbound) -> (String, String, BasicProperties, Vec<u8>) {
+    fn frame(&self, m: Outbound) -> Result<(String, String, BasicProperties, Vec<u8>), BrokerError> {
+        for h in &m.headers {
+            short_string("header name", &h.name)?;
+        }
         let properties = outbound_properties(&m.headers);
         match parse_reply_address(&m.subject) {
             Some((queue, correlation)) => {
+                short_string("reply queue", queue)?;
+                short_string("correlation id", correlation)?;
+                // Replies go to server-named reply queues only: a request
+                // must not make sluice write into an arbitrary work queue.
+                if !(queue.starts_with("amq.gen-") || queue.starts_with("amq.rabbitmq.reply-to")) {
+                    return Err(BrokerError::refused(
+                        NAME,
+                        format!(
+                            "reply queue {:?} is not a server-named reply queue (amq.gen-*, amq.rabbitmq.reply-to)",
+                            crate::headers::shown(queue)
+                        ),
+                    ));
+                }
                 let mut properties = properties;
                 if !correlation.is_empty() {
                     properties = properties.with_correlation_id(correlation.into());
                 }
-                (String::new(), queue.to_owned(), properties, m.payload)
+                Ok((String::new(), queue.to_owned(), properties, m.payload))
             }
-            None => (self.exchange.clone(), m.subject, properties, m.payload),
+            None => {
+                short_string("routing key", &m.subject)?;
+                Ok((self.exchange.clone(), m.subject, properties, m.payload))
+            }
         }
     }
 }
 
 impl Sink for RabbitSink {
-    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
-            let frames = messages.into_iter().map(|m| self.frame(m)).collect();
-            self.broker.publish_confirmed(frames, self.mandatory).await
+            let frames = messages.into_iter().map(|m| self.frame(m)).collect::<Result<_, _>>()?;
+            self.broker.publish_confirmed(frames, self.mandatory).await?;
+            Ok(Published::default())
         })
     }
 }

@@ -151,13 +151,20 @@ impl RabbitDelivery {
         let subject = headers::raw(table, ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
         let message = Message {
             // Without a message id there is nothing stable across
-            // redeliveries: the channel's delivery tag at least tells
-            // messages apart.
+            // redeliveries: the delivery tag tells messages apart within a
+            // channel, the process nonce across restarts and replicas.
             id: p
                 .message_id()
                 .as_ref()
                 .map(|m| m.to_string())
-                .unwrap_or_else(|| format!("{}:{}", settings.queue, d.delivery_tag)),
+                .unwrap_or_else(|| {
+                    format!(
+                        "{}:{}:{}",
+                        settings.queue,
+                        crate::message::process_nonce(),
+                        d.delivery_tag
+                    )
+                }),
             subject,
             key: None,
             headers: headers::from_table(table),
