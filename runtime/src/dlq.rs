@@ -13,8 +13,9 @@ use crate::pipeline::REPLAYS_HEADER;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Most dead letters looked at in one call.
-const SCAN_LIMIT: usize = 1_000_000;
+/// Most dead letters looked at in one call: bounds the memory and time of
+/// a scan (RabbitMQ holds every message looked at until the scan ends).
+const SCAN_LIMIT: usize = 100_000;
 
 /// One line of `sluice dlq list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +70,7 @@ pub enum DlqError {
     NoFilter,
     #[error("dead letter #{seq} came from route `{route}`, which is not an embedded route of this daemon")]
     UnknownRoute { seq: u64, route: String },
-    #[error("dead letter #{seq} has no origin to go back to (sluice-origin: {origin:?})")]
+    #[error("dead letter #{seq} has no origin to go back to, or one this daemon does not consume from a declared stream (sluice-origin: {origin:?})")]
     NoOrigin { seq: u64, origin: String },
 }
 
@@ -304,9 +305,20 @@ impl Backend {
                     let Some(subject) = origin_subject(&origin).map(str::to_owned) else {
                         return Err(DlqError::NoOrigin { seq, origin });
                     };
+                    // The origin is a header: anyone who could write to the
+                    // dead-letter subject could forge it.
+                    if crate::headers::is_system_subject(&subject) || nats.stream_for(&subject).is_none() {
+                        return Err(DlqError::NoOrigin { seq, origin });
+                    }
                     // Published (and confirmed) before it is deleted: a crash
                     // in between replays it twice, never zero times.
-                    Sink::publish(nats.as_ref(), vec![replayed(subject, m.headers, m.payload)]).await?;
+                    let published =
+                        Sink::publish(&nats.confirmed_sink(), vec![replayed(subject, m.headers, m.payload)]).await?;
+                    if published.duplicates > 0 {
+                        // Not stored now: keep the dead letter.
+                        tracing::warn!(seq, "replay dropped by JetStream as a duplicate; the dead letter is kept");
+                        continue;
+                    }
                     nats.delete_stored(stream, seq).await?;
                     moved += 1;
                 }

@@ -1,6 +1,7 @@
 //! The admin HTTP API: health, readiness, metrics, status, and the publish
 //! endpoint of the embedded broker.
 
+pub mod access;
 mod status_page;
 
 use crate::brokers::embedded::{EmbeddedBroker, PublishError};
@@ -39,11 +40,14 @@ pub struct AdminState {
     /// Why the last reload of a plugin (by name) or of the config (`config`)
     /// was refused; cleared by the next one that succeeds.
     pub reload_errors: Mutex<BTreeMap<String, String>>,
+    /// Who may use the API (token, hosts); fixed until restart.
+    pub access: Arc<access::Access>,
 }
 
 impl AdminState {
-    pub fn new(metrics: Arc<Metrics>, broker: EmbeddedBroker) -> Self {
+    pub fn new(metrics: Arc<Metrics>, broker: EmbeddedBroker, access: access::Access) -> Self {
         Self {
+            access: Arc::new(access),
             metrics,
             broker,
             routes: ArcSwap::from_pointee(Vec::new()),
@@ -79,6 +83,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/dlq/{queue}/messages", get(dlq_list))
         .route("/v1/dlq/{queue}/messages/{seq}", get(dlq_show))
         .route("/v1/dlq/{queue}/replay", post(dlq_replay))
+        .layer(axum::middleware::from_fn_with_state(state.access.clone(), access::guard))
+        .layer(axum::extract::DefaultBodyLimit::max(access::MAX_BODY))
         .with_state(state)
 }
 
@@ -214,6 +220,9 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusView> {
     Json(status_view(&state))
 }
 
+/// Most messages one list request returns.
+const MAX_LIST: usize = 10_000;
+
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
@@ -298,7 +307,7 @@ async fn queue_messages(
     Path(name): Path<String>,
     Query(limit): Query<Limit>,
 ) -> Response {
-    let limit = limit.limit.unwrap_or(100).min(100_000);
+    let limit = limit.limit.unwrap_or(100).min(MAX_LIST);
     match state.broker.peek(&name, limit) {
         Ok(list) => Json(
             list.into_iter()
@@ -355,7 +364,7 @@ async fn dlq_list(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    match backend.list(limit.limit.unwrap_or(1000)).await {
+    match backend.list(limit.limit.unwrap_or(1000).min(MAX_LIST)).await {
         Ok(list) => Json(list).into_response(),
         Err(e) => dlq_error(e),
     }

@@ -7,13 +7,26 @@ use serde::Serialize;
 pub struct AdminClient {
     base: String,
     agent: ureq::Agent,
+    /// From `SLUICE_ADMIN_TOKEN`, sent as a bearer token.
+    token: Option<String>,
 }
+
+/// The environment variable the CLI reads the admin token from.
+pub const TOKEN_ENV: &str = "SLUICE_ADMIN_TOKEN";
 
 impl AdminClient {
     pub fn new(admin: &str) -> Self {
         Self {
             base: format!("http://{admin}"),
             agent: ureq::Agent::config_builder().http_status_as_error(false).build().into(),
+            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+        }
+    }
+
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
         }
     }
 
@@ -39,8 +52,7 @@ impl AdminClient {
 
     pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self
-            .agent
-            .get(format!("{}{path}", self.base))
+            .authorized(self.agent.get(format!("{}{path}", self.base)))
             .call()
             .with_context(|| self.unreachable())?;
         self.finish(response)
@@ -53,7 +65,7 @@ impl AdminClient {
 
     /// POSTs raw bytes with extra request headers; expects a JSON answer.
     pub fn post<T: DeserializeOwned>(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> anyhow::Result<T> {
-        let mut request = self.agent.post(format!("{}{path}", self.base));
+        let mut request = self.authorized(self.agent.post(format!("{}{path}", self.base)));
         for (name, value) in headers {
             request = request.header(*name, value);
         }

@@ -33,11 +33,12 @@ fn encode_path(segment: &str) -> String {
 
 pub fn run(args: PublishArgs) -> anyhow::Result<i32> {
     let payload = read_payload(&args.payload)?;
-    let headers: Vec<(&str, String)> = args
+    let mut headers: Vec<(&str, String)> = args
         .headers
         .iter()
         .map(|(name, value)| (MESSAGE_HEADER, format!("{name}={value}")))
         .collect();
+    headers.push(("content-type", "application/octet-stream".to_owned()));
     let answer: serde_json::Value = AdminClient::new(&args.admin)
         .post(
             &format!("/v1/publish/{}", encode_path(&args.subject)),

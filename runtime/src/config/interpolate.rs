@@ -75,10 +75,30 @@ fn expand_line(
                     )))
                 }
             };
-            if value.contains('\n') {
-                return Err(err(format!("environment variable `{name}` contains a newline")));
+            // The value is data, never TOML: inside a "basic string" it is
+            // escaped; inside a 'literal string' (no escapes exist) a quote
+            // or control character is refused; outside strings it may only
+            // be a bare value (number, boolean) without quotes or brackets.
+            match quote_state(&out) {
+                Some('"') => out.push_str(&escape_basic(&value)),
+                Some(_) => {
+                    if value.contains('\'') || value.chars().any(char::is_control) {
+                        return Err(err(format!(
+                            "environment variable `{name}` contains a quote or control character, which a 'literal string' cannot hold (use \"double quotes\")"
+                        )));
+                    }
+                    out.push_str(&value);
+                }
+                None => {
+                    let bare = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_' | ':');
+                    if !value.chars().all(bare) {
+                        return Err(err(format!(
+                            "environment variable `{name}` is used outside a string and is not a bare number or word (put the reference in \"quotes\")"
+                        )));
+                    }
+                    out.push_str(&value);
+                }
             }
-            out.push_str(&value);
             rest = &body[end + 1..];
         } else {
             out.push('$');
@@ -87,6 +107,46 @@ fn expand_line(
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// The string the end of `text` (one line so far) is inside, if any: `"`
+/// or `'`.
+fn quote_state(text: &str) -> Option<char> {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in text.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' && q == '"' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => {}
+        }
+    }
+    quote
+}
+
+/// `value` escaped for a TOML basic string.
+fn escape_basic(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -105,6 +165,22 @@ mod tests {
     fn expands_defaults_and_escapes() {
         let out = interpolate("a = \"${HOST}:${PORT:-42}\" # ${NOPE}\nb = \"$$x ${EMPTY:-d}\"\n", env).unwrap();
         assert_eq!(out, "a = \"db.local:42\" # ${NOPE}\nb = \"$x d\"\n");
+    }
+
+    #[test]
+    fn values_are_data_not_toml() {
+        let tricky = |name: &str| match name {
+            "PW" => Some("a\"b\\c\n".to_owned()),
+            "N" => Some("42".to_owned()),
+            "INJECT" => Some("1\n[admin]".to_owned()),
+            _ => None,
+        };
+        let out = interpolate("p = \"${PW}\"\nn = ${N}\n", tricky).unwrap();
+        let parsed: toml::Table = toml::from_str(&out).unwrap();
+        assert_eq!(parsed["p"].as_str(), Some("a\"b\\c\n"));
+        assert_eq!(parsed["n"].as_integer(), Some(42));
+        assert!(interpolate("n = ${INJECT}\n", tricky).is_err());
+        assert!(interpolate("p = '${PW}'\n", tricky).is_err());
     }
 
     #[test]

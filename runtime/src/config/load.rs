@@ -137,6 +137,20 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
     if config.engine.max_instances == 0 {
         return Err(("engine.max_instances".into(), "must be at least 1".into()));
     }
+    let admin = &config.admin;
+    if !admin.listen.ip().is_loopback() && admin.token().is_none() && !admin.insecure {
+        return Err((
+            "admin.listen".into(),
+            format!(
+                "{} is reachable from other hosts, and without `[admin] token` anyone who reaches it can publish and replay; set `token = \"${{SLUICE_ADMIN_TOKEN}}\"`, listen on 127.0.0.1, or set `insecure = true`",
+                admin.listen
+            ),
+        ));
+    }
+    if admin.token().is_some_and(|t| t.len() < 16) {
+        return Err(("admin.token".into(), "must be at least 16 characters".into()));
+    }
+    check_duration("shutdown_grace", config.shutdown_grace)?;
     for (name, plugin) in &config.plugins {
         let key = |k: &str| format!("plugins.{name}.{k}");
         if plugin_files == PluginFiles::MustExist && !plugin.path.is_file() {
@@ -154,6 +168,7 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
         if plugin.timeout.is_zero() {
             return Err((key("timeout"), "must be more than 0".into()));
         }
+        check_duration(&key("timeout"), plugin.timeout)?;
         for (list, patterns) in [("publish", &plugin.publish), ("request", &plugin.request)] {
             for (i, p) in patterns.iter().enumerate() {
                 SubjectPattern::parse(p).map_err(|e| (format!("{}.{i}", key(list)), e.to_string()))?;
@@ -184,6 +199,8 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
         if let Some(idem) = &route.idempotency {
             KeySource::parse(&idem.key).map_err(|e| (key("idempotency.key"), e))?;
             let timeout = config.plugins.get(&route.plugin).map(|p| p.timeout).unwrap_or_default();
+            check_duration(&key("idempotency.lease"), idem.lease)?;
+            check_duration(&key("idempotency.ttl"), idem.ttl)?;
             if idem.lease <= timeout {
                 return Err((
                     key("idempotency.lease"),
@@ -194,6 +211,18 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
                 return Err((key("idempotency.store"), "\"redis\" needs `[stores] redis_url`".into()));
             }
         }
+    }
+    // Every worker may hold an instance at once (and reuse keeps them warm):
+    // more workers than pool slots would fail healthy messages as traps.
+    let workers: u64 = config.routes.iter().map(|r| u64::from(r.concurrency)).sum();
+    if workers > u64::from(config.engine.max_instances) {
+        return Err((
+            "engine.max_instances".into(),
+            format!(
+                "is {}, below the {workers} workers the routes' `concurrency` adds up to: raise it or lower concurrency",
+                config.engine.max_instances
+            ),
+        ));
     }
     if let Some(nats) = &config.brokers.nats {
         for (i, stream) in nats.streams.iter().enumerate() {
@@ -342,6 +371,25 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
         SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
     }
     validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
+    // Dead letters the route itself consumes would fail again, forever.
+    let nats_family = |b: BrokerKind| matches!(b, BrokerKind::Nats | BrokerKind::Jetstream);
+    let dead_letter_broker = route.dead_letter.as_ref().and_then(|d| d.broker).unwrap_or(route.source.broker);
+    let same_broker = dead_letter_broker == route.source.broker
+        || (nats_family(dead_letter_broker) && nats_family(route.source.broker));
+    if same_broker && route.source.broker != BrokerKind::Rabbitmq && !route.source.subject.is_empty() {
+        if let Ok(p) = SubjectPattern::parse(&route.source.subject) {
+            if p.matches(&route.dead_letter_subject()) {
+                return Err((
+                    key("dead_letter.subject"),
+                    format!(
+                        "`{}` is matched by the route's own source `{}`: dead letters would be handled again, in a loop",
+                        route.dead_letter_subject(),
+                        route.source.subject
+                    ),
+                ));
+            }
+        }
+    }
     if route.concurrency == 0 || route.concurrency > 10_000 {
         return Err((key("concurrency"), "must be between 1 and 10000".into()));
     }
@@ -354,6 +402,18 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
     }
     if retry.initial_backoff > retry.max_backoff {
         return Err((key("retry.initial_backoff"), "is larger than retry.max_backoff".into()));
+    }
+    check_duration(&key("retry.max_backoff"), retry.max_backoff)?;
+    Ok(())
+}
+
+/// Longest duration any setting may have: far beyond any sensible value,
+/// far below what overflows a clock (`Instant + d` panics).
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn check_duration(key: &str, d: std::time::Duration) -> Result<(), Problem> {
+    if d > MAX_DURATION {
+        return Err((key.to_owned(), "must be at most 10 years".into()));
     }
     Ok(())
 }

@@ -57,13 +57,40 @@ pub struct AdminConfig {
     /// `/v1/publish/{subject}`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Bearer token every endpoint except `/healthz` and `/readyz` (and
+    /// `/metrics` unless `metrics_auth`) requires. Empty: none.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Require the token for `/metrics` too.
+    #[serde(default)]
+    pub metrics_auth: bool,
+    /// Listen on a non-loopback address without a token (anyone who reaches
+    /// the port can publish and replay). Off: such a config refuses to start.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Host names (with port) requests may be addressed to besides the listen
+    /// address and, on loopback, `localhost`: a defence against DNS
+    /// rebinding. E.g. `["sluice.internal:9595"]`.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token: None,
+            metrics_auth: false,
+            insecure: false,
+            allowed_hosts: Vec::new(),
         }
+    }
+}
+
+impl AdminConfig {
+    /// The token, if one is set (an empty `${SLUICE_ADMIN_TOKEN:-}` is none).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref().filter(|t| !t.is_empty())
     }
 }
 

@@ -321,6 +321,11 @@ impl Brokers {
                 let exchange = r.dead_letter.as_ref().and_then(|d| d.exchange.as_deref());
                 Ok(Arc::new(self.rabbitmq()?.dead_letter_sink(exchange)))
             }
+            // The original is termed once its copy is stored: the copy must
+            // be confirmed by a stream, not sent on core NATS and hoped for.
+            BrokerKind::Nats | BrokerKind::Jetstream if r.source.broker == BrokerKind::Jetstream => {
+                Ok(Arc::new(self.nats()?.confirmed_sink()))
+            }
             other => self.sink(other),
         }
     }

@@ -104,7 +104,8 @@ impl Supervisor {
         let requester = brokers.requester();
         let metrics = Arc::new(Metrics::new());
         let gates = GateStores::open(&config).await?;
-        let state = Arc::new(AdminState::new(metrics.clone(), brokers.embedded.clone()));
+        let access = crate::admin::access::Access::new(&config.admin);
+        let state = Arc::new(AdminState::new(metrics.clone(), brokers.embedded.clone(), access));
         let mut supervisor = Self {
             config,
             engine,

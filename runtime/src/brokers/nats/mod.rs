@@ -75,6 +75,18 @@ pub(crate) fn to_header_map(headers: &[Header]) -> Result<async_nats::HeaderMap,
     Ok(map)
 }
 
+/// The server URL(s) without user info (`nats://user:pass@host`).
+pub(crate) fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &one[..scheme + 3], &one[at..]),
+            (None, Some(at)) => format!("***{}", &one[at..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A subject NATS accepts for a publish: no whitespace or control bytes,
 /// no wildcards, no empty tokens.
 fn check_publish_subject(subject: &str) -> Result<(), BrokerError> {
@@ -145,8 +157,8 @@ impl NatsBroker {
             .connect(config.url.as_str())
             .await
             .map_err(|e| NatsSetupError::Connect {
-                url: config.url.clone(),
-                reason: e.to_string(),
+                url: redact_url(&config.url),
+                reason: e.to_string().replace(&config.url, &redact_url(&config.url)),
             })?;
         let js = async_nats::jetstream::new(client.clone());
         let mut stream_subjects = Vec::new();
@@ -291,6 +303,47 @@ impl NatsBroker {
     }
 }
 
+/// A sink whose every message must be stored by a JetStream stream (PubAck),
+/// declared or not: dead letters of JetStream routes, whose originals are
+/// termed once the copy is confirmed. A subject no stream stores is an
+/// error (the original is redelivered), never a silent core publish.
+pub struct ConfirmedSink {
+    broker: NatsBroker,
+}
+
+impl NatsBroker {
+    pub fn confirmed_sink(&self) -> ConfirmedSink {
+        ConfirmedSink { broker: self.clone() }
+    }
+}
+
+impl Sink for ConfirmedSink {
+    fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
+        Box::pin(async move {
+            let mut published = Published::default();
+            for m in messages {
+                check_publish_subject(&m.subject)?;
+                let headers = to_header_map(&m.headers)?;
+                let subject = m.subject.clone();
+                let ack = self
+                    .broker
+                    .js
+                    .publish_with_headers(m.subject, headers, m.payload.into())
+                    .await
+                    .map_err(failed)?
+                    .await
+                    .map_err(|e| {
+                        failed(format!(
+                            "no JetStream stream confirmed the message on `{subject}` (declare a stream that stores it): {e}"
+                        ))
+                    })?;
+                published.duplicates += usize::from(ack.duplicate);
+            }
+            Ok(published)
+        })
+    }
+}
+
 impl Sink for NatsBroker {
     fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
@@ -308,6 +361,27 @@ impl Sink for NatsBroker {
             }
             Ok(published)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_hide_credentials() {
+        assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("tls://tok@a:1,nats://b:2"), "tls://***@a:1,nats://b:2");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn headers_nats_cannot_carry_are_refused_not_panicked() {
+        for (name, value) in [("bad name", "v"), ("", "v"), ("ok", "a\r\nb"), ("colon:", "v"), ("é", "v")] {
+            let r = to_header_map(&[Header::new(name, value)]);
+            assert!(matches!(r, Err(BrokerError::Refused { .. })), "{name:?} {value:?}");
+        }
+        assert!(to_header_map(&[Header::new("Idempotency-Key", "a b")]).is_ok());
     }
 }
 
