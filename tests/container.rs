@@ -101,6 +101,7 @@ subjects = ["stamped"]
     // cache live in the data directory, the only writable place.
     let mut resp = agent()
         .post(format!("http://{admin}/v1/publish/work"))
+        .header("content-type", "application/octet-stream")
         .send(&b"hello"[..])
         .unwrap();
     assert_eq!(

@@ -42,6 +42,7 @@ fn wait(what: &str, timeout: Duration, log: &Path, mut cond: impl FnMut() -> boo
 fn publish(admin: &str, payload: &str) {
     let resp = agent()
         .post(format!("http://{admin}/v1/publish/greeter.hello"))
+        .header("content-type", "application/octet-stream")
         .send(payload.as_bytes())
         .expect("publish");
     assert_eq!(resp.status(), 200);

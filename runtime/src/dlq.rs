@@ -316,7 +316,10 @@ impl Backend {
                         Sink::publish(&nats.confirmed_sink(), vec![replayed(subject, m.headers, m.payload)]).await?;
                     if published.duplicates > 0 {
                         // Not stored now: keep the dead letter.
-                        tracing::warn!(seq, "replay dropped by JetStream as a duplicate; the dead letter is kept");
+                        tracing::warn!(
+                            seq,
+                            "replay dropped by JetStream as a duplicate; the dead letter is kept"
+                        );
                         continue;
                     }
                     nats.delete_stored(stream, seq).await?;

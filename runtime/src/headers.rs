@@ -42,7 +42,10 @@ pub enum HeaderError {
 
 /// A short, printable rendering of an untrusted string for error texts.
 pub fn shown(text: &str) -> String {
-    text.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect()
+    text.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// True for names only the host may set.
@@ -146,7 +149,13 @@ mod tests {
 
     #[test]
     fn reserved_names_are_the_hosts() {
-        for name in ["Nats-Msg-Id", "nats-rollup", "sluice-error", "X-Sluice-Attempt", "x-death"] {
+        for name in [
+            "Nats-Msg-Id",
+            "nats-rollup",
+            "sluice-error",
+            "X-Sluice-Attempt",
+            "x-death",
+        ] {
             assert!(is_reserved(name), "{name}");
         }
         assert!(!is_reserved("sluice-key"));

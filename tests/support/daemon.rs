@@ -45,7 +45,9 @@ impl Probe {
 }
 
 fn publish_to(admin: &str, subject: &str, headers: &[(&str, &str)], payload: &[u8]) -> Result<(), String> {
-    let mut req = agent().post(format!("http://{admin}/v1/publish/{subject}"));
+    let mut req = agent()
+        .post(format!("http://{admin}/v1/publish/{subject}"))
+        .header("content-type", "application/octet-stream");
     for (k, v) in headers {
         req = req.header("x-sluice-header", format!("{k}={v}"));
     }
@@ -212,6 +214,28 @@ impl Daemon {
         resp.body_mut().read_to_string().expect("metrics body")
     }
 
+    /// The value of one metric line (`name{labels}`), `None` if the series
+    /// is absent (a renamed series must fail a check, not read as 0).
+    pub fn metric_present(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// The process id of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the running daemon, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// The value of one metric line (`name{labels}`), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
         self.metrics()
@@ -255,8 +279,19 @@ impl Daemon {
     }
 }
 
+/// What Rust's panic hook writes: a panic in the daemon, caught or not.
+const PANIC_MARK: &str = "' panicked at ";
+
 impl Drop for Daemon {
+    /// Stops the daemon; a test whose daemon panicked fails, whatever it
+    /// asserted (no input may reach a panic).
     fn drop(&mut self) {
         self.kill();
+        if !std::thread::panicking() {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(PANIC_MARK)) {
+                panic!("the daemon panicked: {line}\n{log}");
+            }
+        }
     }
 }

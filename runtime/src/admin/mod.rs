@@ -83,7 +83,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/dlq/{queue}/messages", get(dlq_list))
         .route("/v1/dlq/{queue}/messages/{seq}", get(dlq_show))
         .route("/v1/dlq/{queue}/replay", post(dlq_replay))
-        .layer(axum::middleware::from_fn_with_state(state.access.clone(), access::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            state.access.clone(),
+            access::guard,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(access::MAX_BODY))
         .with_state(state)
 }

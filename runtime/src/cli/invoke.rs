@@ -57,7 +57,11 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<i32> {
     let mut spec = PluginSpec::new(&name, &args.plugin);
     spec.isolation = Isolation::Fresh;
     spec.timeout = args.timeout;
-    spec.memory_cap_bytes = usize::try_from(args.max_memory_mb << 20).unwrap_or(usize::MAX);
+    spec.memory_cap_bytes = args
+        .max_memory_mb
+        .checked_mul(1 << 20)
+        .and_then(|b| usize::try_from(b).ok())
+        .unwrap_or(usize::MAX);
     // A dry run: every subject may be published to; nothing is sent.
     spec.publish_allow = vec![">".into()];
     spec.settings = args.settings.into_iter().collect();

@@ -373,7 +373,11 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
     validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
     // Dead letters the route itself consumes would fail again, forever.
     let nats_family = |b: BrokerKind| matches!(b, BrokerKind::Nats | BrokerKind::Jetstream);
-    let dead_letter_broker = route.dead_letter.as_ref().and_then(|d| d.broker).unwrap_or(route.source.broker);
+    let dead_letter_broker = route
+        .dead_letter
+        .as_ref()
+        .and_then(|d| d.broker)
+        .unwrap_or(route.source.broker);
     let same_broker = dead_letter_broker == route.source.broker
         || (nats_family(dead_letter_broker) && nats_family(route.source.broker));
     if same_broker && route.source.broker != BrokerKind::Rabbitmq && !route.source.subject.is_empty() {

@@ -36,7 +36,10 @@ impl StderrTail {
 
     /// The last bytes written since the last `clear`.
     pub fn contents(&self) -> Vec<u8> {
-        self.kept.lock().map(|k| k.iter().copied().collect()).unwrap_or_default()
+        self.kept
+            .lock()
+            .map(|k| k.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     fn push(&self, bytes: &[u8]) {

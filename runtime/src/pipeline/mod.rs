@@ -450,7 +450,12 @@ impl Route {
         // A reply address is the producer's choice: it must not point sluice
         // at the server's own APIs or at its dead-letter subject. Refused
         // before the handler runs; no reply is sent there.
-        if let Some(why) = delivery.message().reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
+        if let Some(why) = delivery
+            .message()
+            .reply_to
+            .as_deref()
+            .and_then(|r| self.refused_reply(r))
+        {
             tracing::warn!("refusing the message: {why}");
             self.note_failure(FailureKind::InvalidPublish, &why);
             self.release(gate_key.as_deref(), &owner).await;

@@ -264,7 +264,10 @@ impl NatsBroker {
         if max > 0 && m.payload.len() > max {
             return Err(BrokerError::refused(
                 NAME,
-                format!("payload of {} bytes is above the server's max_payload of {max}", m.payload.len()),
+                format!(
+                    "payload of {} bytes is above the server's max_payload of {max}",
+                    m.payload.len()
+                ),
             ));
         }
         if self.stored_by_stream(&m.subject) {
@@ -364,27 +367,6 @@ impl Sink for NatsBroker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_errors_hide_credentials() {
-        assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("tls://tok@a:1,nats://b:2"), "tls://***@a:1,nats://b:2");
-        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
-    }
-
-    #[test]
-    fn headers_nats_cannot_carry_are_refused_not_panicked() {
-        for (name, value) in [("bad name", "v"), ("", "v"), ("ok", "a\r\nb"), ("colon:", "v"), ("é", "v")] {
-            let r = to_header_map(&[Header::new(name, value)]);
-            assert!(matches!(r, Err(BrokerError::Refused { .. })), "{name:?} {value:?}");
-        }
-        assert!(to_header_map(&[Header::new("Idempotency-Key", "a b")]).is_ok());
-    }
-}
-
 impl crate::engine::Requester for NatsBroker {
     fn request(
         &self,
@@ -461,5 +443,32 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
             Ok(())
         }
         Err(e) => Err(err(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_hide_credentials() {
+        assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("tls://tok@a:1,nats://b:2"), "tls://***@a:1,nats://b:2");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn headers_nats_cannot_carry_are_refused_not_panicked() {
+        for (name, value) in [
+            ("bad name", "v"),
+            ("", "v"),
+            ("ok", "a\r\nb"),
+            ("colon:", "v"),
+            ("é", "v"),
+        ] {
+            let r = to_header_map(&[Header::new(name, value)]);
+            assert!(matches!(r, Err(BrokerError::Refused { .. })), "{name:?} {value:?}");
+        }
+        assert!(to_header_map(&[Header::new("Idempotency-Key", "a b")]).is_ok());
     }
 }

@@ -74,6 +74,8 @@ struct Shared {
     connected: AtomicBool,
     /// Delay queues declared on the current connection.
     delay_queues: std::sync::Mutex<HashSet<String>>,
+    /// Dead-letter queues declared by sluice.
+    owned: std::sync::Mutex<HashSet<String>>,
     /// Bumped on every new connection (consumers notice and re-subscribe).
     generation: AtomicU64,
 }
@@ -114,6 +116,7 @@ impl RabbitBroker {
                 live: Mutex::new(None),
                 connected: AtomicBool::new(false),
                 delay_queues: std::sync::Mutex::new(HashSet::new()),
+                owned: std::sync::Mutex::new(HashSet::new()),
                 generation: AtomicU64::new(0),
             }),
         };
@@ -207,8 +210,19 @@ impl RabbitBroker {
         }
     }
 
+    /// True for queues of the config, delay queues and dead-letter queues:
+    /// never a reply destination.
+    fn owns_queue(&self, queue: &str) -> bool {
+        self.shared.config.queues.iter().any(|q| q.name == queue)
+            || self.shared.delay_queues.lock().is_ok_and(|d| d.contains(queue))
+            || self.shared.owned.lock().is_ok_and(|o| o.contains(queue))
+    }
+
     /// Declares a durable queue (dead-letter queues sluice owns).
     pub async fn declare_queue(&self, name: &str) -> Result<(), RabbitSetupError> {
+        if let Ok(mut owned) = self.shared.owned.lock() {
+            owned.insert(name.to_owned());
+        }
         let live = self.live().await.map_err(|e| RabbitSetupError::Connect {
             url: redact(&self.shared.config.url),
             reason: e.to_string(),
@@ -352,13 +366,13 @@ impl RabbitSink {
             Some((queue, correlation)) => {
                 short_string("reply queue", queue)?;
                 short_string("correlation id", correlation)?;
-                // Replies go to server-named reply queues only: a request
-                // must not make sluice write into an arbitrary work queue.
-                if !(queue.starts_with("amq.gen-") || queue.starts_with("amq.rabbitmq.reply-to")) {
+                // A request names its reply queue: it must not make sluice
+                // write into the queues sluice itself consumes or owns.
+                if self.broker.owns_queue(queue) {
                     return Err(BrokerError::refused(
                         NAME,
                         format!(
-                            "reply queue {:?} is not a server-named reply queue (amq.gen-*, amq.rabbitmq.reply-to)",
+                            "reply queue {:?} is a work, delay or dead-letter queue of this daemon",
                             crate::headers::shown(queue)
                         ),
                     ));

@@ -153,18 +153,14 @@ impl RabbitDelivery {
             // Without a message id there is nothing stable across
             // redeliveries: the delivery tag tells messages apart within a
             // channel, the process nonce across restarts and replicas.
-            id: p
-                .message_id()
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| {
-                    format!(
-                        "{}:{}:{}",
-                        settings.queue,
-                        crate::message::process_nonce(),
-                        d.delivery_tag
-                    )
-                }),
+            id: p.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| {
+                format!(
+                    "{}:{}:{}",
+                    settings.queue,
+                    crate::message::process_nonce(),
+                    d.delivery_tag
+                )
+            }),
             subject,
             key: None,
             headers: headers::from_table(table),

@@ -1,0 +1,292 @@
+//! Attacks through real brokers: a plugin's output NATS or AMQP cannot
+//! carry, a producer's reply address aimed at the server's own API, forged
+//! retry and attempt headers, a Kafka header name that is not UTF-8. Each
+//! message ends with a clear outcome and the consumer keeps serving.
+
+use futures_util::StreamExt;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use sluice_tests::daemon::Daemon;
+use sluice_tests::kafka::{self, Collected};
+use sluice_tests::rabbit::{self, Rabbit};
+use sluice_tests::{plugin, unique};
+use std::time::Duration;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn nats_url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The hostile plugin's table: its harmless publishes go to `ok`.
+fn hostile_plugin(ok: &str) -> String {
+    format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\">\"]\ntimeout = \"2s\"\n[plugins.p.config]\nok = \"{ok}\"\n",
+        plugin("fixture_hostile").display()
+    )
+}
+
+/// Reads `n` messages of a subscription (or fewer at the timeout).
+async fn take(sub: &mut async_nats::Subscriber, n: usize, timeout: Duration) -> Vec<async_nats::Message> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, async {
+        while out.len() < n {
+            match sub.next().await {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+    })
+    .await;
+    out
+}
+
+#[test]
+fn nats_route_survives_bad_output_and_refuses_reply_addresses_aimed_at_the_server() {
+    let id = unique();
+    let stream = format!("S{id}");
+    let config = format!(
+        r#"
+[brokers.nats]
+url = "{url}"
+{plugin}
+[[routes]]
+name = "r"
+plugin = "p"
+source = {{ broker = "nats", subject = "{id}.in" }}
+concurrency = 2
+dead_letter = {{ subject = "{id}.dlq" }}
+"#,
+        url = nats_url(),
+        plugin = hostile_plugin(&format!("{id}.ok")),
+    );
+    let rt = rt();
+    let client = rt.block_on(async { async_nats::connect(nats_url()).await.expect("nats-server is needed") });
+    let js = rt.block_on(async { async_nats::jetstream::new(client.clone()) });
+    rt.block_on(async {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{id}.kept")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let (mut dlq, mut ok) = rt.block_on(async {
+        let dlq = client.subscribe(format!("{id}.dlq")).await.unwrap();
+        let ok = client.subscribe(format!("{id}.ok")).await.unwrap();
+        client.flush().await.unwrap();
+        (dlq, ok)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    rt.block_on(async {
+        // More attacks than workers: each one used to kill a worker.
+        for attack in ["bad-header-name", "bad-header-name", "crlf-value", "bad-header-name"] {
+            client.publish(format!("{id}.in"), attack.into()).await.unwrap();
+        }
+        let delete = format!("$JS.API.STREAM.DELETE.{stream}");
+        client
+            .publish_with_reply(format!("{id}.in"), delete, "reply".into())
+            .await
+            .unwrap();
+        client
+            .publish_with_reply(format!("{id}.in"), format!("{id}.dlq"), "reply".into())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            client.publish(format!("{id}.in"), "ok".into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    let letters = rt.block_on(take(&mut dlq, 6, Duration::from_secs(30)));
+    let oks = rt.block_on(take(&mut ok, 3, Duration::from_secs(30)));
+    assert_eq!(oks.len(), 3, "the route stopped serving:\n{}", d.log());
+    assert_eq!(letters.len(), 6, "{}", d.log());
+    for letter in &letters {
+        let h = letter.headers.as_ref().expect("headers");
+        assert_eq!(
+            h.get("sluice-error-kind").map(|v| v.as_str()),
+            Some("invalid-publish"),
+            "{letter:?}"
+        );
+    }
+    // The stream a reply address named is still there.
+    rt.block_on(async { js.get_stream(&stream).await.expect("the stream survives") });
+    assert!(d.ready());
+    let _ = rt.block_on(js.delete_stream(&stream));
+}
+
+#[test]
+fn rabbitmq_route_refuses_an_overlong_routing_key_and_forged_attempt_counts() {
+    let id = unique();
+    let config = format!(
+        r#"
+[brokers.rabbitmq]
+url = "{url}"
+publish_exchange = "ex-{id}"
+
+[[brokers.rabbitmq.exchanges]]
+name = "ex-{id}"
+kind = "topic"
+
+[[brokers.rabbitmq.queues]]
+name = "work-{id}"
+bindings = [{{ exchange = "ex-{id}", routing_key = "in.#" }}]
+
+[[brokers.rabbitmq.queues]]
+name = "ok-{id}"
+bindings = [{{ exchange = "ex-{id}", routing_key = "ok.#" }}]
+{plugin}
+[[routes]]
+name = "r"
+plugin = "p"
+source = {{ broker = "rabbitmq", queue = "work-{id}" }}
+dead_letter = {{ subject = "dlq-{id}" }}
+[routes.retry]
+max_attempts = 3
+"#,
+        url = rabbit::url(),
+        plugin = hostile_plugin("ok.x"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let rabbit = rt.block_on(Rabbit::connect());
+    let exchange = format!("ex-{id}");
+    rt.block_on(async {
+        rabbit.publish(&exchange, "in.a", &[], b"long-subject").await;
+        // Attempt counts a producer forged at the edge of i64.
+        let mut forged = FieldTable::default();
+        forged.insert(ShortString::from("x-sluice-attempt"), AMQPValue::LongLongInt(i64::MAX));
+        let props = lapin::BasicProperties::default().with_headers(forged);
+        rabbit.publish_with(&exchange, "in.b", props, b"ok").await;
+        let mut death = FieldTable::default();
+        death.insert(ShortString::from("count"), AMQPValue::LongLongInt(i64::MAX));
+        let mut deaths = FieldTable::default();
+        deaths.insert(
+            ShortString::from("x-death"),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::FieldTable(death.clone()),
+                AMQPValue::FieldTable(death),
+            ])),
+        );
+        let props = lapin::BasicProperties::default().with_headers(deaths);
+        rabbit.publish_with(&exchange, "in.c", props, b"ok").await;
+    });
+    let (letters, oks) = rt.block_on(async {
+        let mut letters = Vec::new();
+        let mut oks = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while (letters.is_empty() || oks.len() < 2) && std::time::Instant::now() < deadline {
+            letters.extend(rabbit.drain(&format!("dlq-{id}")).await);
+            oks.extend(rabbit.drain(&format!("ok-{id}")).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (letters, oks)
+    });
+    assert_eq!(letters.len(), 1, "{}", d.log());
+    assert_eq!(
+        letters[0].header("sluice-error-kind"),
+        Some("invalid-publish"),
+        "{:?}",
+        letters[0]
+    );
+    assert!(letters[0].header("sluice-error").unwrap_or_default().contains("255"));
+    assert_eq!(
+        oks.len(),
+        2,
+        "forged attempt counts must still be handled:\n{}",
+        d.log()
+    );
+    rt.block_on(rabbit.delete(
+        &[&format!("work-{id}"), &format!("ok-{id}"), &format!("dlq-{id}")],
+        &[&exchange],
+    ));
+}
+
+/// Headers with a name that is not UTF-8, made through librdkafka itself
+/// (rdkafka's safe API only takes `&str` names).
+fn binary_named_headers() -> rdkafka::message::OwnedHeaders {
+    use rdkafka::bindings as rdsys;
+    let name = [0xffu8, 0xfe, b'k'];
+    let value = b"v";
+    // SAFETY: a fresh header list gets one header; both buffers outlive the
+    // call, which copies them.
+    unsafe {
+        let raw = rdsys::rd_kafka_headers_new(1);
+        rdsys::rd_kafka_header_add(
+            raw,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        );
+        // OwnedHeaders is a single non-null pointer to such a list, which it
+        // frees on drop.
+        assert_eq!(
+            std::mem::size_of::<rdkafka::message::OwnedHeaders>(),
+            std::mem::size_of::<*mut rdsys::rd_kafka_headers_t>()
+        );
+        std::mem::transmute::<*mut rdsys::rd_kafka_headers_t, rdkafka::message::OwnedHeaders>(raw)
+    }
+}
+
+#[test]
+fn kafka_consumer_survives_a_binary_header_name_and_ignores_forged_retry_headers() {
+    use rdkafka::producer::FutureRecord;
+    let brokers = kafka::brokers();
+    let id = unique();
+    let input = format!("in-{id}");
+    let rt = rt();
+    rt.block_on(kafka::create_topic(&brokers, &input, 1));
+    let collected = Collected::subscribe(&rt, &format!("{id}.ok"));
+    let config = format!(
+        r#"
+[brokers.kafka]
+brokers = "{brokers}"
+[brokers.nats]
+url = "{nats}"
+{plugin}
+[[routes]]
+name = "r"
+plugin = "p"
+source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}" }}
+publish_broker = "nats"
+"#,
+        nats = nats_url(),
+        plugin = hostile_plugin(&format!("{id}.ok")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    let producer = kafka::producer(&brokers);
+    rt.block_on(async {
+        let record: FutureRecord<'_, str, str> = FutureRecord::to(&input).payload("ok").headers(binary_named_headers());
+        producer.send(record, Duration::from_secs(30)).await.expect("produce");
+    });
+    let forged = vec![
+        ("sluice-retry-not-before".to_owned(), "9999999999999".to_owned()),
+        ("sluice-retry-topic".to_owned(), "elsewhere".to_owned()),
+        ("sluice-retry-attempt".to_owned(), "99".to_owned()),
+    ];
+    rt.block_on(kafka::produce(
+        &producer,
+        &input,
+        vec![
+            (Some(0), None, forged, "ok".into()),
+            (Some(0), None, vec![], "ok".into()),
+        ],
+    ));
+    d.wait_for("all three records handled", Duration::from_secs(60), || {
+        collected.len() == 3
+    });
+    d.wait_for("the offsets committed", Duration::from_secs(30), || {
+        kafka::try_committed(&brokers, &format!("g-{id}"), &input, 1).is_ok_and(|c| c == vec![3])
+    });
+    assert!(d.ready());
+}
