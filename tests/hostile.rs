@@ -46,6 +46,29 @@ subjects = ["hostile.out"]
     )
 }
 
+/// Runs `cmd` to its end; a command still running after `limit` is killed
+/// and fails the test (a regression must fail, not hang).
+fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn header<'a>(message: &'a Value, name: &str) -> Option<&'a str> {
     message["headers"]
         .as_array()?
@@ -250,11 +273,10 @@ fn open_admin(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathB
 fn a_public_admin_address_without_a_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let config = open_admin(dir.path(), free_port(), "");
-    let out = Command::new(sluice_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(sluice_bin()).args(["run", "--config"]).arg(&config),
+        Duration::from_secs(20),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin.listen") && err.contains("token"), "{err}");
