@@ -20,3 +20,6 @@ pub mod pipeline;
 pub mod storage;
 pub mod subject;
 pub mod telemetry;
+
+#[cfg(test)]
+mod properties;

@@ -178,8 +178,8 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
     let mut names = BTreeSet::new();
     for (i, route) in config.routes.iter().enumerate() {
         let key = |k: &str| format!("routes.{i}.{k}");
-        if route.name.is_empty() || route.name.contains(|c: char| c.is_whitespace()) {
-            return Err((key("name"), "must be non-empty and without spaces".into()));
+        if !is_plain_name(&route.name) {
+            return Err((key("name"), PLAIN_NAME.into()));
         }
         if !names.insert(route.name.as_str()) {
             return Err((key("name"), format!("route `{}` is defined twice", route.name)));
@@ -234,6 +234,9 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
     }
     for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
         let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");
+        if !is_plain_name(&q.name) {
+            return Err((key("name"), PLAIN_NAME.into()));
+        }
         if names.contains(q.name.as_str()) {
             return Err((key("name"), format!("queue `{}` has the name of a route", q.name)));
         }
@@ -409,6 +412,18 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
     }
     check_duration(&key("retry.max_backoff"), retry.max_backoff)?;
     Ok(())
+}
+
+const PLAIN_NAME: &str = "must be 1-200 of A-Z a-z 0-9 . _ -";
+
+/// Route and queue names: they end up in subjects, metric labels and
+/// `sluice-origin` headers, where other characters would need escaping.
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Longest duration any setting may have: far beyond any sensible value,

@@ -84,8 +84,10 @@ pub fn origin(subject: &str, queue: &str, seq: u64) -> String {
 /// The subject and queue of an embedded `sluice-origin`.
 pub fn parse_origin(origin: &str) -> Option<(&str, &str)> {
     let rest = origin.strip_prefix(NAME)?.strip_prefix("://")?;
-    let (subject, query) = rest.split_once('?')?;
-    let queue = query.split('&').find_map(|kv| kv.strip_prefix("queue="))?;
+    // Subjects may hold `?`, `&` and `=`; queue names may not (the config
+    // refuses them), so the last `?queue=` is the separator.
+    let (subject, query) = rest.rsplit_once("?queue=")?;
+    let queue = query.split('&').next()?;
     Some((subject, queue))
 }
 

@@ -17,7 +17,8 @@ impl OffsetTracker {
     /// A record was received from the broker.
     pub fn received(&mut self, offset: i64) {
         self.pending.insert(offset, false);
-        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        let after = offset.saturating_add(1);
+        self.next = Some(self.next.map_or(after, |n| n.max(after)));
     }
 
     /// A worker took it.
@@ -92,5 +93,44 @@ mod tests {
         assert_eq!((t.pending(), t.taken_unsettled()), (2, 1));
         t.settled(0);
         assert_eq!((t.pending(), t.taken_unsettled()), (1, 0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever order records are received, taken and settled in, the
+        /// commit never passes a record that is not settled, and never
+        /// moves back.
+        #[test]
+        fn never_commits_past_an_unsettled_offset(
+            gaps in proptest::collection::vec(1i64..4, 1..40),
+            settle_order in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..60),
+        ) {
+            let mut t = OffsetTracker::default();
+            let mut offset = 0i64;
+            let mut unsettled = std::collections::BTreeSet::new();
+            let mut last_commit = None;
+            let mut settles = settle_order.into_iter();
+            for gap in gaps {
+                offset += gap;
+                t.received(offset);
+                t.taken(offset);
+                unsettled.insert(offset);
+                if let Some(i) = settles.next() {
+                    let pick = *i.get(&unsettled.iter().copied().collect::<Vec<_>>());
+                    t.settled(pick);
+                    unsettled.remove(&pick);
+                }
+                let commit = t.committable().expect("something was received");
+                if let Some(first) = unsettled.first() {
+                    proptest::prop_assert!(commit <= *first);
+                } else {
+                    proptest::prop_assert_eq!(commit, offset + 1);
+                }
+                proptest::prop_assert!(last_commit.is_none_or(|c| c <= commit));
+                last_commit = Some(commit);
+                proptest::prop_assert_eq!(t.pending(), unsettled.len());
+            }
+        }
     }
 }

@@ -23,11 +23,12 @@ pub struct Letter {
 /// origin.
 pub fn parse_origin(origin: &str) -> Option<(&str, &str)> {
     let rest = origin.strip_prefix("rabbitmq://")?;
-    let (queue, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let routing_key = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("routing_key="))
-        .unwrap_or_default();
+    // Routing keys may hold `?`, `&` and `=`: the key runs from the first
+    // `?routing_key=` to the last `&exchange=`.
+    let Some((queue, query)) = rest.split_once("?routing_key=") else {
+        return Some((rest.split('?').next().unwrap_or(rest), ""));
+    };
+    let routing_key = query.rsplit_once("&exchange=").map_or(query, |(key, _)| key);
     Some((queue, routing_key))
 }
 
