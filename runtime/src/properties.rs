@@ -118,13 +118,10 @@ proptest! {
     #[test]
     fn plugin_headers_either_pass_every_rule_or_are_refused(name in "\\PC{0,8}", value in "(\\PC|\r|\n|\0){0,8}") {
         let headers = [crate::message::Header::new(name.clone(), value.clone())];
-        match crate::headers::check_plugin_headers(&headers) {
-            Ok(_) => {
-                // What the host accepts, NATS accepts.
-                prop_assert!(crate::brokers::nats::to_header_map(&headers).is_ok());
-                prop_assert!(!crate::headers::is_reserved(&name));
-            }
-            Err(_) => {}
+        if crate::headers::check_plugin_headers(&headers).is_ok() {
+            // What the host accepts, NATS accepts.
+            prop_assert!(crate::brokers::nats::to_header_map(&headers).is_ok());
+            prop_assert!(!crate::headers::is_reserved(&name));
         }
     }
 }
