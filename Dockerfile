@@ -1,7 +1,13 @@
 # sluice: the daemon plus the example plugins, on a small Debian base.
 #
 #   docker build -t sluice .
-#   docker run --rm -p 9595:9595 --read-only -v sluice-data:/var/lib/sluice sluice
+#   docker run --rm -p 127.0.0.1:9595:9595 --read-only -v sluice-data:/var/lib/sluice \
+#     -e SLUICE_ADMIN_TOKEN="$(openssl rand -hex 16)" sluice
+#
+# The admin API listens on all interfaces inside the container, so it needs
+# a token (SLUICE_ADMIN_TOKEN, at least 16 characters): without one sluice
+# refuses to start rather than let anyone who reaches the port publish and
+# replay. The healthcheck uses /readyz, which needs no token.
 #
 # Config and plugins are volumes: mount your own over /etc/sluice and
 # /opt/sluice/plugins (changes there are hot-reloaded). Data (the embedded

@@ -188,6 +188,10 @@ max_attempts = 3
             oks.extend(rabbit.drain(&format!("ok-{id}")).await);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Nothing more comes after (no late duplicate).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        letters.extend(rabbit.drain(&format!("dlq-{id}")).await);
+        oks.extend(rabbit.drain(&format!("ok-{id}")).await);
         (letters, oks)
     });
     assert_eq!(letters.len(), 1, "{}", d.log());

@@ -576,7 +576,7 @@ fn a_config_reload_restarts_or_removes_a_route_and_hands_back_what_it_had_prefet
     const N: u64 = 30;
     let id = unique();
     let plugin_table = format!(
-        "[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\npublish = [\"recorded.>\"]\nconfig = {{ to = \"recorded.x\", wait_ms = 150 }}",
+        "[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\npublish = [\"recorded.>\"]\nconfig = {{ to = \"recorded.x\", wait_ms = 150 }}\n\n# Handler publishes are mandatory: something must receive them.\n[[brokers.rabbitmq.queues]]\nname = \"recorded-{id}\"\nbindings = [{{ exchange = \"ex-{id}\", routing_key = \"recorded.#\" }}]",
         plugin("fixture_record").display()
     );
     let route = |concurrency: u32| {
@@ -625,5 +625,8 @@ fn a_config_reload_restarts_or_removes_a_route_and_hands_back_what_it_had_prefet
     d.wait_for("the rest ready in the queue", Duration::from_secs(10), || {
         u64::from(rt.block_on(rabbit.count(&work))) == N - handled
     });
-    rt.block_on(rabbit.delete(&[&work, &format!("dlq-{id}")], &[&format!("ex-{id}")]));
+    rt.block_on(rabbit.delete(
+        &[&work, &format!("dlq-{id}"), &format!("recorded-{id}")],
+        &[&format!("ex-{id}")],
+    ));
 }

@@ -147,7 +147,7 @@ fn replayed(subject: String, headers: Vec<Header>, payload: Vec<u8>) -> Outbound
                 && !h.name.eq_ignore_ascii_case(DEDUP_HEADER)
         })
         .collect();
-    headers.push(Header::new(REPLAYS_HEADER, (replays + 1).to_string()));
+    headers.push(Header::new(REPLAYS_HEADER, replays.saturating_add(1).to_string()));
     Outbound {
         subject,
         headers,
@@ -197,7 +197,10 @@ impl Backend {
             }),
             Self::Stream { nats, stream, subject } => nats.stored_one(stream, subject, seq).await?,
             Self::Rabbit { rabbit, queue } => {
-                let limit = usize::try_from(seq).unwrap_or(usize::MAX);
+                if seq > SCAN_LIMIT as u64 {
+                    return Ok(None);
+                }
+                let limit = usize::try_from(seq).unwrap_or(SCAN_LIMIT);
                 rabbit
                     .browse(queue, limit)
                     .await?

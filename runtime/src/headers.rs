@@ -32,8 +32,6 @@ pub enum HeaderError {
     LongName(String),
     #[error("header {0:?} has a value with a control character (CR, LF, NUL...)")]
     BadValue(String),
-    #[error("header {0:?} is reserved for the host")]
-    Reserved(String),
     #[error("more than {MAX_HEADERS} headers")]
     TooMany,
     #[error("headers of more than {} KiB in all", MAX_HEADER_BYTES >> 10)]
@@ -77,7 +75,17 @@ pub fn check_value(name: &str, value: &str) -> Result<(), HeaderError> {
     Ok(())
 }
 
-/// Checks the headers a plugin wants sent; returns their size in bytes.
+/// Takes the reserved headers out of what a plugin wants sent (a plugin
+/// that forwards a message's headers forwards `Nats-Msg-Id` too): the
+/// host's own values are the only ones. Returns how many were dropped.
+pub fn strip_reserved(headers: &mut Vec<Header>) -> usize {
+    let before = headers.len();
+    headers.retain(|h| !is_reserved(&h.name));
+    before - headers.len()
+}
+
+/// Checks the headers a plugin wants sent (reserved ones already
+/// stripped); returns their size in bytes.
 pub fn check_plugin_headers(headers: &[Header]) -> Result<usize, HeaderError> {
     if headers.len() > MAX_HEADERS {
         return Err(HeaderError::TooMany);
@@ -86,9 +94,6 @@ pub fn check_plugin_headers(headers: &[Header]) -> Result<usize, HeaderError> {
     for h in headers {
         check_name(&h.name)?;
         check_value(&h.name, &h.value)?;
-        if is_reserved(&h.name) {
-            return Err(HeaderError::Reserved(shown(&h.name)));
-        }
         bytes = bytes.saturating_add(h.name.len() + h.value.len());
     }
     if bytes > MAX_HEADER_BYTES {
@@ -160,8 +165,13 @@ mod tests {
         }
         assert!(!is_reserved("sluice-key"));
         assert!(!is_reserved("traceparent"));
-        let forged = [Header::new("Nats-Msg-Id", "x")];
-        assert!(matches!(check_plugin_headers(&forged), Err(HeaderError::Reserved(_))));
+        let mut forged = vec![
+            Header::new("Nats-Msg-Id", "x"),
+            Header::new("sluice-key", "k"),
+            Header::new("a", "b"),
+        ];
+        assert_eq!(strip_reserved(&mut forged), 1);
+        assert_eq!(forged.len(), 2);
     }
 
     #[test]

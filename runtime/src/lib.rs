@@ -12,6 +12,8 @@ pub mod config;
 pub mod daemon;
 pub mod dlq;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod idempotency;
 pub mod message;

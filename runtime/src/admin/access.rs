@@ -98,13 +98,20 @@ impl Access {
                 "this admin API needs `Authorization: Bearer <token>` (SLUICE_ADMIN_TOKEN for the CLI)".into(),
             ));
         }
+        // A request another web site's page made (any method: a GET can
+        // make the daemon scan a dead-letter queue).
+        let fetched_by_another_site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("cross-site") || v.eq_ignore_ascii_case("same-site"));
+        let foreign_origin = headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|origin| !self.host_allowed(origin.split_once("://").map_or(origin, |(_, h)| h)));
+        if !authenticated && (fetched_by_another_site || foreign_origin) {
+            return Err((StatusCode::FORBIDDEN, "cross-origin requests are refused".into()));
+        }
         if *method != Method::GET && *method != Method::HEAD && !authenticated {
-            if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-                let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
-                if !self.host_allowed(origin_host) {
-                    return Err((StatusCode::FORBIDDEN, "cross-origin requests are refused".into()));
-                }
-            }
             let content_type = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|c| c.to_str().ok())
@@ -200,8 +207,13 @@ mod tests {
             a.check(&post, "/v1/publish/x", &foreign).unwrap_err().0,
             StatusCode::FORBIDDEN
         );
-        let cli = headers(&[host, (header::CONTENT_TYPE, "application/octet-stream")]);
+        let cli = headers(&[host.clone(), (header::CONTENT_TYPE, "application/octet-stream")]);
         assert!(a.check(&post, "/v1/publish/x", &cli).is_ok());
+        let page_get = headers(&[host, ("sec-fetch-site".parse().unwrap(), "cross-site")]);
+        assert_eq!(
+            a.check(&Method::GET, "/v1/dlq", &page_get).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Unknown keys and bad values are errors that name file, line and key.
 //! Relative paths are taken relative to the config file's folder.
 
-mod interpolate;
+pub(crate) mod interpolate;
 mod load;
 mod locate;
 

@@ -118,6 +118,19 @@ pub fn protected_subjects(config: &Config) -> Vec<String> {
     subjects
 }
 
+/// Subjects no producer's reply address may name: every route's
+/// dead-letter subject and input.
+pub fn reserved_replies(config: &Config) -> Arc<Vec<crate::subject::SubjectPattern>> {
+    let inputs = config.routes.iter().map(|r| r.source.subject.clone());
+    let patterns = protected_subjects(config)
+        .into_iter()
+        .chain(inputs)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| crate::subject::SubjectPattern::parse(&s).ok())
+        .collect();
+    Arc::new(patterns)
+}
+
 pub fn plugin_spec(
     name: &str,
     plugin: &PluginConfig,
@@ -321,9 +334,11 @@ impl Brokers {
                 let exchange = r.dead_letter.as_ref().and_then(|d| d.exchange.as_deref());
                 Ok(Arc::new(self.rabbitmq()?.dead_letter_sink(exchange)))
             }
-            // The original is termed once its copy is stored: the copy must
-            // be confirmed by a stream, not sent on core NATS and hoped for.
-            BrokerKind::Nats | BrokerKind::Jetstream if r.source.broker == BrokerKind::Jetstream => {
+            // The original is acked (termed, committed) once its copy is
+            // stored: the copy must be confirmed by a stream, not sent on
+            // core NATS and hoped for. Only a core NATS source, itself
+            // at-most-once, may dead-letter to core NATS.
+            BrokerKind::Nats | BrokerKind::Jetstream if r.source.broker != BrokerKind::Nats => {
                 Ok(Arc::new(self.nats()?.confirmed_sink()))
             }
             other => self.sink(other),
@@ -500,6 +515,7 @@ pub async fn build_route(
     gates: &GateStores,
     metrics: &Arc<Metrics>,
     status: Option<Arc<RouteStatus>>,
+    reserved_replies: Arc<Vec<crate::subject::SubjectPattern>>,
 ) -> Result<Arc<Route>, DaemonError> {
     let gate = match &r.idempotency {
         Some(idem) if idem.key != "none" => Some(Gate {
@@ -538,6 +554,7 @@ pub async fn build_route(
         ordering: r.ordering(),
         ordering_key,
         gate,
+        reserved_replies,
         metrics: metrics.clone(),
         status: status.unwrap_or_default(),
         series: std::sync::OnceLock::new(),

@@ -124,6 +124,7 @@ impl Supervisor {
             supervisor.metrics.plugin_version(&name, None, plugin.hash());
             supervisor.plugins.insert(name, Arc::new(PluginSlot::new(plugin)));
         }
+        let reserved = super::assemble::reserved_replies(&supervisor.config);
         for r in &supervisor.config.routes {
             let slot = supervisor.slot(&supervisor.plugins, r)?;
             let route = build_route(
@@ -133,6 +134,7 @@ impl Supervisor {
                 &supervisor.gates,
                 &supervisor.metrics,
                 None,
+                reserved.clone(),
             )
             .await?;
             supervisor.routes.push(Running::new(r.clone(), route));
@@ -193,8 +195,12 @@ impl Supervisor {
         }
     }
 
-    async fn load(&self, name: &str, config: &PluginConfig) -> Result<Arc<Plugin>, PluginError> {
-        let protected = super::assemble::protected_subjects(self.config());
+    async fn load(
+        &self,
+        name: &str,
+        config: &PluginConfig,
+        protected: Vec<String>,
+    ) -> Result<Arc<Plugin>, PluginError> {
         load_plugin(&self.engine, name, config, self.requester.clone(), protected).await
     }
 
@@ -217,7 +223,10 @@ impl Supervisor {
             return;
         }
         let started = Instant::now();
-        match self.load(name, &config).await {
+        match self
+            .load(name, &config, super::assemble::protected_subjects(self.config()))
+            .await
+        {
             Ok(new) => {
                 slot.swap(new.clone());
                 self.metrics.plugin_reloaded(name, "ok");
@@ -283,7 +292,8 @@ impl Supervisor {
             if self.plugins.contains_key(name) && self.config.plugins.get(name) == Some(plugin) {
                 continue;
             }
-            let version = self.load(name, plugin).await.map_err(|e| e.to_string())?;
+            let protected = super::assemble::protected_subjects(&new);
+            let version = self.load(name, plugin, protected).await.map_err(|e| e.to_string())?;
             loaded.insert(name.clone(), version);
         }
         let mut slots = BTreeMap::new();
@@ -304,7 +314,10 @@ impl Supervisor {
             }
             let status = old.map(|o| o.route.status.clone());
             let route = match self.slot(&slots, r) {
-                Ok(slot) => build_route(r, &self.brokers, slot, &self.gates, &self.metrics, status).await,
+                Ok(slot) => {
+                    let reserved = super::assemble::reserved_replies(&new);
+                    build_route(r, &self.brokers, slot, &self.gates, &self.metrics, status, reserved).await
+                }
                 Err(e) => Err(e),
             };
             match route {

@@ -300,7 +300,8 @@ impl host::Host for HostState {
             return Err(self.refuse_publish(why));
         }
         check_allowed(&self.plugin, &self.plugin.publish_allow, &subject, "publish")?;
-        let headers = headers_from_wit(headers);
+        let mut headers = headers_from_wit(headers);
+        self.cut.reserved_headers += u32::try_from(headers::strip_reserved(&mut headers)).unwrap_or(u32::MAX);
         let header_bytes = match headers::check_plugin_headers(&headers) {
             Ok(n) => n,
             Err(e) => return Err(self.refuse_publish(format!("publish to {:?}: {e}", headers::shown(&subject)))),

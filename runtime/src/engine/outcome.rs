@@ -102,11 +102,14 @@ pub struct Cut {
     pub log_lines: u32,
     /// Log lines shortened to the line limit.
     pub log_bytes: u32,
+    /// Reserved headers (`Nats-Msg-Id`, `sluice-*`...) dropped from the
+    /// plugin's publishes and reply.
+    pub reserved_headers: u32,
 }
 
 impl Cut {
     pub fn is_empty(&self) -> bool {
-        self.log_lines == 0 && self.log_bytes == 0
+        self.log_lines == 0 && self.log_bytes == 0 && self.reserved_headers == 0
     }
 }
 

@@ -435,7 +435,9 @@ impl Plugin {
                 let Some(r) = reply else {
                     return Outcome::Ok { reply: None };
                 };
-                let headers: Vec<Header> = r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect();
+                let mut headers: Vec<Header> = r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect();
+                // Counted with the publishes' (the cut is read after this).
+                let _ = crate::headers::strip_reserved(&mut headers);
                 if let Err(e) = crate::headers::check_plugin_headers(&headers) {
                     return Outcome::failed(FailureKind::InvalidPublish, format!("reply: {e}"));
                 }

@@ -85,6 +85,38 @@ pub fn portable(mut copy: Outbound) -> (Outbound, usize) {
     (copy, dropped)
 }
 
+/// Set on a dead letter sent without its payload (the broker refused the
+/// full copy): the payload's size in bytes.
+pub const PAYLOAD_DROPPED: &str = "sluice-payload-dropped";
+
+/// `copy` with only sluice's failure headers and no payload: what is left
+/// when the dead-letter broker refuses the full copy.
+pub fn without_payload(mut copy: Outbound) -> Outbound {
+    let size = copy.payload.len();
+    copy.headers.retain(|h| {
+        FAILURE_HEADERS.iter().any(|f| h.name.eq_ignore_ascii_case(f))
+            || h.name.eq_ignore_ascii_case(DEDUP_HEADER)
+            || h.name.eq_ignore_ascii_case(ORIGINAL_MSG_ID)
+    });
+    copy.headers.push(Header::new(PAYLOAD_DROPPED, size.to_string()));
+    copy.payload = Vec::new();
+    copy
+}
+
+/// A short hash of a message's payload and headers.
+pub fn content_hash(msg: &Message) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(&msg.payload);
+    for header in &msg.headers {
+        h.update(header.name.as_bytes());
+        h.update([0]);
+        h.update(header.value.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..6])
+}
+
 /// Header values must stay on one line for every broker.
 pub fn one_line(text: &str) -> String {
     let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();

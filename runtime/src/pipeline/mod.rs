@@ -111,6 +111,9 @@ pub struct Route {
     /// Where the ordering key comes from (with `ordering = "key"`).
     pub ordering_key: KeySource,
     pub gate: Option<Gate>,
+    /// Subjects a producer's reply address may not name: every route's
+    /// dead-letter subject and input (a reply there would inject work).
+    pub reserved_replies: Arc<Vec<crate::subject::SubjectPattern>>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<RouteStatus>,
     /// This route's series in `metrics`, looked up on first use.
@@ -146,6 +149,7 @@ impl Route {
             ordering: RouteOrdering::None,
             ordering_key: KeySource::MessageKey,
             gate: None,
+            reserved_replies: Arc::new(Vec::new()),
             metrics: Arc::new(Metrics::new()),
             status: Arc::new(RouteStatus::default()),
             series: std::sync::OnceLock::new(),
@@ -329,8 +333,10 @@ impl Route {
         let span = tracing::info_span!(
             "message",
             route = %self.name,
-            subject = %msg.subject,
-            id = %msg.id,
+            // Debug-formatted: a producer's id or subject with CR/LF cannot
+            // forge a log line.
+            subject = ?msg.subject,
+            id = ?msg.id,
             attempt = msg.attempt,
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
@@ -556,9 +562,12 @@ impl Route {
         if let Err(why) = crate::headers::check_address(reply_to) {
             return Some(format!("reply address {why}"));
         }
-        if crate::headers::is_system_subject(reply_to) || reply_to == self.dead_letter_subject {
+        if crate::headers::is_system_subject(reply_to)
+            || reply_to == self.dead_letter_subject
+            || self.reserved_replies.iter().any(|p| p.matches(reply_to))
+        {
             return Some(format!(
-                "reply address {:?} is a server API or dead-letter subject",
+                "reply address {:?} is a server API, dead-letter or route input subject",
                 crate::headers::shown(reply_to)
             ));
         }
@@ -637,7 +646,11 @@ impl Route {
             self.note_failure(*kind, reason);
         }
         let cut = invocation.cut;
-        for (what, n) in [("log_lines", cut.log_lines), ("log_bytes", cut.log_bytes)] {
+        for (what, n) in [
+            ("log_lines", cut.log_lines),
+            ("log_bytes", cut.log_bytes),
+            ("reserved_headers", cut.reserved_headers),
+        ] {
             if n > 0 {
                 self.metrics
                     .output_cut
@@ -761,7 +774,14 @@ impl Route {
         }
         // Its own dedup id: never dropped as a duplicate of its original
         // (whose producer-set id it would otherwise carry).
-        let dedup_id = format!("{}:dlq:{}", self.dedup_base(msg, gate_key), msg.attempt);
+        // The content hash keeps two different messages that share a
+        // producer-chosen id (an AMQP message-id) apart.
+        let dedup_id = format!(
+            "{}:dlq:{}:{}",
+            self.dedup_base(msg, gate_key),
+            msg.attempt,
+            dead_letter::content_hash(msg)
+        );
         let mut copy = dead_letter::copy(
             msg,
             &self.dead_letter_subject,
@@ -784,7 +804,17 @@ impl Route {
             // carry (it came from another broker): keep the rest.
             let (kept, dropped) = dead_letter::portable(copy);
             tracing::warn!("the dead-letter broker refused {dropped} header(s) of the original; sending without them");
-            sent = self.send(&*self.dead_letter_sink, vec![kept]).await;
+            sent = self.send(&*self.dead_letter_sink, vec![kept.clone()]).await;
+            if let Err(BrokerError::Refused { reason, .. }) = &sent {
+                // Still refused (too large once the failure headers are on):
+                // the failure without the payload, rather than a loop.
+                tracing::error!(
+                    "the dead-letter broker refused the dead letter ({reason}); sending it without its payload"
+                );
+                sent = self
+                    .send(&*self.dead_letter_sink, vec![dead_letter::without_payload(kept)])
+                    .await;
+            }
         }
         match sent {
             Err(e) => self.settle_failed(delivery, "publishing the dead letter", e).await,

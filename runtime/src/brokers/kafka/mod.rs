@@ -9,6 +9,18 @@ pub mod config;
 mod offsets;
 pub mod record;
 mod retry;
+
+/// For the fuzz targets: the retry headers of a record on a normal topic
+/// and on a retry topic.
+#[doc(hidden)]
+pub fn fuzz_retry_headers(msg: &mut crate::message::Message) {
+    let mut on_retry_topic = msg.clone();
+    on_retry_topic.subject = retry::retry_topic(&msg.subject, 1);
+    retry::scrub(&mut on_retry_topic, true);
+    let _ = retry::restore(&mut on_retry_topic);
+    retry::scrub(msg, false);
+    assert!(retry::restore(msg).is_none() || retry::retried_topic(&msg.subject).is_some());
+}
 mod source;
 
 pub use config::{ConsumerSettings, KafkaConfig, OffsetReset, TopicConfig};
@@ -149,7 +161,9 @@ impl KafkaBroker {
 
     /// Produces one record and waits for the broker's acknowledgement
     /// (`acks=all`). The `sluice-key` header, if any, becomes the key.
-    pub async fn produce(&self, m: &Outbound) -> Result<(), BrokerError> {
+    /// What Kafka (or librdkafka, which unwraps a NUL in a header name)
+    /// would refuse of `m`.
+    fn check(m: &Outbound) -> Result<(), BrokerError> {
         record::check_topic(&m.subject).map_err(|why| BrokerError::refused(NAME, why))?;
         if let Some(h) = m.headers.iter().find(|h| h.name.contains('\0')) {
             return Err(BrokerError::refused(
@@ -157,6 +171,11 @@ impl KafkaBroker {
                 format!("header name {:?} contains NUL", crate::headers::shown(&h.name)),
             ));
         }
+        Ok(())
+    }
+
+    pub async fn produce(&self, m: &Outbound) -> Result<(), BrokerError> {
+        Self::check(m)?;
         if self.config.create_topics {
             self.ensure_topic(&m.subject).await.map_err(failed)?;
         }
@@ -208,7 +227,11 @@ impl KafkaBroker {
 impl Sink for KafkaBroker {
     fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
-            // Sent together, then every acknowledgement awaited.
+            // Checked first (nothing of a batch is sent if one is refused),
+            // sent together, then every acknowledgement awaited.
+            for m in &messages {
+                Self::check(m)?;
+            }
             let sends = messages.iter().map(|m| self.produce(m));
             for r in futures_util::future::join_all(sends).await {
                 r?;

@@ -18,6 +18,10 @@ pub const NOT_BEFORE: &str = "sluice-retry-not-before";
 /// dead letters point there, so a replay goes to the original topic.
 pub const ORIGIN: &str = "sluice-retry-origin";
 
+/// Longest a retry-topic record is held before it is handled, whatever its
+/// not-before says.
+pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The retry topic of level `level` for `topic`.
 pub fn retry_topic(topic: &str, level: u32) -> String {
     format!("{topic}.retry.{level}")

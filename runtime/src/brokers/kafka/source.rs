@@ -399,8 +399,10 @@ impl Queues {
 /// not due (a retry topic's record).
 fn take(state: &Arc<State>, key: PartitionKey, offset: i64, mut message: Message) {
     retry::scrub(&mut message, state.retry.is_some());
+    // Capped: a record written straight to a retry topic with a far-future
+    // not-before must not hold its partition forever.
     let due_in = retry::not_before_ms(&message.headers)
-        .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+        .map(|at| Duration::from_millis(at.saturating_sub(now_ms())).min(retry::MAX_HOLD))
         .filter(|d| !d.is_zero());
     let mut parts = state.lock();
     let Some(p) = parts.get_mut(&key) else {

@@ -254,22 +254,27 @@ impl NatsBroker {
         Ok(())
     }
 
+    /// What NATS would refuse of `m`, before anything of its batch is sent
+    /// (a batch is all or nothing as far as it can be).
+    fn check(&self, m: &Outbound, max_payload: usize) -> Result<async_nats::HeaderMap, BrokerError> {
+        check_publish_subject(&m.subject)?;
+        let headers = to_header_map(&m.headers)?;
+        // The server's limit covers headers and payload.
+        let header_bytes: usize = m.headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
+        let size = m.payload.len().saturating_add(header_bytes);
+        if max_payload > 0 && size > max_payload {
+            return Err(BrokerError::refused(
+                NAME,
+                format!("message of {size} bytes is above the server's max_payload of {max_payload}"),
+            ));
+        }
+        Ok(headers)
+    }
+
     /// Publishes one message: JetStream with PubAck where a declared stream
     /// stores the subject, else core NATS followed by a flush.
     /// Returns (sent on core NATS, dropped by JetStream as a duplicate).
-    async fn publish_one(&self, m: Outbound) -> Result<(bool, bool), BrokerError> {
-        check_publish_subject(&m.subject)?;
-        let headers = to_header_map(&m.headers)?;
-        let max = self.client.server_info().max_payload;
-        if max > 0 && m.payload.len() > max {
-            return Err(BrokerError::refused(
-                NAME,
-                format!(
-                    "payload of {} bytes is above the server's max_payload of {max}",
-                    m.payload.len()
-                ),
-            ));
-        }
+    async fn publish_one(&self, m: Outbound, headers: async_nats::HeaderMap) -> Result<(bool, bool), BrokerError> {
         if self.stored_by_stream(&m.subject) {
             let ack = self
                 .js
@@ -282,7 +287,12 @@ impl NatsBroker {
             self.client
                 .publish_with_headers(m.subject, headers, m.payload.into())
                 .await
-                .map_err(failed)?;
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        BrokerError::refused(NAME, e.to_string())
+                    }
+                    _ => failed(e),
+                })?;
             Ok((true, false))
         }
     }
@@ -324,9 +334,12 @@ impl Sink for ConfirmedSink {
     fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move {
             let mut published = Published::default();
-            for m in messages {
-                check_publish_subject(&m.subject)?;
-                let headers = to_header_map(&m.headers)?;
+            let max_payload = self.broker.client.server_info().max_payload;
+            let checked = messages
+                .into_iter()
+                .map(|m| self.broker.check(&m, max_payload).map(|h| (m, h)))
+                .collect::<Result<Vec<_>, _>>()?;
+            for (m, headers) in checked {
                 let subject = m.subject.clone();
                 let ack = self
                     .broker
@@ -352,8 +365,13 @@ impl Sink for NatsBroker {
         Box::pin(async move {
             let mut core = false;
             let mut published = Published::default();
-            for m in messages {
-                let (on_core, duplicate) = self.publish_one(m).await?;
+            let max_payload = self.client.server_info().max_payload;
+            let checked = messages
+                .into_iter()
+                .map(|m| self.check(&m, max_payload).map(|h| (m, h)))
+                .collect::<Result<Vec<_>, _>>()?;
+            for (m, headers) in checked {
+                let (on_core, duplicate) = self.publish_one(m, headers).await?;
                 core |= on_core;
                 published.duplicates += usize::from(duplicate);
             }

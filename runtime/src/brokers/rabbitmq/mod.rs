@@ -12,6 +12,12 @@ pub use config::{ConsumerSettings, RabbitConfig, RetryVia};
 pub use source::RabbitSource;
 pub use stored::{parse_origin, Letter};
 
+/// For the fuzz targets: what sluice reads of a producer's header table.
+#[doc(hidden)]
+pub fn fuzz_inbound(table: &lapin::types::FieldTable) -> (Vec<crate::message::Header>, u32) {
+    (headers::from_table(Some(table)), headers::attempt(Some(table), true))
+}
+
 use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::Outbound;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -74,7 +80,7 @@ struct Shared {
     connected: AtomicBool,
     /// Delay queues declared on the current connection.
     delay_queues: std::sync::Mutex<HashSet<String>>,
-    /// Dead-letter queues declared by sluice.
+    /// Work queues of the routes and dead-letter queues sluice declared.
     owned: std::sync::Mutex<HashSet<String>>,
     /// Bumped on every new connection (consumers notice and re-subscribe).
     generation: AtomicU64,
@@ -186,6 +192,9 @@ impl RabbitBroker {
 
     /// A consumer on a declared (or existing) queue.
     pub fn source(&self, settings: ConsumerSettings) -> RabbitSource {
+        if let Ok(mut owned) = self.shared.owned.lock() {
+            owned.insert(settings.queue.clone());
+        }
         RabbitSource::new(self.clone(), settings)
     }
 
@@ -213,9 +222,19 @@ impl RabbitBroker {
     /// True for queues of the config, delay queues and dead-letter queues:
     /// never a reply destination.
     fn owns_queue(&self, queue: &str) -> bool {
-        self.shared.config.queues.iter().any(|q| q.name == queue)
+        let configured = |name: &str| self.shared.config.queues.iter().any(|q| q.name == name);
+        // `<queue>.retry.<ms>ms`: its messages expire into the work queue.
+        let delay_queue_of_ours = queue
+            .rsplit_once(".retry.")
+            .is_some_and(|(base, ms)| ms.ends_with("ms") && (configured(base) || self.owned_queue(base)));
+        configured(queue)
+            || delay_queue_of_ours
             || self.shared.delay_queues.lock().is_ok_and(|d| d.contains(queue))
             || self.shared.owned.lock().is_ok_and(|o| o.contains(queue))
+    }
+
+    fn owned_queue(&self, queue: &str) -> bool {
+        self.shared.owned.lock().is_ok_and(|o| o.contains(queue))
     }
 
     /// Declares a durable queue (dead-letter queues sluice owns).
