@@ -294,3 +294,70 @@ publish_broker = "nats"
     });
     assert!(d.ready());
 }
+
+#[test]
+fn a_jetstream_poison_message_with_a_producer_dedup_id_is_dead_lettered_into_its_own_stream() {
+    // The dead-letter subject is stored by the source's own stream, whose
+    // duplicate window would drop a copy carrying the original's id.
+    let id = unique();
+    let stream = format!("P{id}");
+    let config = format!(
+        r#"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{stream}"
+subjects = ["{id}.orders.>", "{id}.dlq"]
+
+[plugins.orders]
+path = "{wasm}"
+publish = ["{id}.enriched.>"]
+
+[[routes]]
+name = "poison"
+plugin = "orders"
+source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.orders.>", ack_wait = "2s" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("order_processor").display(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let js = rt.block_on(async { async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap()) });
+    rt.block_on(async {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "abc");
+        js.publish_with_headers(format!("{id}.orders.created"), h, "not json".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let dead = || {
+        rt.block_on(async {
+            let mut s = js.get_stream(&stream).await.unwrap();
+            let last = s.info().await.unwrap().state.last_sequence;
+            let mut found = Vec::new();
+            for seq in 1..=last {
+                if let Ok(m) = s.get_raw_message(seq).await {
+                    if m.subject.as_str() == format!("{id}.dlq") {
+                        found.push(m);
+                    }
+                }
+            }
+            found
+        })
+    };
+    d.wait_for("the dead letter in the stream", Duration::from_secs(30), || {
+        !dead().is_empty()
+    });
+    let letter = &dead()[0];
+    assert_eq!(
+        letter.headers.get("sluice-original-msg-id").map(|v| v.as_str()),
+        Some("abc")
+    );
+    assert_eq!(&letter.payload[..], b"not json");
+    let _ = rt.block_on(js.delete_stream(&stream));
+}

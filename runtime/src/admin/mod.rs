@@ -120,12 +120,24 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         .filter(|r| !r.source.is_connected())
         .map(|r| r.name.as_str())
         .collect();
-    if down.is_empty() {
+    let stalled: Vec<&str> = routes
+        .iter()
+        .filter(|r| r.status.workers.load(Ordering::Relaxed) == 0)
+        .map(|r| r.name.as_str())
+        .collect();
+    let mut problems = Vec::new();
+    if !down.is_empty() {
+        problems.push(format!("sources not connected: {}", down.join(", ")));
+    }
+    if !stalled.is_empty() {
+        problems.push(format!("routes with no running worker: {}", stalled.join(", ")));
+    }
+    if problems.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: sources not connected: {}\n", down.join(", ")),
+            format!("not ready: {}\n", problems.join("; ")),
         )
             .into_response()
     }
@@ -240,7 +252,13 @@ fn message_headers(headers: &HeaderMap) -> Result<Vec<Header>, String> {
             let (name, value) = text
                 .split_once('=')
                 .ok_or_else(|| format!("{MESSAGE_HEADER} {text:?} is not Name=value"))?;
-            Ok(Header::new(name.trim(), value))
+            let name = name.trim();
+            // Stored as given and later handed to any broker: the same
+            // rules as a plugin's headers (reserved names allowed: an
+            // operator may set `Nats-Msg-Id`).
+            crate::headers::check_name(name).map_err(|e| e.to_string())?;
+            crate::headers::check_value(name, value).map_err(|e| e.to_string())?;
+            Ok(Header::new(name, value))
         })
         .collect()
 }

@@ -51,7 +51,27 @@ pub struct RouteStatus {
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Worker tasks running now: 0 while the route should be serving means
+    /// it cannot (`/readyz` says so).
+    pub workers: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// Counts a worker task in [`RouteStatus::workers`] for as long as it
+/// lives, however it ends.
+struct WorkerAlive(Arc<RouteStatus>);
+
+impl WorkerAlive {
+    fn new(status: &Arc<RouteStatus>) -> Self {
+        status.workers.fetch_add(1, Ordering::Relaxed);
+        Self(status.clone())
+    }
+}
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        self.0.workers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -273,6 +293,7 @@ impl Route {
 
     /// Unordered: take, handle, settle, repeat.
     async fn worker(self: Arc<Self>, shutdown: CancellationToken) {
+        let _alive = WorkerAlive::new(&self.status);
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             self.process(delivery, RetryMode::Broker, &shutdown).await;
         }
@@ -281,6 +302,7 @@ impl Route {
     /// Ordered: hands each delivery to the lane of its key. A full lane
     /// blocks the dispatcher, which stops taking messages: backpressure.
     async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken) {
+        let _alive = WorkerAlive::new(&self.status);
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             let index = match (self.ordering, delivery.partition()) {
                 (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
@@ -307,6 +329,7 @@ impl Route {
     }
 
     async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken) {
+        let _alive = WorkerAlive::new(&self.status);
         loop {
             let delivery = tokio::select! {
                 biased;
