@@ -2,6 +2,7 @@
 //! Unknown keys and bad values are errors that name file, line and key.
 //! Relative paths are taken relative to the config file's folder.
 
+pub mod duration;
 pub(crate) mod interpolate;
 mod load;
 mod locate;
@@ -22,7 +23,7 @@ pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// How long SIGTERM waits for in-flight messages before giving up.
-    #[serde(default = "default_grace", with = "humantime_serde")]
+    #[serde(default = "default_grace", with = "crate::config::duration")]
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub admin: AdminConfig,
@@ -149,7 +150,7 @@ pub struct EmbeddedConfig {
     pub queues: Vec<QueueConfig>,
     /// Publishes with the same `Nats-Msg-Id` within this window are stored
     /// once (as JetStream does).
-    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    #[serde(default = "default_duplicate_window", with = "crate::config::duration")]
     pub duplicate_window: Duration,
 }
 
@@ -232,7 +233,7 @@ pub struct PluginConfig {
     #[serde(default = "default_memory_mb")]
     pub max_memory_mb: u64,
     /// Deadline for one message.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
     /// Optional CPU budget per message, in wasmtime fuel units.
     pub fuel: Option<u64>,
@@ -307,7 +308,7 @@ pub struct SourceConfig {
     /// JetStream: durable consumer name (default: the route name).
     pub consumer: Option<String>,
     /// JetStream: redelivery after this long without an ack.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub ack_wait: Option<Duration>,
     /// JetStream: deliveries at most (default unlimited; sluice dead-letters
     /// after `retry.max_attempts`).
@@ -337,7 +338,7 @@ pub struct SourceConfig {
     /// the consumer stops taking more (default 20000).
     pub max_in_flight: Option<usize>,
     /// Kafka: how long a revoke waits for the partition's work in flight.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub revoke_timeout: Option<Duration>,
     /// Kafka, with `ordering = "none"`: retry through the topics
     /// `<topic>.retry.N` (N = the attempt that failed) with a not-before
@@ -378,9 +379,9 @@ pub struct RetryConfig {
     /// Attempts in all, the first included; then the message is dead-lettered.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    #[serde(default = "default_initial_backoff", with = "crate::config::duration")]
     pub initial_backoff: Duration,
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[serde(default = "default_max_backoff", with = "crate::config::duration")]
     pub max_backoff: Duration,
     #[serde(default = "default_multiplier")]
     pub multiplier: f64,
@@ -479,11 +480,11 @@ pub struct IdempotencyConfig {
     /// `header:NAME`, `json:/pointer`, `id` (broker-native id) or `none`.
     pub key: String,
     /// How long a handled key is remembered.
-    #[serde(default = "default_ttl", with = "humantime_serde")]
+    #[serde(default = "default_ttl", with = "crate::config::duration")]
     pub ttl: Duration,
     /// How long a worker holds a key while handling it; a crashed worker's
     /// key frees up after this. Must exceed the plugin's timeout.
-    #[serde(default = "default_lease", with = "humantime_serde")]
+    #[serde(default = "default_lease", with = "crate::config::duration")]
     pub lease: Duration,
     #[serde(default)]
     pub store: GateStore,
