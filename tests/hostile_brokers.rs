@@ -361,3 +361,61 @@ dead_letter = {{ subject = "{id}.dlq" }}
     assert_eq!(&letter.payload[..], b"not json");
     let _ = rt.block_on(js.delete_stream(&stream));
 }
+
+#[test]
+fn a_forged_origin_on_a_rabbitmq_dead_letter_is_not_replayed_into_another_queue() {
+    let id = unique();
+    let config = format!(
+        r#"
+[brokers.rabbitmq]
+url = "{url}"
+
+[[brokers.rabbitmq.queues]]
+name = "work-{id}"
+{plugin}
+[[routes]]
+name = "r"
+plugin = "p"
+source = {{ broker = "rabbitmq", queue = "work-{id}" }}
+dead_letter = {{ subject = "dlq-{id}" }}
+"#,
+        url = rabbit::url(),
+        plugin = hostile_plugin("ok.x"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let rabbit = rt.block_on(Rabbit::connect());
+    let victim = format!("victim-{id}");
+    rt.block_on(async {
+        rabbit.declare_queue(&victim, FieldTable::default()).await;
+        // Written straight to the dead-letter queue by someone who can.
+        let forged = [
+            ("sluice-origin", format!("rabbitmq://{victim}?routing_key=x&exchange=")),
+            ("sluice-route", "r".to_owned()),
+            ("sluice-error-kind", "permanent".to_owned()),
+        ];
+        let forged: Vec<(&str, &str)> = forged.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        rabbit.publish("", &format!("dlq-{id}"), &forged, b"injected").await;
+    });
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args([
+            "dlq",
+            "--admin",
+            &d.admin,
+            "--queue",
+            &format!("dlq-{id}"),
+            "replay",
+            "--all",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route"), "{out:?}");
+    assert_eq!(
+        rt.block_on(rabbit.count(&victim)),
+        0,
+        "replayed into a queue no route consumes"
+    );
+    rt.block_on(rabbit.delete(&[&format!("work-{id}"), &format!("dlq-{id}"), &victim], &[]));
+}

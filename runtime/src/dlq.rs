@@ -70,7 +70,7 @@ pub enum DlqError {
     NoFilter,
     #[error("dead letter #{seq} came from route `{route}`, which is not an embedded route of this daemon")]
     UnknownRoute { seq: u64, route: String },
-    #[error("dead letter #{seq} has no origin to go back to, or one this daemon does not consume from a declared stream (sluice-origin: {origin:?})")]
+    #[error("dead letter #{seq} has no origin to go back to, or one no route of this daemon consumes (sluice-origin: {origin:?})")]
     NoOrigin { seq: u64, origin: String },
 }
 
@@ -91,10 +91,23 @@ pub enum Backend {
         stream: String,
         subject: String,
     },
-    /// A RabbitMQ queue; replays go straight to the route's work queue.
-    Rabbit { rabbit: RabbitBroker, queue: String },
-    /// A Kafka topic: a log, so replayed records stay in it.
-    Kafka { kafka: KafkaBroker, topic: String },
+    /// A RabbitMQ queue; replays go straight to the route's work queue,
+    /// one of `work_queues` (the origin is a header: anyone who can write
+    /// to the dead-letter queue could name another).
+    Rabbit {
+        rabbit: RabbitBroker,
+        queue: String,
+        work_queues: BTreeSet<String>,
+    },
+    /// A Kafka topic: a log, so replayed records stay in it. Replays go to
+    /// one of the routes' `topics` (any topic when a route subscribes by
+    /// pattern).
+    Kafka {
+        kafka: KafkaBroker,
+        topic: String,
+        topics: BTreeSet<String>,
+        any_topic: bool,
+    },
 }
 
 fn header(headers: &[Header], name: &str) -> String {
@@ -183,8 +196,8 @@ impl Backend {
                 })
                 .collect(),
             Self::Stream { nats, stream, subject } => nats.stored(stream, subject, limit).await?,
-            Self::Rabbit { rabbit, queue } => rabbit.browse(queue, limit).await?,
-            Self::Kafka { kafka, topic } => kafka::admin::read_topic(kafka.config(), topic, limit).await?,
+            Self::Rabbit { rabbit, queue, .. } => rabbit.browse(queue, limit).await?,
+            Self::Kafka { kafka, topic, .. } => kafka::admin::read_topic(kafka.config(), topic, limit).await?,
         })
     }
 
@@ -196,7 +209,7 @@ impl Backend {
                 payload: s.payload,
             }),
             Self::Stream { nats, stream, subject } => nats.stored_one(stream, subject, seq).await?,
-            Self::Rabbit { rabbit, queue } => {
+            Self::Rabbit { rabbit, queue, .. } => {
                 if seq > SCAN_LIMIT as u64 {
                     return Ok(None);
                 }
@@ -208,7 +221,7 @@ impl Backend {
                     .find(|(s, _)| *s == seq)
                     .map(|(_, m)| m)
             }
-            Self::Kafka { kafka, topic } => kafka::admin::read_topic(kafka.config(), topic, SCAN_LIMIT)
+            Self::Kafka { kafka, topic, .. } => kafka::admin::read_topic(kafka.config(), topic, SCAN_LIMIT)
                 .await?
                 .into_iter()
                 .find(|(s, _)| *s == seq)
@@ -245,7 +258,12 @@ impl Backend {
         if filter.is_empty() {
             return Err(DlqError::NoFilter);
         }
-        if let Self::Rabbit { rabbit, queue } = self {
+        if let Self::Rabbit {
+            rabbit,
+            queue,
+            work_queues,
+        } = self
+        {
             // Read and moved in one pass: positions are only stable while
             // the messages are held.
             let mut refused = None;
@@ -256,7 +274,8 @@ impl Backend {
                         return Ok(None);
                     }
                     let origin = header(&letter.message.headers, ORIGIN);
-                    let Some((work_queue, routing_key)) = rabbitmq::parse_origin(&origin) else {
+                    let origin_known = rabbitmq::parse_origin(&origin).filter(|(q, _)| work_queues.contains(*q));
+                    let Some((work_queue, routing_key)) = origin_known else {
                         refused = Some(DlqError::NoOrigin {
                             seq: letter.seq,
                             origin,
@@ -331,11 +350,17 @@ impl Backend {
                 Ok(moved)
             }
             Self::Rabbit { .. } => Ok(0),
-            Self::Kafka { kafka, .. } => {
+            Self::Kafka {
+                kafka,
+                topics,
+                any_topic,
+                ..
+            } => {
                 let mut moved = 0;
                 for (seq, _, m) in selected {
                     let origin = header(&m.headers, ORIGIN);
-                    let Some(topic) = origin_subject(&origin).map(str::to_owned) else {
+                    let known = origin_subject(&origin).filter(|t| *any_topic || topics.contains(*t));
+                    let Some(topic) = known.map(str::to_owned) else {
                         return Err(DlqError::NoOrigin { seq, origin });
                     };
                     // The key travels in the sluice-key header, which the

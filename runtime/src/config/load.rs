@@ -421,7 +421,6 @@ pub(crate) fn is_plain_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,6 +220,14 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
         .filter(|r| r.source.broker == BrokerKind::Embedded)
         .map(|r| r.name.clone())
         .collect();
+    let work_queues: std::collections::BTreeSet<String> =
+        config.routes.iter().filter_map(|r| r.source.queue.clone()).collect();
+    let topics: std::collections::BTreeSet<String> = config
+        .routes
+        .iter()
+        .flat_map(|r| r.source.topics.clone().unwrap_or_default())
+        .collect();
+    let any_topic = topics.iter().any(|t| t.starts_with('^'));
     let mut out = BTreeMap::new();
     for r in &config.routes {
         let subject = r.dead_letter_subject();
@@ -229,6 +237,8 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
                 Some(k) => Backend::Kafka {
                     kafka: k.clone(),
                     topic: subject.clone(),
+                    topics: topics.clone(),
+                    any_topic,
                 },
                 None => continue,
             },
@@ -236,6 +246,7 @@ pub fn dead_letter_backends(config: &Config, brokers: &Brokers) -> BTreeMap<Stri
                 (Some(rabbit), None) => Backend::Rabbit {
                     rabbit: rabbit.clone(),
                     queue: subject.clone(),
+                    work_queues: work_queues.clone(),
                 },
                 (_, Some(exchange)) => {
                     tracing::warn!(route = %r.name, "dead letters go to the exchange `{exchange}`: `sluice dlq` reads only the queues sluice publishes to directly");
