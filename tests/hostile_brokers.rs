@@ -419,3 +419,63 @@ dead_letter = {{ subject = "dlq-{id}" }}
     );
     rt.block_on(rabbit.delete(&[&format!("work-{id}"), &format!("dlq-{id}"), &victim], &[]));
 }
+
+#[test]
+fn a_jetstream_route_whose_dead_letters_no_stream_keeps_refuses_to_start() {
+    let id = unique();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+[admin]
+listen = "127.0.0.1:{port}"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "N{id}"
+subjects = ["{id}.in"]
+{plugin}
+[[routes]]
+name = "r"
+plugin = "p"
+source = {{ broker = "jetstream", stream = "N{id}", subject = "{id}.in" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+"#,
+            data = dir.path().join("data").display(),
+            port = sluice_tests::daemon::free_port(),
+            url = nats_url(),
+            plugin = hostile_plugin("ok.x"),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("sluice started with dead letters nothing keeps");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("{id}.dlq")) && err.contains("no JetStream stream"),
+        "{err}"
+    );
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+        let _ = js.delete_stream(format!("N{id}")).await;
+    });
+}

@@ -178,7 +178,7 @@ fn jetstream_5000_messages_survive_a_sigkill_with_each_effect_exactly_once() {
 url = "{url}"
 [[brokers.nats.streams]]
 name = "{input}"
-subjects = ["{id}.in.>"]
+subjects = ["{id}.in.>", "{id}.dlq"]
 [[brokers.nats.streams]]
 name = "{output}"
 subjects = ["{id}.out"]
@@ -195,6 +195,7 @@ to = "{id}.out"
 name = "bulk"
 plugin = "record"
 source = {{ broker = "jetstream", stream = "{input}", subject = "{id}.in.>", ack_wait = "5s" }}
+dead_letter = {{ subject = "{id}.dlq" }}
 concurrency = 8
 [routes.idempotency]
 key = "header:Idempotency-Key"
@@ -276,7 +277,7 @@ fn jetstream_retries_are_naks_whose_delays_follow_the_backoff() {
 url = "{url}"
 [[brokers.nats.streams]]
 name = "{stream}"
-subjects = ["{id}.work"]
+subjects = ["{id}.work", "{id}.dlq"]
 
 [plugins.flaky]
 path = "{wasm}"
@@ -290,6 +291,7 @@ probe = "{probe}"
 name = "retrying"
 plugin = "flaky"
 source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.work" }}
+dead_letter = {{ subject = "{id}.dlq" }}
 [routes.retry]
 max_attempts = 5
 initial_backoff = "400ms"
@@ -494,7 +496,7 @@ fn sluice_reconnects_after_a_nats_server_restart_and_loses_nothing() {
 url = "{url}"
 [[brokers.nats.streams]]
 name = "WORK"
-subjects = ["work.>"]
+subjects = ["work.>", "dlq.work"]
 [[brokers.nats.streams]]
 name = "DONE"
 subjects = ["done"]

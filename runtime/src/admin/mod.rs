@@ -122,7 +122,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         .collect();
     let stalled: Vec<&str> = routes
         .iter()
-        .filter(|r| r.status.workers.load(Ordering::Relaxed) == 0)
+        .filter(|r| r.liveness.stalled())
         .map(|r| r.name.as_str())
         .collect();
     let mut problems = Vec::new();

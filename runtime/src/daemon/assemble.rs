@@ -545,6 +545,19 @@ pub async fn build_route(
     };
     let sink = brokers.sink(r.publish_broker.unwrap_or(r.source.broker))?;
     let dead_letter_sink = brokers.dead_letter_sink(r)?;
+    // A durable source acks its original only once the dead letter is
+    // stored: a NATS dead-letter subject must be kept by a stream, or every
+    // poison message would be redelivered forever. Refused at start.
+    let to_nats = matches!(dead_letter_broker(r), BrokerKind::Nats | BrokerKind::Jetstream);
+    if to_nats && r.source.broker != BrokerKind::Nats {
+        let subject = r.dead_letter_subject();
+        if !brokers.nats()?.is_stored(&subject).await {
+            return Err(DaemonError::Invalid(format!(
+                "route {}: its dead letters go to `{subject}` on NATS, which no JetStream stream stores; declare one under [[brokers.nats.streams]] (or set dead_letter.subject to a stored subject)",
+                r.name
+            )));
+        }
+    }
     // Last: the source may join a consumer group.
     let (source, description) = brokers.source(r).await?;
     Ok(Arc::new(Route {
@@ -566,6 +579,7 @@ pub async fn build_route(
         ordering_key,
         gate,
         reserved_replies,
+        liveness: Arc::default(),
         metrics: metrics.clone(),
         status: status.unwrap_or_default(),
         series: std::sync::OnceLock::new(),

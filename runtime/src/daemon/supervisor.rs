@@ -52,6 +52,7 @@ impl Running {
     }
 
     async fn stop_by(self, deadline: tokio::time::Instant) {
+        self.route.liveness.stopping();
         self.stop.cancel();
         let drained = tokio::time::timeout_at(deadline, async {
             for w in self.workers {
@@ -419,6 +420,7 @@ impl Supervisor {
         // one grace period.
         let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
         for r in &self.routes {
+            r.route.liveness.stopping();
             r.stop.cancel();
         }
         for r in self.routes {

@@ -108,7 +108,11 @@ pub fn content_hash(msg: &Message) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(&msg.payload);
-    for header in &msg.headers {
+    // Sorted: some brokers' clients hand headers out in no fixed order, and
+    // a redelivery must hash the same.
+    let mut headers: Vec<&crate::message::Header> = msg.headers.iter().collect();
+    headers.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
+    for header in headers {
         h.update(header.name.as_bytes());
         h.update([0]);
         h.update(header.value.as_bytes());

@@ -51,20 +51,39 @@ pub struct RouteStatus {
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub in_flight: AtomicU64,
-    /// Worker tasks running now: 0 while the route should be serving means
-    /// it cannot (`/readyz` says so).
-    pub workers: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
-/// Counts a worker task in [`RouteStatus::workers`] for as long as it
-/// lives, however it ends.
-struct WorkerAlive(Arc<RouteStatus>);
+/// Whether a route's workers run: a route that should serve and has no
+/// worker left cannot (`/readyz` says so).
+#[derive(Default)]
+pub struct Liveness {
+    workers: AtomicU64,
+    spawned: std::sync::atomic::AtomicBool,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Liveness {
+    /// Spawned, not being stopped, and no worker task left.
+    pub fn stalled(&self) -> bool {
+        self.spawned.load(Ordering::Relaxed)
+            && !self.stopping.load(Ordering::Relaxed)
+            && self.workers.load(Ordering::Relaxed) == 0
+    }
+
+    /// The route is being stopped on purpose (shutdown, reload).
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts one worker task for as long as it lives, however it ends.
+struct WorkerAlive(Arc<Liveness>);
 
 impl WorkerAlive {
-    fn new(status: &Arc<RouteStatus>) -> Self {
-        status.workers.fetch_add(1, Ordering::Relaxed);
-        Self(status.clone())
+    fn new(liveness: &Arc<Liveness>) -> Self {
+        liveness.workers.fetch_add(1, Ordering::Relaxed);
+        Self(liveness.clone())
     }
 }
 
@@ -134,6 +153,8 @@ pub struct Route {
     /// Subjects a producer's reply address may not name: every route's
     /// dead-letter subject and input (a reply there would inject work).
     pub reserved_replies: Arc<Vec<crate::subject::SubjectPattern>>,
+    /// Whether its workers run.
+    pub liveness: Arc<Liveness>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<RouteStatus>,
     /// This route's series in `metrics`, looked up on first use.
@@ -170,6 +191,7 @@ impl Route {
             ordering_key: KeySource::MessageKey,
             gate: None,
             reserved_replies: Arc::new(Vec::new()),
+            liveness: Arc::default(),
             metrics: Arc::new(Metrics::new()),
             status: Arc::new(RouteStatus::default()),
             series: std::sync::OnceLock::new(),
@@ -241,9 +263,10 @@ impl Route {
     /// Starts the route's workers. They stop taking messages when `shutdown`
     /// is cancelled and return once their current message is settled.
     pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        self.liveness.spawned.store(true, Ordering::Relaxed);
         match self.ordering {
             RouteOrdering::None => (0..self.concurrency)
-                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
+                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), self.alive())))
                 .collect(),
             RouteOrdering::Key | RouteOrdering::Partition => {
                 let lanes = self.concurrency as usize;
@@ -261,12 +284,22 @@ impl Route {
                         (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
                     };
                     senders.push(tx);
-                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone())));
+                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone(), self.alive())));
                 }
-                handles.push(tokio::spawn(self.clone().dispatch(senders, shutdown.clone())));
+                handles.push(tokio::spawn(self.clone().dispatch(
+                    senders,
+                    shutdown.clone(),
+                    self.alive(),
+                )));
                 handles
             }
         }
+    }
+
+    /// A worker's share of the liveness count, taken before the task is
+    /// spawned (so the count is right the moment `spawn` returns).
+    fn alive(&self) -> WorkerAlive {
+        WorkerAlive::new(&self.liveness)
     }
 
     async fn next_delivery(&self, shutdown: &CancellationToken) -> Option<Box<dyn Delivery>> {
@@ -292,8 +325,7 @@ impl Route {
     }
 
     /// Unordered: take, handle, settle, repeat.
-    async fn worker(self: Arc<Self>, shutdown: CancellationToken) {
-        let _alive = WorkerAlive::new(&self.status);
+    async fn worker(self: Arc<Self>, shutdown: CancellationToken, _alive: WorkerAlive) {
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             self.process(delivery, RetryMode::Broker, &shutdown).await;
         }
@@ -301,8 +333,7 @@ impl Route {
 
     /// Ordered: hands each delivery to the lane of its key. A full lane
     /// blocks the dispatcher, which stops taking messages: backpressure.
-    async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken) {
-        let _alive = WorkerAlive::new(&self.status);
+    async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken, _alive: WorkerAlive) {
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             let index = match (self.ordering, delivery.partition()) {
                 (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
@@ -328,8 +359,7 @@ impl Route {
         }
     }
 
-    async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken) {
-        let _alive = WorkerAlive::new(&self.status);
+    async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken, _alive: WorkerAlive) {
         loop {
             let delivery = tokio::select! {
                 biased;

@@ -215,6 +215,12 @@ impl NatsBroker {
             .map(|(name, _)| name.as_str())
     }
 
+    /// True if a stream stores `subject`: a declared one, or one the server
+    /// already has.
+    pub async fn is_stored(&self, subject: &str) -> bool {
+        self.stored_by_stream(subject) || self.js.stream_by_subject(subject).await.is_ok()
+    }
+
     /// Messages of `stream` on `subject`, oldest first: (sequence, message).
     pub async fn stored(&self, stream: &str, subject: &str, limit: usize) -> Result<Vec<(u64, Outbound)>, BrokerError> {
         let mut s = self.js.get_stream(stream).await.map_err(failed)?;
