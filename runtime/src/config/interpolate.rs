@@ -19,8 +19,10 @@ pub fn interpolate(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
-/// Splits at a `#` that is outside a quoted string.
-fn split_comment(line: &str) -> (&str, &str) {
+/// Walks `line` keeping track of TOML string quotes; stops at the first
+/// `#` outside a string. Returns where it stopped and the string (`"` or
+/// `'`) open there, if any.
+fn scan(line: &str) -> (usize, Option<char>) {
     let mut quote: Option<char> = None;
     let mut escaped = false;
     for (i, c) in line.char_indices() {
@@ -35,11 +37,16 @@ fn split_comment(line: &str) -> (&str, &str) {
                 }
             }
             None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '#' => return line.split_at(i),
+            None if c == '#' => return (i, None),
             None => {}
         }
     }
-    (line, "")
+    (line.len(), quote)
+}
+
+/// Splits at a `#` that is outside a quoted string.
+fn split_comment(line: &str) -> (&str, &str) {
+    line.split_at(scan(line).0)
 }
 
 fn expand_line(
@@ -109,27 +116,10 @@ fn expand_line(
     Ok(out)
 }
 
-/// The string the end of `text` (one line so far) is inside, if any: `"`
-/// or `'`.
+/// The string the end of `text` (one line so far, no comment) is inside,
+/// if any: `"` or `'`.
 fn quote_state(text: &str) -> Option<char> {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for c in text.chars() {
-        match quote {
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' && q == '"' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
-                }
-            }
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None => {}
-        }
-    }
-    quote
+    scan(text).1
 }
 
 /// `value` escaped for a TOML basic string.
