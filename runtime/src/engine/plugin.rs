@@ -296,7 +296,7 @@ impl Plugin {
                 handler,
                 uses: 0,
             }),
-            Err(e) => Err(self.classify(Ok(Err(e)), store.data())),
+            Err(e) => Err(self.classify(Ok(Err(e)), store.data_mut())),
         }
     }
 
@@ -377,7 +377,7 @@ impl Plugin {
         let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
             return (self.timed_out(), Vec::new(), store.data().cut);
         };
-        let outcome = self.classify(Ok(result), store.data());
+        let outcome = self.classify(Ok(result), store.data_mut());
         let publishes = store.data_mut().take_publishes();
         (outcome, publishes, store.data().cut)
     }
@@ -404,7 +404,7 @@ impl Plugin {
         let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
             return (self.timed_out(), Vec::new(), warm.store.data().cut);
         };
-        let outcome = self.classify(Ok(result), warm.store.data());
+        let outcome = self.classify(Ok(result), warm.store.data_mut());
         let cut = warm.store.data().cut;
         let publishes = warm.store.data_mut().take_publishes();
         warm.uses += 1;
@@ -422,7 +422,7 @@ impl Plugin {
     fn classify(
         &self,
         result: Result<wasmtime::Result<Result<Option<types::Reply>, types::HandlerError>>, std::convert::Infallible>,
-        state: &HostState,
+        state: &mut HostState,
     ) -> Outcome {
         // A refused publish fails the message whatever the handler made of
         // the refusal: running it again would fail the same way.
@@ -437,7 +437,11 @@ impl Plugin {
                 };
                 let mut headers: Vec<Header> = r.headers.into_iter().map(|h| Header::new(h.name, h.value)).collect();
                 // Counted with the publishes' (the cut is read after this).
-                let _ = crate::headers::strip_reserved(&mut headers);
+                let stripped = crate::headers::strip_reserved(&mut headers);
+                state.cut.reserved_headers = state
+                    .cut
+                    .reserved_headers
+                    .saturating_add(u32::try_from(stripped).unwrap_or(u32::MAX));
                 if let Err(e) = crate::headers::check_plugin_headers(&headers) {
                     return Outcome::failed(FailureKind::InvalidPublish, format!("reply: {e}"));
                 }
