@@ -31,6 +31,14 @@ fn hostile_plugin(ok: &str) -> String {
     )
 }
 
+/// The RabbitMQ route `r` of the hostile plugin on queue `work-<id>`,
+/// dead letters to `dlq-<id>`.
+fn rabbit_route(id: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"r\"\nplugin = \"p\"\nsource = {{ broker = \"rabbitmq\", queue = \"work-{id}\" }}\ndead_letter = {{ subject = \"dlq-{id}\" }}\n"
+    )
+}
+
 /// Reads `n` messages of a subscription (or fewer at the timeout).
 async fn take(sub: &mut async_nats::Subscriber, n: usize, timeout: Duration) -> Vec<async_nats::Message> {
     let mut out = Vec::new();
@@ -143,16 +151,12 @@ bindings = [{{ exchange = "ex-{id}", routing_key = "in.#" }}]
 name = "ok-{id}"
 bindings = [{{ exchange = "ex-{id}", routing_key = "ok.#" }}]
 {plugin}
-[[routes]]
-name = "r"
-plugin = "p"
-source = {{ broker = "rabbitmq", queue = "work-{id}" }}
-dead_letter = {{ subject = "dlq-{id}" }}
-[routes.retry]
+{route}[routes.retry]
 max_attempts = 3
 "#,
         url = rabbit::url(),
         plugin = hostile_plugin("ok.x"),
+        route = rabbit_route(&id),
     );
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &config);
@@ -373,14 +377,10 @@ url = "{url}"
 [[brokers.rabbitmq.queues]]
 name = "work-{id}"
 {plugin}
-[[routes]]
-name = "r"
-plugin = "p"
-source = {{ broker = "rabbitmq", queue = "work-{id}" }}
-dead_letter = {{ subject = "dlq-{id}" }}
-"#,
+{route}"#,
         url = rabbit::url(),
         plugin = hostile_plugin("ok.x"),
+        route = rabbit_route(&id),
     );
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &config);

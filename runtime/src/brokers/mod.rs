@@ -37,6 +37,27 @@ impl BrokerError {
     }
 }
 
+/// Broker URL(s), comma-separated, without their secrets: a password after
+/// `user:` becomes `***`, and user info without a colon (a NATS token) is
+/// hidden whole. For logs and errors.
+pub(crate) fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let Some((scheme, rest)) = url.split_once("://") else {
+                return url.to_owned();
+            };
+            let Some((userinfo, host)) = rest.rsplit_once('@') else {
+                return url.to_owned();
+            };
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What a sink did with a batch of messages, once all are confirmed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Published {

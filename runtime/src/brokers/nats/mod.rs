@@ -75,18 +75,6 @@ pub(crate) fn to_header_map(headers: &[Header]) -> Result<async_nats::HeaderMap,
     Ok(map)
 }
 
-/// The server URL(s) without user info (`nats://user:pass@host`).
-pub(crate) fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &one[..scheme + 3], &one[at..]),
-            (None, Some(at)) => format!("***{}", &one[at..]),
-            _ => one.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// A subject NATS accepts for a publish: no whitespace or control bytes,
 /// no wildcards, no empty tokens.
 fn check_publish_subject(subject: &str) -> Result<(), BrokerError> {
@@ -157,8 +145,8 @@ impl NatsBroker {
             .connect(config.url.as_str())
             .await
             .map_err(|e| NatsSetupError::Connect {
-                url: redact_url(&config.url),
-                reason: e.to_string().replace(&config.url, &redact_url(&config.url)),
+                url: super::redact_url(&config.url),
+                reason: e.to_string().replace(&config.url, &super::redact_url(&config.url)),
             })?;
         let js = async_nats::jetstream::new(client.clone());
         let mut stream_subjects = Vec::new();
@@ -476,7 +464,8 @@ mod tests {
 
     #[test]
     fn connect_errors_hide_credentials() {
-        assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://***@h:4222");
+        use crate::brokers::redact_url;
+        assert_eq!(redact_url("nats://u:secret@h:4222"), "nats://u:***@h:4222");
         assert_eq!(redact_url("tls://tok@a:1,nats://b:2"), "tls://***@a:1,nats://b:2");
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }

@@ -136,7 +136,7 @@ impl RabbitBroker {
     async fn open(&self) -> Result<Live, RabbitSetupError> {
         let config = &self.shared.config;
         let connect_err = |reason: String| RabbitSetupError::Connect {
-            url: redact(&config.url),
+            url: super::redact_url(&config.url),
             reason,
         };
         let properties = ConnectionProperties::default().with_connection_name(config.name.as_str().into());
@@ -158,7 +158,7 @@ impl RabbitBroker {
         }
         self.shared.generation.fetch_add(1, Ordering::Relaxed);
         self.shared.connected.store(true, Ordering::Relaxed);
-        tracing::info!(url = %redact(&config.url), "RabbitMQ connected");
+        tracing::info!(url = %super::redact_url(&config.url), "RabbitMQ connected");
         Ok(Live { connection, publisher })
     }
 
@@ -243,7 +243,7 @@ impl RabbitBroker {
             owned.insert(name.to_owned());
         }
         let live = self.live().await.map_err(|e| RabbitSetupError::Connect {
-            url: redact(&self.shared.config.url),
+            url: super::redact_url(&self.shared.config.url),
             reason: e.to_string(),
         })?;
         topology::declare_plain_queue(&live.connection, name).await
@@ -338,18 +338,6 @@ fn display_exchange(exchange: &str) -> &str {
     }
 }
 
-/// The URL without its password, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Properties of a message sluice publishes: persistent, with headers.
 fn outbound_properties(headers: &[crate::message::Header]) -> BasicProperties {
     BasicProperties::default()
@@ -426,8 +414,12 @@ mod tests {
 
     #[test]
     fn redacts_password() {
-        assert_eq!(redact("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
-        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
+        use crate::brokers::redact_url;
+        assert_eq!(
+            redact_url("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
     }
 
     #[test]
