@@ -52,7 +52,7 @@ pub fn inbound(data: &[u8]) {
     crate::brokers::kafka::fuzz_retry_headers(&mut msg);
     let _ = crate::brokers::embedded::parse_origin(&msg.subject);
     let _ = crate::dlq::origin_subject(&msg.subject);
-    let _ = crate::pipeline::keys::KeySource::parse(&msg.subject);
+    let _ = crate::keys::KeySource::parse(&msg.subject);
 }
 
 /// What a plugin hands the host to send: the host's rules first, then each

@@ -7,11 +7,8 @@ pub mod nats;
 pub mod rabbitmq;
 
 use crate::message::{Message, Outbound};
-use std::future::Future;
-use std::pin::Pin;
+pub use crate::future::BoxFuture;
 use std::time::Duration;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {

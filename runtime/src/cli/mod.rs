@@ -10,6 +10,22 @@ mod publish;
 use crate::config;
 use crate::daemon::RunOptions;
 use crate::telemetry::{self, LogFormat};
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Human => Self::Human,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -22,8 +38,8 @@ use std::path::PathBuf;
 )]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SLUICE_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Human, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormatArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,7 +92,7 @@ enum Command {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    telemetry::init(cli.log_format.into());
     match cli.command {
         Command::Run { config, no_watch } => {
             let config = config::load(&config)?;

@@ -3,7 +3,6 @@
 use super::interpolate::interpolate;
 use super::locate::KeyLines;
 use super::{BrokerKind, Config, GateStore, Ordering, RouteConfig};
-use crate::pipeline::keys::KeySource;
 use crate::subject::{validate_subject, SubjectPattern};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -191,11 +190,7 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
         }
         validate_route(route, &key)?;
         validate_source(config, route, &key)?;
-        if let Some(k) = &route.key {
-            KeySource::parse(k).map_err(|e| (key("key"), e))?;
-        }
         if let Some(idem) = &route.idempotency {
-            KeySource::parse(&idem.key).map_err(|e| (key("idempotency.key"), e))?;
             let timeout = config.plugins.get(&route.plugin).map(|p| p.timeout).unwrap_or_default();
             if idem.lease <= timeout {
                 return Err((

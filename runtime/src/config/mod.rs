@@ -2,13 +2,14 @@
 //! Unknown keys and bad values are errors that name file, line and key.
 //! Relative paths are taken relative to the config file's folder.
 
-pub mod duration;
+
 pub(crate) mod interpolate;
 mod load;
 mod locate;
 
 pub use load::{load, load_unbuilt, parse_str, ConfigError};
 
+pub use crate::engine::Isolation;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// How long SIGTERM waits for in-flight messages before giving up.
-    #[serde(default = "default_grace", with = "crate::config::duration")]
+    #[serde(default = "default_grace", with = "crate::de::duration")]
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub admin: AdminConfig,
@@ -150,7 +151,7 @@ pub struct EmbeddedConfig {
     pub queues: Vec<QueueConfig>,
     /// Publishes with the same `Nats-Msg-Id` within this window are stored
     /// once (as JetStream does).
-    #[serde(default = "default_duplicate_window", with = "crate::config::duration")]
+    #[serde(default = "default_duplicate_window", with = "crate::de::duration")]
     pub duplicate_window: Duration,
 }
 
@@ -211,17 +212,6 @@ pub struct QueueConfig {
     pub max_len: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Isolation {
-    /// A new instance for every message: nothing leaks between messages.
-    #[default]
-    Fresh,
-    /// A small pool of warm instances, each dropped after a failure or
-    /// `reuse_max_messages` messages.
-    Reuse,
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
@@ -233,7 +223,7 @@ pub struct PluginConfig {
     #[serde(default = "default_memory_mb")]
     pub max_memory_mb: u64,
     /// Deadline for one message.
-    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    #[serde(default = "default_timeout", with = "crate::de::duration")]
     pub timeout: Duration,
     /// Optional CPU budget per message, in wasmtime fuel units.
     pub fuel: Option<u64>,
@@ -308,7 +298,7 @@ pub struct SourceConfig {
     /// JetStream: durable consumer name (default: the route name).
     pub consumer: Option<String>,
     /// JetStream: redelivery after this long without an ack.
-    #[serde(default, with = "crate::config::duration")]
+    #[serde(default, with = "crate::de::duration")]
     pub ack_wait: Option<Duration>,
     /// JetStream: deliveries at most (default unlimited; sluice dead-letters
     /// after `retry.max_attempts`).
@@ -338,7 +328,7 @@ pub struct SourceConfig {
     /// the consumer stops taking more (default 20000).
     pub max_in_flight: Option<usize>,
     /// Kafka: how long a revoke waits for the partition's work in flight.
-    #[serde(default, with = "crate::config::duration")]
+    #[serde(default, with = "crate::de::duration")]
     pub revoke_timeout: Option<Duration>,
     /// Kafka, with `ordering = "none"`: retry through the topics
     /// `<topic>.retry.N` (N = the attempt that failed) with a not-before
@@ -379,9 +369,9 @@ pub struct RetryConfig {
     /// Attempts in all, the first included; then the message is dead-lettered.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    #[serde(default = "default_initial_backoff", with = "crate::config::duration")]
+    #[serde(default = "default_initial_backoff", with = "crate::de::duration")]
     pub initial_backoff: Duration,
-    #[serde(default = "default_max_backoff", with = "crate::config::duration")]
+    #[serde(default = "default_max_backoff", with = "crate::de::duration")]
     pub max_backoff: Duration,
     #[serde(default = "default_multiplier")]
     pub multiplier: f64,
@@ -478,13 +468,13 @@ pub enum GateStore {
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// `header:NAME`, `json:/pointer`, `id` (broker-native id) or `none`.
-    pub key: String,
+    pub key: crate::keys::KeySource,
     /// How long a handled key is remembered.
-    #[serde(default = "default_ttl", with = "crate::config::duration")]
+    #[serde(default = "default_ttl", with = "crate::de::duration")]
     pub ttl: Duration,
     /// How long a worker holds a key while handling it; a crashed worker's
     /// key frees up after this. Must exceed the plugin's timeout.
-    #[serde(default = "default_lease", with = "crate::config::duration")]
+    #[serde(default = "default_lease", with = "crate::de::duration")]
     pub lease: Duration,
     #[serde(default)]
     pub store: GateStore,
@@ -511,7 +501,7 @@ pub struct RouteConfig {
     pub ordering: Option<Ordering>,
     /// Where the ordering key comes from when the broker has none:
     /// `header:NAME` or `json:/pointer`. Default: the broker's message key.
-    pub key: Option<String>,
+    pub key: Option<crate::keys::KeySource>,
     pub idempotency: Option<IdempotencyConfig>,
     #[serde(default)]
     pub retry: RetryConfig,

@@ -10,7 +10,7 @@ use crate::config::{BrokerKind, Config, GateStore, PluginConfig, RouteConfig};
 use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSlot, PluginSpec, Requester};
 use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, RedisStore};
 use crate::metrics::Metrics;
-use crate::pipeline::keys::KeySource;
+use crate::keys::KeySource;
 use crate::pipeline::policy::Policy;
 use crate::pipeline::Gate;
 use crate::pipeline::{Route, RouteStatus};
@@ -93,10 +93,6 @@ impl GateStores {
             f.close();
         }
     }
-}
-
-fn key_source(text: &str) -> Result<KeySource, DaemonError> {
-    KeySource::parse(text).map_err(DaemonError::Invalid)
 }
 
 /// The engine for a config: fuel metering if any plugin has a budget, and
@@ -529,8 +525,8 @@ pub async fn build_route(
     reserved_replies: Arc<Vec<crate::subject::SubjectPattern>>,
 ) -> Result<Arc<Route>, DaemonError> {
     let gate = match &r.idempotency {
-        Some(idem) if idem.key != "none" => Some(Gate {
-            key: key_source(&idem.key)?,
+        Some(idem) if idem.key != KeySource::None => Some(Gate {
+            key: idem.key.clone(),
             store: gates
                 .get(idem.store)
                 .ok_or_else(|| DaemonError::Invalid(format!("route {}: idempotency store not open", r.name)))?,
@@ -540,7 +536,7 @@ pub async fn build_route(
         _ => None,
     };
     let ordering_key = match &r.key {
-        Some(k) => key_source(k)?,
+        Some(k) => k.clone(),
         None => KeySource::MessageKey,
     };
     let sink = brokers.sink(r.publish_broker.unwrap_or(r.source.broker))?;

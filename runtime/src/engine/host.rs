@@ -5,10 +5,9 @@ use super::bindings::sluice::plugin::{host, types};
 use super::stderr::StderrTail;
 use crate::headers;
 use crate::message::{Header, Outbound};
+pub use crate::request::{RequestError, Requester};
 use crate::subject::SubjectPattern;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::ResourceTable;
@@ -23,25 +22,6 @@ pub(crate) const MAX_PUBLISH_BYTES: usize = 16 << 20;
 /// (and counted), so a plugin cannot flood the host's log.
 const MAX_LOG_LINES: u32 = 100;
 const MAX_LOG_LINE_BYTES: usize = 4096;
-
-/// Sends a request and waits for the answer. Supplied by a broker that has
-/// request/reply (NATS); the engine itself knows no broker.
-pub trait Requester: Send + Sync {
-    fn request(
-        &self,
-        subject: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, RequestError>> + Send>>;
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RequestError {
-    #[error("request timed out")]
-    Timeout,
-    #[error("{0}")]
-    Failed(String),
-}
 
 /// What a plugin may do: fixed per plugin version, shared by its instances.
 pub struct PluginContext {

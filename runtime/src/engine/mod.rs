@@ -14,7 +14,6 @@ pub use outcome::{bounded, Cut, FailureKind, Invocation, Outcome, Reply, MAX_REA
 pub use plugin::{Plugin, PluginError, PluginSpec};
 pub use slot::PluginSlot;
 
-use crate::config::Isolation;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -146,6 +145,17 @@ impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A new instance for every message: nothing leaks between messages.
+    #[default]
+    Fresh,
+    /// A small pool of warm instances, each dropped after a failure or
+    /// `reuse_max_messages` messages.
+    Reuse,
 }
 
 impl Isolation {

@@ -5,7 +5,7 @@ use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
 use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
 use super::{cache, Engine, YIELD_EVERY_TICKS};
-use crate::config::Isolation;
+use super::Isolation;
 use crate::message::{Header, Message};
 use crate::subject::{SubjectError, SubjectPattern};
 use sha2::{Digest, Sha256};

@@ -3,7 +3,7 @@
 //! the handler runs.
 
 use super::{ms, Claim, GateError, IdempotencyStore, Record};
-use crate::brokers::BoxFuture;
+use crate::future::BoxFuture;
 use crate::message::now_ms;
 use crate::storage::{failed, open_database, GroupCommit, StorageError};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};

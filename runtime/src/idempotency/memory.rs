@@ -1,7 +1,7 @@
 //! In-memory idempotency records: fast, lost on restart.
 
 use super::{ms, Claim, GateError, IdempotencyStore, Record};
-use crate::brokers::BoxFuture;
+use crate::future::BoxFuture;
 use crate::message::now_ms;
 use std::collections::HashMap;
 use std::sync::Mutex;

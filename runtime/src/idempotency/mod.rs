@@ -11,7 +11,7 @@ pub use file::FileStore;
 pub use memory::MemoryStore;
 pub use redis_store::RedisStore;
 
-use crate::brokers::BoxFuture;
+use crate::future::BoxFuture;
 use crate::storage::StorageError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! (the lease or the done TTL), changed only by atomic scripts.
 
 use super::{ms, Claim, GateError, IdempotencyStore};
-use crate::brokers::BoxFuture;
+use crate::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::Script;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! unacked, so the broker delivers it again.
 
 pub mod dead_letter;
-pub mod keys;
+
 pub mod policy;
 pub mod trace;
 
@@ -18,7 +18,7 @@ use crate::idempotency::{Claim, IdempotencyStore};
 use crate::message::{Header, Message, Outbound, DEDUP_HEADER};
 use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics, RouteOutput};
 use futures_util::FutureExt as _;
-use keys::KeySource;
+use crate::keys::KeySource;
 use policy::{FailureDecision, Policy};
 use serde::Serialize;
 use std::hash::{Hash, Hasher};

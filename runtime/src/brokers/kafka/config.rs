@@ -24,7 +24,7 @@ pub struct KafkaConfig {
     pub ssl_ca_location: Option<String>,
     /// How often the handled prefix of each partition is committed (also
     /// at revoke and shutdown).
-    #[serde(default = "default_commit_interval", with = "crate::config::duration")]
+    #[serde(default = "default_commit_interval", with = "crate::de::duration")]
     pub commit_interval: Duration,
     /// Any librdkafka property, for consumers and producer alike
     /// (`"partition.assignment.strategy" = "cooperative-sticky"`, ...).

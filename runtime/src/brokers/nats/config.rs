@@ -25,7 +25,7 @@ pub struct NatsConfig {
     pub tls_required: bool,
     pub tls_ca_file: Option<PathBuf>,
     /// How long a request from a handler's `request` waits at most.
-    #[serde(default = "default_request_timeout", with = "crate::config::duration")]
+    #[serde(default = "default_request_timeout", with = "crate::de::duration")]
     pub request_timeout: Duration,
     /// JetStream streams to create when missing and verify when present.
     #[serde(default)]
@@ -61,10 +61,10 @@ pub struct StreamConfig {
     /// Keep at most this many messages (none: unlimited).
     pub max_messages: Option<i64>,
     /// Drop messages older than this (none: never).
-    #[serde(default, with = "crate::config::duration")]
+    #[serde(default, with = "crate::de::duration")]
     pub max_age: Option<Duration>,
     /// Publishes with the same `Nats-Msg-Id` within this window are stored once.
-    #[serde(default = "default_duplicate_window", with = "crate::config::duration")]
+    #[serde(default = "default_duplicate_window", with = "crate::de::duration")]
     pub duplicate_window: Duration,
 }
 

@@ -298,8 +298,8 @@ impl NatsBroker {
         subject: &str,
         payload: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, crate::engine::RequestError> {
-        use crate::engine::RequestError;
+    ) -> Result<Vec<u8>, crate::request::RequestError> {
+        use crate::request::RequestError;
         let timeout = timeout.min(self.request_timeout);
         match tokio::time::timeout(timeout, self.client.request(subject.to_owned(), payload.into())).await {
             Err(_) => Err(RequestError::Timeout),
@@ -379,13 +379,13 @@ impl Sink for NatsBroker {
     }
 }
 
-impl crate::engine::Requester for NatsBroker {
+impl crate::request::Requester for NatsBroker {
     fn request(
         &self,
         subject: &str,
         payload: Vec<u8>,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<Vec<u8>, crate::engine::RequestError>> {
+    ) -> BoxFuture<'static, Result<Vec<u8>, crate::request::RequestError>> {
         let this = self.clone();
         let subject = subject.to_owned();
         Box::pin(async move { NatsBroker::request(&this, &subject, payload, timeout).await })

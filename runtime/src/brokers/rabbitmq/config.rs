@@ -88,7 +88,7 @@ pub struct QueueConfig {
     pub max_length: Option<i64>,
     /// `x-message-ttl`: messages older than this are dropped (or
     /// dead-lettered by RabbitMQ's own policy).
-    #[serde(default, with = "crate::config::duration")]
+    #[serde(default, with = "crate::de::duration")]
     pub message_ttl: Option<Duration>,
     /// Other `x-` arguments, as RabbitMQ names them.
     #[serde(default)]

@@ -1,7 +1,7 @@
 //! Durations in the config (`"30s"`, `"2m"`), bounded: far beyond any
 //! sensible setting and far below what overflows a clock (`Instant + d`
 //! panics), so no value in a file can crash the daemon later. Used as
-//! `#[serde(with = "crate::config::duration")]`; the error names the key.
+//! `#[serde(with = "crate::de::duration")]`; the error names the key.
 
 use serde::{Deserialize, Deserializer, Serializer};
 use std::time::Duration;

@@ -4,7 +4,10 @@
 
 use crate::message::Message;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Parsed once, when the config is read: `header:NAME`, `json:/pointer`,
+/// `id`, `key` or `none`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum KeySource {
     None,
     /// The broker-native message id.
@@ -14,6 +17,14 @@ pub enum KeySource {
     Header(String),
     /// RFC 6901 pointer, e.g. `/order/id`.
     Json(String),
+}
+
+impl TryFrom<String> for KeySource {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::parse(&text)
+    }
 }
 
 impl KeySource {
