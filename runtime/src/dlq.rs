@@ -1,21 +1,15 @@
 //! Dead-letter tooling: list, show and replay dead letters back to where
-//! they failed, for the embedded broker's queues and for JetStream streams
-//! that store a dead-letter subject.
+//! they failed. What a dead letter says (its `sluice-*` headers) is read
+//! here; where it is kept and how it goes back is its broker's
+//! [`DeadLetterStore`].
 
-use crate::brokers::embedded::{parse_origin, EmbeddedBroker, StoreError};
-use crate::brokers::kafka::{self, KafkaBroker};
-use crate::brokers::nats::NatsBroker;
-use crate::brokers::rabbitmq::{self, RabbitBroker};
-use crate::brokers::{BrokerError, Sink};
+use crate::brokers::{BrokerError, DeadLetterError, DeadLetterStore, Replay, SCAN_LIMIT};
 use crate::message::{find_header, Header, Outbound, DEDUP_HEADER};
 use crate::pipeline::dead_letter::{ATTEMPTS, ERROR, ERROR_KIND, FAILED_AT, FAILURE_HEADERS, ORIGIN, ROUTE};
 use crate::pipeline::REPLAYS_HEADER;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
-
-/// Most dead letters looked at in one call: bounds the memory and time of
-/// a scan (RabbitMQ holds every message looked at until the scan ends).
-const SCAN_LIMIT: usize = 100_000;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One line of `sluice dlq list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,75 +57,19 @@ impl Filter {
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Replay(#[from] DeadLetterError),
     #[error("say which dead letters to replay: sequence numbers, --kind, --route or --all")]
     NoFilter,
-    #[error("dead letter #{seq} came from route `{route}`, which is not an embedded route of this daemon")]
-    UnknownRoute { seq: u64, route: String },
-    #[error("dead letter #{seq} has no origin to go back to, or one no route of this daemon consumes (sluice-origin: {origin:?})")]
-    NoOrigin { seq: u64, origin: String },
 }
 
-/// Where one dead-letter destination is kept.
+/// One dead-letter destination, read through its broker's store.
 #[derive(Clone)]
-pub enum Backend {
-    /// A queue of the embedded broker; replays go straight to the route's
-    /// queue. `routes` are the embedded routes of the daemon.
-    Embedded {
-        broker: EmbeddedBroker,
-        queue: String,
-        routes: BTreeSet<String>,
-    },
-    /// A JetStream stream that stores the dead-letter subject; replays are
-    /// published to the origin subject.
-    Stream {
-        nats: Box<NatsBroker>,
-        stream: String,
-        subject: String,
-    },
-    /// A RabbitMQ queue; replays go straight to the route's work queue,
-    /// one of `work_queues` (the origin is a header: anyone who can write
-    /// to the dead-letter queue could name another).
-    Rabbit {
-        rabbit: RabbitBroker,
-        queue: String,
-        work_queues: BTreeSet<String>,
-    },
-    /// A Kafka topic: a log, so replayed records stay in it. Replays go to
-    /// one of the routes' `topics` (any topic when a route subscribes by
-    /// pattern).
-    Kafka {
-        kafka: KafkaBroker,
-        topic: String,
-        topics: BTreeSet<String>,
-        any_topic: bool,
-    },
-}
+pub struct DeadLetters(pub Arc<dyn DeadLetterStore>);
 
 fn header(headers: &[Header], name: &str) -> String {
     find_header(headers, name).unwrap_or_default().to_owned()
-}
-
-/// The subject a dead letter came from, from its `sluice-origin`
-/// (`embedded://S?..`, `nats://S`, `jetstream://STREAM/S?..`).
-pub fn origin_subject(origin: &str) -> Option<&str> {
-    if let Some((subject, _)) = parse_origin(origin) {
-        return Some(subject);
-    }
-    if let Some((_, routing_key)) = rabbitmq::parse_origin(origin) {
-        return Some(routing_key);
-    }
-    if let Some(rest) = origin.strip_prefix("kafka://") {
-        return Some(rest.split('?').next().unwrap_or(rest));
-    }
-    if let Some(rest) = origin.strip_prefix("nats://") {
-        return Some(rest.split('?').next().unwrap_or(rest));
-    }
-    let rest = origin.strip_prefix("jetstream://")?;
-    let (_, rest) = rest.split_once('/')?;
-    Some(rest.split('?').next().unwrap_or(rest))
 }
 
 pub fn summary(seq: u64, headers: &[Header]) -> Summary {
@@ -139,7 +77,9 @@ pub fn summary(seq: u64, headers: &[Header]) -> Summary {
     Summary {
         seq,
         route: header(headers, ROUTE),
-        subject: origin_subject(&origin).map(str::to_owned).unwrap_or(origin),
+        subject: crate::brokers::origin_subject(&origin)
+            .map(str::to_owned)
+            .unwrap_or(origin),
         kind: header(headers, ERROR_KIND),
         error: header(headers, ERROR),
         attempts: header(headers, ATTEMPTS),
@@ -148,7 +88,7 @@ pub fn summary(seq: u64, headers: &[Header]) -> Summary {
 }
 
 /// A replayed copy: failure headers stripped, the replay counted.
-fn replayed(subject: String, headers: Vec<Header>, payload: Vec<u8>) -> Outbound {
+fn replayed(headers: Vec<Header>, payload: Vec<u8>) -> Outbound {
     let replays: u32 = find_header(&headers, REPLAYS_HEADER)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -161,76 +101,26 @@ fn replayed(subject: String, headers: Vec<Header>, payload: Vec<u8>) -> Outbound
         })
         .collect();
     headers.push(Header::new(REPLAYS_HEADER, replays.saturating_add(1).to_string()));
+    // The store sets the subject, from the origin.
     Outbound {
-        subject,
+        subject: String::new(),
         headers,
         payload,
     }
 }
 
-impl Backend {
+impl DeadLetters {
     pub fn name(&self) -> &str {
-        match self {
-            Self::Embedded { queue, .. } => queue,
-            Self::Stream { subject, .. } => subject,
-            Self::Rabbit { queue, .. } => queue,
-            Self::Kafka { topic, .. } => topic,
-        }
-    }
-
-    /// Dead letters, oldest first: (sequence, message).
-    pub async fn letters(&self, limit: usize) -> Result<Vec<(u64, Outbound)>, DlqError> {
-        Ok(match self {
-            Self::Embedded { broker, queue, .. } => broker
-                .peek(queue, limit)?
-                .into_iter()
-                .map(|(seq, s)| {
-                    (
-                        seq,
-                        Outbound {
-                            subject: s.subject,
-                            headers: s.headers,
-                            payload: s.payload,
-                        },
-                    )
-                })
-                .collect(),
-            Self::Stream { nats, stream, subject } => nats.stored(stream, subject, limit).await?,
-            Self::Rabbit { rabbit, queue, .. } => rabbit.browse(queue, limit).await?,
-            Self::Kafka { kafka, topic, .. } => kafka::admin::read_topic(kafka.config(), topic, limit).await?,
-        })
+        self.0.name()
     }
 
     pub async fn get(&self, seq: u64) -> Result<Option<Outbound>, DlqError> {
-        Ok(match self {
-            Self::Embedded { broker, queue, .. } => broker.get(queue, seq)?.map(|s| Outbound {
-                subject: s.subject,
-                headers: s.headers,
-                payload: s.payload,
-            }),
-            Self::Stream { nats, stream, subject } => nats.stored_one(stream, subject, seq).await?,
-            Self::Rabbit { rabbit, queue, .. } => {
-                if seq > SCAN_LIMIT as u64 {
-                    return Ok(None);
-                }
-                let limit = usize::try_from(seq).unwrap_or(SCAN_LIMIT);
-                rabbit
-                    .browse(queue, limit)
-                    .await?
-                    .into_iter()
-                    .find(|(s, _)| *s == seq)
-                    .map(|(_, m)| m)
-            }
-            Self::Kafka { kafka, topic, .. } => kafka::admin::read_topic(kafka.config(), topic, SCAN_LIMIT)
-                .await?
-                .into_iter()
-                .find(|(s, _)| *s == seq)
-                .map(|(_, m)| m),
-        })
+        Ok(self.0.get(seq).await?)
     }
 
     pub async fn list(&self, limit: usize) -> Result<Vec<Summary>, DlqError> {
         Ok(self
+            .0
             .letters(limit)
             .await?
             .iter()
@@ -258,118 +148,17 @@ impl Backend {
         if filter.is_empty() {
             return Err(DlqError::NoFilter);
         }
-        if let Self::Rabbit {
-            rabbit,
-            queue,
-            work_queues,
-        } = self
-        {
-            // Read and moved in one pass: positions are only stable while
-            // the messages are held.
-            let mut refused = None;
-            let moved = rabbit
-                .move_letters(queue, SCAN_LIMIT, |letter| {
-                    let s = summary(letter.seq, &letter.message.headers);
-                    if refused.is_some() || !filter.matches(letter.seq, &s) {
-                        return Ok(None);
-                    }
-                    let origin = header(&letter.message.headers, ORIGIN);
-                    let origin_known = rabbitmq::parse_origin(&origin).filter(|(q, _)| work_queues.contains(*q));
-                    let Some((work_queue, routing_key)) = origin_known else {
-                        refused = Some(DlqError::NoOrigin {
-                            seq: letter.seq,
-                            origin,
-                        });
-                        return Ok(None);
-                    };
-                    let m = letter.message.clone();
-                    Ok(Some((
-                        work_queue.to_owned(),
-                        routing_key.to_owned(),
-                        replayed(routing_key.to_owned(), m.headers, m.payload),
-                    )))
-                })
-                .await?;
-            return match refused {
-                Some(e) => Err(e),
-                None => Ok(moved),
-            };
-        }
-        let mut selected = Vec::new();
-        for (seq, m) in self.letters(SCAN_LIMIT).await? {
-            let s = summary(seq, &m.headers);
-            if filter.matches(seq, &s) {
-                selected.push((seq, s, m));
+        let mut pick = |seq: u64, letter: &Outbound| {
+            let s = summary(seq, &letter.headers);
+            if !filter.matches(seq, &s) {
+                return None;
             }
-        }
-        match self {
-            Self::Embedded { broker, queue, routes } => {
-                let mut per_route: BTreeMap<String, (Vec<Outbound>, Vec<u64>)> = BTreeMap::new();
-                for (seq, s, m) in selected {
-                    if !routes.contains(&s.route) {
-                        return Err(DlqError::UnknownRoute { seq, route: s.route });
-                    }
-                    let entry = per_route.entry(s.route).or_default();
-                    entry.0.push(replayed(s.subject, m.headers, m.payload));
-                    entry.1.push(seq);
-                }
-                let mut moved = 0;
-                for (route, (messages, seqs)) in per_route {
-                    moved += seqs.len();
-                    broker.move_messages(&route, messages, queue, seqs).await?;
-                }
-                Ok(moved)
-            }
-            Self::Stream { nats, stream, .. } => {
-                let mut moved = 0;
-                for (seq, _, m) in selected {
-                    let origin = header(&m.headers, ORIGIN);
-                    let Some(subject) = origin_subject(&origin).map(str::to_owned) else {
-                        return Err(DlqError::NoOrigin { seq, origin });
-                    };
-                    // The origin is a header: anyone who could write to the
-                    // dead-letter subject could forge it.
-                    if crate::headers::is_system_subject(&subject) || nats.stream_for(&subject).is_none() {
-                        return Err(DlqError::NoOrigin { seq, origin });
-                    }
-                    // Published (and confirmed) before it is deleted: a crash
-                    // in between replays it twice, never zero times.
-                    let published =
-                        Sink::publish(&nats.confirmed_sink(), vec![replayed(subject, m.headers, m.payload)]).await?;
-                    if published.duplicates > 0 {
-                        // Not stored now: keep the dead letter.
-                        tracing::warn!(
-                            seq,
-                            "replay dropped by JetStream as a duplicate; the dead letter is kept"
-                        );
-                        continue;
-                    }
-                    nats.delete_stored(stream, seq).await?;
-                    moved += 1;
-                }
-                Ok(moved)
-            }
-            Self::Rabbit { .. } => Ok(0),
-            Self::Kafka {
-                kafka,
-                topics,
-                any_topic,
-                ..
-            } => {
-                let mut moved = 0;
-                for (seq, _, m) in selected {
-                    let origin = header(&m.headers, ORIGIN);
-                    let known = origin_subject(&origin).filter(|t| *any_topic || topics.contains(*t));
-                    let Some(topic) = known.map(str::to_owned) else {
-                        return Err(DlqError::NoOrigin { seq, origin });
-                    };
-                    // The key travels in the sluice-key header, which the
-                    // producer turns back into the record key.
-                    kafka.produce(&replayed(topic, m.headers, m.payload)).await?;
-                    moved += 1;
-                }
-                Ok(moved)
-            }
-        }
+            Some(Replay {
+                origin: header(&letter.headers, ORIGIN),
+                route: s.route,
+                copy: replayed(letter.headers.clone(), letter.payload.clone()),
+            })
+        };
+        Ok(self.0.replay(&mut pick).await?)
     }
 }

@@ -51,7 +51,7 @@ pub fn inbound(data: &[u8]) {
     };
     crate::brokers::kafka::fuzz_retry_headers(&mut msg);
     let _ = crate::brokers::embedded::parse_origin(&msg.subject);
-    let _ = crate::dlq::origin_subject(&msg.subject);
+    let _ = crate::brokers::origin_subject(&msg.subject);
     let _ = crate::keys::KeySource::parse(&msg.subject);
 }
 

@@ -84,7 +84,7 @@ proptest! {
         let subject = s.join(".");
         let origin = crate::brokers::embedded::origin(&subject, &queue, seq);
         prop_assert_eq!(parse_origin(&origin), Some((subject.as_str(), queue.as_str())));
-        prop_assert_eq!(crate::dlq::origin_subject(&origin), Some(subject.as_str()));
+        prop_assert_eq!(crate::brokers::origin_subject(&origin), Some(subject.as_str()));
     }
 
     #[test]

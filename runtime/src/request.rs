@@ -22,4 +22,3 @@ pub enum RequestError {
     #[error("{0}")]
     Failed(String),
 }
-

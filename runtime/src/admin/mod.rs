@@ -36,7 +36,7 @@ pub struct AdminState {
     /// Set once plugins are loaded and sources started; cleared on shutdown.
     pub ready: AtomicBool,
     /// Dead-letter destinations `sluice dlq` can read, by name.
-    pub dead_letters: ArcSwap<BTreeMap<String, crate::dlq::Backend>>,
+    pub dead_letters: ArcSwap<BTreeMap<String, crate::dlq::DeadLetters>>,
     /// Why the last reload of a plugin (by name) or of the config (`config`)
     /// was refused; cleared by the next one that succeeds.
     pub reload_errors: Mutex<BTreeMap<String, String>>,
@@ -341,7 +341,7 @@ async fn queue_messages(
 }
 
 /// The backend of dead-letter destination `queue`, or the 404 to answer.
-fn dead_letters(state: &AdminState, queue: &str) -> Result<crate::dlq::Backend, Box<Response>> {
+fn dead_letters(state: &AdminState, queue: &str) -> Result<crate::dlq::DeadLetters, Box<Response>> {
     let all = state.dead_letters.load();
     all.get(queue).cloned().ok_or_else(|| {
         Box::new(error(
@@ -355,9 +355,11 @@ fn dead_letters(state: &AdminState, queue: &str) -> Result<crate::dlq::Backend, 
 }
 
 fn dlq_error(e: crate::dlq::DlqError) -> Response {
+    use crate::brokers::DeadLetterError;
     use crate::dlq::DlqError;
     match e {
-        DlqError::NoFilter | DlqError::UnknownRoute { .. } | DlqError::NoOrigin { .. } => {
+        DlqError::NoFilter
+        | DlqError::Replay(DeadLetterError::UnknownRoute { .. } | DeadLetterError::NoOrigin { .. }) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
         other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),

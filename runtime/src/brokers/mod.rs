@@ -1,13 +1,37 @@
-//! Broker adapters: each receives messages (a [`Source`]), settles them
-//! ([`Delivery`]) and publishes ([`Sink`]). They know nothing of WASM.
+//! Broker adapters. Each folder owns one broker: its connection config, its
+//! route-source settings with their defaults, and the adapter that receives
+//! messages (a [`Source`]), settles them ([`Delivery`]), publishes them
+//! ([`Sink`]) and keeps dead letters ([`DeadLetterStore`]). Adapters know
+//! nothing of WASM or of the pipeline that drives them; `registry` is the
+//! one table that names them all.
+//!
+//! # The contract every adapter keeps (checked by the conformance suite)
+//!
+//! - A [`Delivery`] is settled at most once: [`Delivery::ack`] is final (no
+//!   redelivery), [`Delivery::retry`] delivers it again no earlier than
+//!   asked with the attempt count one higher, [`Delivery::dead_lettered`]
+//!   drops it once its copy is confirmed elsewhere, and dropping it
+//!   unsettled hands it back for redelivery. A broker that cannot keep one
+//!   of these says so in [`Guarantees`] (core NATS is at-most-once).
+//! - [`Sink::publish`] returns once the broker has confirmed every message:
+//!   stored, or dropped as a duplicate (counted in [`Published`]); a message
+//!   it can never carry is [`BrokerError::Refused`], never a panic.
+//! - A [`DeadLetterStore`] lists and shows without consuming, and replays a
+//!   letter by sending it back and removing it only once the copy is
+//!   confirmed (a crash in between replays it twice, never zero times).
 
 pub mod embedded;
 pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;
+mod registry;
 
-use crate::message::{Message, Outbound};
+pub use registry::{
+    origin_subject, BrokerKind, Brokers, BrokersConfig, DeadLetterTarget, RouteUse, SetupError, SourceSpec,
+};
+
 pub use crate::future::BoxFuture;
+use crate::message::{Message, Outbound};
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -113,3 +137,85 @@ pub trait Source: Send + Sync {
 pub trait Sink: Send + Sync {
     fn publish(&self, messages: Vec<Outbound>) -> BoxFuture<'_, Result<Published, BrokerError>>;
 }
+
+/// What delivery guarantees an adapter's sources keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guarantees {
+    /// Unsettled deliveries (dropped, or lost in a crash) come back.
+    pub redelivers: bool,
+}
+
+/// A route as a broker sees it: what its defaults and checks depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteContext<'a> {
+    pub name: &'a str,
+    pub concurrency: u32,
+    /// `retry.max_attempts`.
+    pub max_attempts: u32,
+    /// `ordering = "none"`: messages may overtake each other.
+    pub unordered: bool,
+}
+
+/// A config problem found by a broker: the key below the route
+/// (`source.prefetch`) and what is wrong.
+pub type Problem = (String, String);
+
+/// One dead letter picked for replay: where it failed (its
+/// `sluice-origin`), the route that failed it, and the copy to send back
+/// (the store sets its subject from the origin).
+pub struct Replay {
+    pub origin: String,
+    pub route: String,
+    pub copy: Outbound,
+}
+
+/// Chooses the letters a replay takes: `None` leaves a letter where it is.
+pub type ReplayPick<'a> = dyn FnMut(u64, &Outbound) -> Option<Replay> + Send + 'a;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("dead letter #{seq} came from route `{route}`, which does not consume from this broker in this daemon")]
+    UnknownRoute { seq: u64, route: String },
+    #[error("dead letter #{seq} has no origin to go back to, or one no route of this daemon consumes (sluice-origin: {origin:?})")]
+    NoOrigin { seq: u64, origin: String },
+}
+
+/// Where one dead-letter destination is kept, for `sluice dlq`.
+pub trait DeadLetterStore: Send + Sync {
+    /// The destination (queue, subject, topic).
+    fn name(&self) -> &str;
+    /// Dead letters, oldest first, without consuming them: (sequence, letter).
+    fn letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<(u64, Outbound)>, BrokerError>>;
+    /// One dead letter.
+    fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<Outbound>, BrokerError>>;
+    /// Sends every letter `pick` takes back to its origin, which must be one
+    /// this daemon consumes (the origin is a header: anyone who can write to
+    /// the dead-letter destination could name another), and removes it once
+    /// the copy is confirmed. Returns how many moved.
+    fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>>;
+}
+
+/// Reads the letters up to `seq` to find one: for stores whose sequence is
+/// a position (RabbitMQ, Kafka).
+pub(crate) async fn find_letter(
+    store: &dyn DeadLetterStore,
+    seq: u64,
+    scan_limit: usize,
+) -> Result<Option<Outbound>, BrokerError> {
+    if seq == 0 || seq > scan_limit as u64 {
+        return Ok(None);
+    }
+    let limit = usize::try_from(seq).unwrap_or(scan_limit);
+    Ok(store
+        .letters(limit)
+        .await?
+        .into_iter()
+        .find(|(s, _)| *s == seq)
+        .map(|(_, m)| m))
+}
+
+/// Most dead letters looked at in one scan: bounds the memory and time of
+/// a scan (RabbitMQ holds every message looked at until the scan ends).
+pub const SCAN_LIMIT: usize = 100_000;

@@ -2,8 +2,9 @@
 
 use super::interpolate::interpolate;
 use super::locate::KeyLines;
-use super::{BrokerKind, Config, GateStore, Ordering, RouteConfig};
-use crate::subject::{validate_subject, SubjectPattern};
+use super::{Config, GateStore, RouteConfig};
+use crate::de::{dotted, split_nested};
+use crate::subject::{is_plain_name, validate_subject, SubjectPattern, PLAIN_NAME};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,19 @@ fn parse(raw: &str, path: &Path, plugin_files: PluginFiles) -> Result<Config, Co
     let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = dotted(e.path());
         let inner = e.into_inner();
+        // A broker's own settings were deserialized apart: their error
+        // carries the key below the value, and the line is found by key.
+        if let Some((below, message)) = split_nested(inner.message()) {
+            let key = if below.is_empty() {
+                key
+            } else {
+                format!("{key}.{below}")
+            };
+            let line = lines
+                .line_of(&segments(&key))
+                .or_else(|| inner.span().map(|s| line_at(&text, s.start)));
+            return invalid(line, &key, message.to_owned());
+        }
         let line = inner
             .span()
             .map(|s| line_at(&text, s.start))
@@ -110,20 +124,6 @@ fn parse(raw: &str, path: &Path, plugin_files: PluginFiles) -> Result<Config, Co
 
 fn line_at(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// serde_path_to_error's `routes[0].retry` as `routes.0.retry`.
-fn dotted(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    path.iter()
-        .filter_map(|seg| match seg {
-            Segment::Seq { index } => Some(index.to_string()),
-            Segment::Map { key } => Some(key.clone()),
-            Segment::Enum { variant } => Some(variant.clone()),
-            Segment::Unknown => None,
-        })
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 fn segments(key: &str) -> Vec<String> {
@@ -215,174 +215,42 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
             ),
         ));
     }
-    if let Some(nats) = &config.brokers.nats {
-        for (i, stream) in nats.streams.iter().enumerate() {
-            for (j, s) in stream.subjects.iter().enumerate() {
-                SubjectPattern::parse(s)
-                    .map_err(|e| (format!("brokers.nats.streams.{i}.subjects.{j}"), e.to_string()))?;
-            }
-        }
-    }
-    for (i, q) in config.brokers.embedded.queues.iter().enumerate() {
-        let key = |k: &str| format!("brokers.embedded.queues.{i}.{k}");
-        if !is_plain_name(&q.name) {
-            return Err((key("name"), PLAIN_NAME.into()));
-        }
-        if names.contains(q.name.as_str()) {
-            return Err((key("name"), format!("queue `{}` has the name of a route", q.name)));
-        }
-        for (j, s) in q.subjects.iter().enumerate() {
-            SubjectPattern::parse(s).map_err(|e| (format!("{}.{j}", key("subjects")), e.to_string()))?;
-        }
-    }
+    config.brokers.validate(&names)?;
     Ok(())
 }
 
 fn validate_source(config: &Config, route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
-    let s = &route.source;
-    let dead_letter_broker = route.dead_letter.as_ref().and_then(|d| d.broker);
-    let uses = |kinds: &[BrokerKind]| {
-        kinds.contains(&s.broker)
-            || dead_letter_broker.is_some_and(|b| kinds.contains(&b))
-            || route.publish_broker.is_some_and(|b| kinds.contains(&b))
-    };
-    if uses(&[BrokerKind::Nats, BrokerKind::Jetstream]) && config.brokers.nats.is_none() {
-        return Err((key("source.broker"), "needs a `[brokers.nats]` table".into()));
-    }
-    if uses(&[BrokerKind::Rabbitmq]) && config.brokers.rabbitmq.is_none() {
-        return Err((key("source.broker"), "needs a `[brokers.rabbitmq]` table".into()));
-    }
-    if uses(&[BrokerKind::Kafka]) && config.brokers.kafka.is_none() {
-        return Err((key("source.broker"), "needs a `[brokers.kafka]` table".into()));
-    }
-    if s.broker == BrokerKind::Kafka {
-        if s.topics.as_ref().is_none_or(|t| t.is_empty()) {
-            return Err((key("source"), "a Kafka source needs `topics`".into()));
-        }
-        if !s.subject.is_empty() {
-            return Err((
-                key("source.subject"),
-                "does not apply to Kafka: name the `topics`".into(),
-            ));
-        }
-        if s.max_in_flight_per_partition == Some(0) {
-            return Err((key("source.max_in_flight_per_partition"), "must be at least 1".into()));
-        }
-        if s.max_in_flight == Some(0) {
-            return Err((key("source.max_in_flight"), "must be at least 1".into()));
-        }
-        if s.retry_topics == Some(true) {
-            if route.ordering() != Ordering::None {
-                return Err((
-                    key("source.retry_topics"),
-                    "needs `ordering = \"none\"`: records after a failing one overtake it while it waits in a retry topic".into(),
-                ));
-            }
-            if s.topics.iter().flatten().any(|t| t.starts_with('^')) {
-                return Err((
-                    key("source.retry_topics"),
-                    "needs topic names, not regexes (the retry topics are named after them)".into(),
-                ));
-            }
+    let uses = route.broker_use();
+    for kind in [uses.source.kind(), uses.dead_letter.broker, uses.publish_broker] {
+        if let (false, Some(table)) = (config.brokers.has(kind), kind.connection_table()) {
+            return Err((key("source.broker"), format!("needs a `[brokers.{table}]` table")));
         }
     }
-    if s.broker == BrokerKind::Rabbitmq {
-        if s.queue.is_none() {
-            return Err((key("source"), "a RabbitMQ source needs `queue`".into()));
-        }
-        if !s.subject.is_empty() {
-            return Err((
-                key("source.subject"),
-                "does not apply to RabbitMQ: name the `queue`, and bind it to exchanges under [[brokers.rabbitmq.queues]]".into(),
-            ));
-        }
-        if s.prefetch == Some(0) {
-            return Err((key("source.prefetch"), "must be at least 1".into()));
-        }
-    } else if s.subject.is_empty() && s.broker != BrokerKind::Kafka {
-        return Err((key("source.subject"), "is missing".into()));
-    }
-    if let Some(d) = &route.dead_letter {
-        let dl_broker = d.broker.unwrap_or(s.broker);
-        if d.exchange.is_some() && dl_broker != BrokerKind::Rabbitmq {
-            return Err((
-                key("dead_letter.exchange"),
-                "only applies to RabbitMQ dead letters".into(),
-            ));
-        }
-    }
-    let only = |field: &str, set: bool, kind: &str| -> Result<(), Problem> {
-        if set && s.broker.as_str() != kind {
-            return Err((
-                key(&format!("source.{field}")),
-                format!("only applies to broker = \"{kind}\""),
-            ));
-        }
-        Ok(())
-    };
-    only("queue_group", s.queue_group.is_some(), "nats")?;
-    only("stream", s.stream.is_some(), "jetstream")?;
-    only("consumer", s.consumer.is_some(), "jetstream")?;
-    only("ack_wait", s.ack_wait.is_some(), "jetstream")?;
-    only("max_deliver", s.max_deliver.is_some(), "jetstream")?;
-    only("max_ack_pending", s.max_ack_pending.is_some(), "jetstream")?;
-    only("queue", s.queue.is_some(), "rabbitmq")?;
-    only("prefetch", s.prefetch.is_some(), "rabbitmq")?;
-    only("retry_via", s.retry_via.is_some(), "rabbitmq")?;
-    only("topics", s.topics.is_some(), "kafka")?;
-    only("group", s.group.is_some(), "kafka")?;
-    only("offset_reset", s.offset_reset.is_some(), "kafka")?;
-    only("instance_id", s.instance_id.is_some(), "kafka")?;
-    only("retry_topics", s.retry_topics.is_some(), "kafka")?;
-    only("max_in_flight", s.max_in_flight.is_some(), "kafka")?;
-    only(
-        "max_in_flight_per_partition",
-        s.max_in_flight_per_partition.is_some(),
-        "kafka",
-    )?;
-    only("revoke_timeout", s.revoke_timeout.is_some(), "kafka")?;
-    if s.broker == BrokerKind::Jetstream {
-        if s.stream.is_none() {
-            return Err((key("source"), "a JetStream source needs `stream`".into()));
-        }
-        if let Some(max) = s.max_deliver {
-            if max > 0 && max < i64::from(route.retry.max_attempts) {
-                return Err((
-                    key("source.max_deliver"),
-                    format!(
-                        "is below retry.max_attempts ({}): JetStream would stop redelivering before sluice dead-letters",
-                        route.retry.max_attempts
-                    ),
-                ));
-            }
-        }
+    route
+        .source
+        .validate(&uses.context)
+        .map_err(|(below, message)| (key(&below), message))?;
+    if uses.dead_letter.exchange.is_some() && !uses.dead_letter.broker.has_exchanges() {
+        return Err((
+            key("dead_letter.exchange"),
+            format!("does not apply to dead letters on {}", uses.dead_letter.broker.as_str()),
+        ));
     }
     Ok(())
 }
 
 fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(), Problem> {
-    if !route.source.subject.is_empty() {
-        SubjectPattern::parse(&route.source.subject).map_err(|e| (key("source.subject"), e.to_string()))?;
-    }
     validate_subject(&route.dead_letter_subject()).map_err(|e| (key("dead_letter.subject"), e.to_string()))?;
     // Dead letters the route itself consumes would fail again, forever.
-    let nats_family = |b: BrokerKind| matches!(b, BrokerKind::Nats | BrokerKind::Jetstream);
-    let dead_letter_broker = route
-        .dead_letter
-        .as_ref()
-        .and_then(|d| d.broker)
-        .unwrap_or(route.source.broker);
-    let same_broker = dead_letter_broker == route.source.broker
-        || (nats_family(dead_letter_broker) && nats_family(route.source.broker));
-    if same_broker && route.source.broker != BrokerKind::Rabbitmq && !route.source.subject.is_empty() {
-        if let Ok(p) = SubjectPattern::parse(&route.source.subject) {
+    let same_subjects = route.dead_letter_broker().shares_subjects_with(route.source.kind());
+    if let (true, Some(subject)) = (same_subjects, route.source.subject()) {
+        if let Ok(p) = SubjectPattern::parse(subject) {
             if p.matches(&route.dead_letter_subject()) {
                 return Err((
                     key("dead_letter.subject"),
                     format!(
-                        "`{}` is matched by the route's own source `{}`: dead letters would be handled again, in a loop",
+                        "`{}` is matched by the route's own source `{subject}`: dead letters would be handled again, in a loop",
                         route.dead_letter_subject(),
-                        route.source.subject
                     ),
                 ));
             }
@@ -402,18 +270,6 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
         return Err((key("retry.initial_backoff"), "is larger than retry.max_backoff".into()));
     }
     Ok(())
-}
-
-const PLAIN_NAME: &str = "must be 1-200 of A-Z a-z 0-9 . _ -";
-
-/// Route and queue names: they end up in subjects, metric labels and
-/// `sluice-origin` headers, where other characters would need escaping.
-pub(crate) fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[cfg(test)]
@@ -443,6 +299,30 @@ mod tests {
         let e = err("[plugins.p]\n# the file\npath = \"nope.wasm\"\n");
         assert!(e.starts_with("conf/test.toml:3: key `plugins.p.path`"), "{e}");
         assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn a_brokers_own_source_settings_name_the_key_and_line() {
+        let route = |source: &str| format!("[[routes]]\nname = \"r\"\nplugin = \"p\"\n{source}\n");
+        let e = err(&route(
+            "source = { broker = \"kafka\", topics = [\"t\"], queue = \"q\" }",
+        ));
+        assert!(e.starts_with("conf/test.toml:4: key `routes.0.source"), "{e}");
+        assert!(e.contains("unknown field `queue`"), "{e}");
+        let e = err(&route(
+            "[routes.source]\nbroker = \"jetstream\"\nsubject = \"a.>\"\nack_wait = \"soon\"",
+        ));
+        assert!(e.starts_with("conf/test.toml:7: key `routes.0.source.ack_wait`"), "{e}");
+        let e = err(&route("source = { broker = \"jetstream\", subject = \"a.>\" }"));
+        assert!(e.contains("missing field `stream`"), "{e}");
+        let e = err(&route("source = { broker = \"mqtt\", subject = \"a\" }"));
+        assert!(
+            e.contains("key `routes.0.source.broker`") && e.contains("unknown broker `mqtt`"),
+            "{e}"
+        );
+        // No broker: the embedded one, which has no queues.
+        let e = err(&route("source = { queue = \"q\" }"));
+        assert!(e.contains("unknown field `queue`"), "{e}");
     }
 
     #[test]

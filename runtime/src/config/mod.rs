@@ -2,13 +2,14 @@
 //! Unknown keys and bad values are errors that name file, line and key.
 //! Relative paths are taken relative to the config file's folder.
 
-
 pub(crate) mod interpolate;
 mod load;
 mod locate;
 
 pub use load::{load, load_unbuilt, parse_str, ConfigError};
 
+pub use crate::brokers::{BrokerKind, BrokersConfig, SourceSpec};
+use crate::brokers::{DeadLetterTarget, RouteContext, RouteUse};
 pub use crate::engine::Isolation;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -127,47 +128,6 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokersConfig {
-    #[serde(default)]
-    pub embedded: EmbeddedConfig,
-    /// NATS and JetStream; routes with `broker = "nats"` or `"jetstream"`
-    /// need it.
-    pub nats: Option<crate::brokers::nats::NatsConfig>,
-    /// RabbitMQ; routes with `broker = "rabbitmq"` need it.
-    pub rabbitmq: Option<crate::brokers::rabbitmq::RabbitConfig>,
-    /// Kafka; routes with `broker = "kafka"` need it.
-    pub kafka: Option<crate::brokers::kafka::KafkaConfig>,
-}
-
-/// The embedded broker is always there; routes' queues and dead-letter queues
-/// are declared from the routes. Extra queues catch other subjects (e.g. the
-/// handlers' outputs) so they can be read back.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddedConfig {
-    #[serde(default)]
-    pub queues: Vec<QueueConfig>,
-    /// Publishes with the same `Nats-Msg-Id` within this window are stored
-    /// once (as JetStream does).
-    #[serde(default = "default_duplicate_window", with = "crate::de::duration")]
-    pub duplicate_window: Duration,
-}
-
-impl Default for EmbeddedConfig {
-    fn default() -> Self {
-        Self {
-            queues: Vec::new(),
-            duplicate_window: default_duplicate_window(),
-        }
-    }
-}
-
-fn default_duplicate_window() -> Duration {
-    Duration::from_secs(120)
-}
-
 /// Shared stores used by several replicas.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,16 +160,6 @@ impl Default for TelemetryConfig {
 
 fn default_service_name() -> String {
     "sluice".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueConfig {
-    pub name: String,
-    /// Subject patterns bound to this queue (`enriched.>`).
-    pub subjects: Vec<String>,
-    /// Keep at most this many messages; the oldest are dropped beyond it.
-    pub max_len: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -255,102 +205,16 @@ fn default_reuse_max() -> u32 {
     10_000
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerKind {
-    Embedded,
-    /// Core NATS: at-most-once.
-    Nats,
-    /// A JetStream durable pull consumer.
-    Jetstream,
-    /// A RabbitMQ queue.
-    Rabbitmq,
-    /// Kafka topics, through a consumer group.
-    Kafka,
-}
-
-impl BrokerKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Embedded => "embedded",
-            Self::Nats => "nats",
-            Self::Jetstream => "jetstream",
-            Self::Rabbitmq => "rabbitmq",
-            Self::Kafka => "kafka",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    #[serde(default = "default_broker")]
-    pub broker: BrokerKind,
-    /// Subject pattern (`orders.>`); for JetStream, the consumer's filter.
-    /// Not used by RabbitMQ (see `queue`).
-    #[serde(default)]
-    pub subject: String,
-    /// Core NATS: replicas in the same queue group share the messages.
-    pub queue_group: Option<String>,
-    /// JetStream: the stream (declared under `[[brokers.nats.streams]]` or
-    /// existing).
-    pub stream: Option<String>,
-    /// JetStream: durable consumer name (default: the route name).
-    pub consumer: Option<String>,
-    /// JetStream: redelivery after this long without an ack.
-    #[serde(default, with = "crate::de::duration")]
-    pub ack_wait: Option<Duration>,
-    /// JetStream: deliveries at most (default unlimited; sluice dead-letters
-    /// after `retry.max_attempts`).
-    pub max_deliver: Option<i64>,
-    /// JetStream: unacknowledged messages at most.
-    pub max_ack_pending: Option<i64>,
-    /// RabbitMQ: the queue to consume (declared under
-    /// `[[brokers.rabbitmq.queues]]`, or existing).
-    pub queue: Option<String>,
-    /// RabbitMQ: unacked deliveries at most (`basic.qos`); default twice the
-    /// route's concurrency.
-    pub prefetch: Option<u16>,
-    /// RabbitMQ: `delay_queue` (default) or `in_process`.
-    pub retry_via: Option<crate::brokers::rabbitmq::RetryVia>,
-    /// Kafka: topic names, or regexes starting with `^`.
-    pub topics: Option<Vec<String>>,
-    /// Kafka: the consumer group (default `sluice-<route>`).
-    pub group: Option<String>,
-    /// Kafka: where a group without a committed offset starts.
-    pub offset_reset: Option<crate::brokers::kafka::OffsetReset>,
-    /// Kafka: `group.instance.id`, for static membership.
-    pub instance_id: Option<String>,
-    /// Kafka: records received and not settled per partition before the
-    /// partition is paused (default 5000); it resumes at half.
-    pub max_in_flight_per_partition: Option<usize>,
-    /// Kafka: records received and not settled across all partitions before
-    /// the consumer stops taking more (default 20000).
-    pub max_in_flight: Option<usize>,
-    /// Kafka: how long a revoke waits for the partition's work in flight.
-    #[serde(default, with = "crate::de::duration")]
-    pub revoke_timeout: Option<Duration>,
-    /// Kafka, with `ordering = "none"`: retry through the topics
-    /// `<topic>.retry.N` (N = the attempt that failed) with a not-before
-    /// header instead of in place, so a failing record does not hold up the
-    /// ones after it (which then overtake it).
-    pub retry_topics: Option<bool>,
-}
-
-fn default_broker() -> BrokerKind {
-    BrokerKind::Embedded
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// Defaults to the source's broker.
     pub broker: Option<BrokerKind>,
-    /// The subject; on RabbitMQ the routing key (with the default exchange:
-    /// the queue, which sluice declares when missing).
+    /// The subject; on brokers with queues, the queue (declared when
+    /// missing) or, with `exchange`, the routing key.
     pub subject: String,
-    /// RabbitMQ: publish dead letters to this exchange instead of straight
-    /// to the queue named by `subject`.
+    /// On brokers with exchanges: publish dead letters to this exchange
+    /// instead of straight to the queue named by `subject`.
     pub exchange: Option<String>,
 }
 
@@ -448,8 +312,8 @@ pub enum Ordering {
     /// One message at a time per key, different keys in parallel; retries
     /// wait in place so a key's order holds.
     Key,
-    /// One message at a time per partition (Kafka; the embedded broker
-    /// has one partition), partitions in parallel.
+    /// One message at a time per partition (the embedded broker has one),
+    /// partitions in parallel.
     Partition,
 }
 
@@ -491,16 +355,17 @@ fn default_lease() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
-    pub source: SourceConfig,
+    /// `{ broker = "...", ... }`: the broker's own settings.
+    pub source: SourceSpec,
     /// Name of a `[plugins.NAME]` table.
     pub plugin: String,
     /// Messages of this route handled at once.
     #[serde(default = "one")]
     pub concurrency: u32,
-    /// Default: `partition` on Kafka, `none` elsewhere.
+    /// Default: `partition` on brokers with partitions, `none` elsewhere.
     pub ordering: Option<Ordering>,
-    /// Where the ordering key comes from when the broker has none:
-    /// `header:NAME` or `json:/pointer`. Default: the broker's message key.
+    /// Where the ordering key comes from: `header:NAME` or
+    /// `json:/pointer`. Default: the broker's message key.
     pub key: Option<crate::keys::KeySource>,
     pub idempotency: Option<IdempotencyConfig>,
     #[serde(default)]
@@ -520,7 +385,7 @@ fn one() -> u32 {
 
 impl RouteConfig {
     pub fn ordering(&self) -> Ordering {
-        self.ordering.unwrap_or(if self.source.broker == BrokerKind::Kafka {
+        self.ordering.unwrap_or(if self.source.partitioned() {
             Ordering::Partition
         } else {
             Ordering::None
@@ -532,6 +397,38 @@ impl RouteConfig {
             .as_ref()
             .map(|d| d.subject.clone())
             .unwrap_or_else(|| format!("dlq.{}", self.name))
+    }
+
+    /// The broker dead letters go to: the source's, unless it says.
+    pub fn dead_letter_broker(&self) -> BrokerKind {
+        self.dead_letter
+            .as_ref()
+            .and_then(|d| d.broker)
+            .unwrap_or(self.source.kind())
+    }
+
+    /// The broker the handler's publishes go to.
+    pub fn publish_broker(&self) -> BrokerKind {
+        self.publish_broker.unwrap_or(self.source.kind())
+    }
+
+    /// The route as its brokers see it.
+    pub fn broker_use(&self) -> RouteUse<'_> {
+        RouteUse {
+            context: RouteContext {
+                name: &self.name,
+                concurrency: self.concurrency,
+                max_attempts: self.retry.max_attempts,
+                unordered: self.ordering() == Ordering::None,
+            },
+            source: &self.source,
+            dead_letter: DeadLetterTarget {
+                broker: self.dead_letter_broker(),
+                subject: self.dead_letter_subject(),
+                exchange: self.dead_letter.as_ref().and_then(|d| d.exchange.as_deref()),
+            },
+            publish_broker: self.publish_broker(),
+        }
     }
 }
 

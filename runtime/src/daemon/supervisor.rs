@@ -4,10 +4,11 @@
 //! so a refused one leaves the daemon exactly as it was.
 
 use super::assemble::{
-    build_engine, build_route, dead_letter_backends, declare_queues, load_plugin, load_plugins, Brokers, DaemonError,
-    GateStores,
+    build_engine, build_route, dead_letter_stores, declare_queues, load_plugin, load_plugins, open_brokers,
+    DaemonError, GateStores,
 };
 use crate::admin::{AdminState, CONFIG_RELOAD};
+use crate::brokers::Brokers;
 use crate::config::{self, Config, PluginConfig, RouteConfig};
 use crate::engine::{Engine, Plugin, PluginError, PluginSlot, Requester};
 use crate::metrics::{Metrics, ReloadResult};
@@ -100,7 +101,7 @@ impl Supervisor {
     /// Opens the brokers, loads the plugins and builds the routes of
     /// `config`; nothing runs until [`Supervisor::start_routes`].
     pub async fn open(config: Config) -> Result<Self, DaemonError> {
-        let brokers = Brokers::open(&config).await?;
+        let brokers = open_brokers(&config).await?;
         let engine = build_engine(&config)?;
         let requester = brokers.requester();
         let metrics = Arc::new(Metrics::new());
@@ -306,7 +307,7 @@ impl Supervisor {
             };
             slots.insert(name.clone(), slot);
         }
-        declare_queues(&self.brokers.embedded, &new).map_err(|e| e.to_string())?;
+        declare_queues(&self.brokers, &new).map_err(|e| e.to_string())?;
         let mut built = BTreeMap::new();
         for r in &new.routes {
             let old = self.routes.iter().find(|x| x.config.name == r.name);
@@ -410,7 +411,7 @@ impl Supervisor {
         self.state.plugins.store(Arc::new(self.plugins.clone()));
         self.state
             .dead_letters
-            .store(Arc::new(dead_letter_backends(&self.config, &self.brokers)));
+            .store(Arc::new(dead_letter_stores(&self.config, &self.brokers)));
     }
 
     /// Stops every route (waiting up to the grace period in all for the

@@ -4,8 +4,8 @@
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
 use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
-use super::{cache, Engine, YIELD_EVERY_TICKS};
 use super::Isolation;
+use super::{cache, Engine, YIELD_EVERY_TICKS};
 use crate::message::{Header, Message};
 use crate::subject::{SubjectError, SubjectPattern};
 use sha2::{Digest, Sha256};

@@ -15,10 +15,10 @@ use crate::brokers::{BrokerError, Delivery, Published, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin, PluginSlot};
 use crate::idempotency::{Claim, IdempotencyStore};
+use crate::keys::KeySource;
 use crate::message::{Header, Message, Outbound, DEDUP_HEADER};
 use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics, RouteOutput};
 use futures_util::FutureExt as _;
-use crate::keys::KeySource;
 use policy::{FailureDecision, Policy};
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
@@ -133,7 +133,7 @@ pub struct Route {
     pub name: String,
     /// Shown on the status page (`embedded orders.>`).
     pub source_description: String,
-    /// The broker messages come from (`embedded`, `nats`, `jetstream`).
+    /// The broker messages come from (its `broker` name).
     pub source_broker: &'static str,
     pub source: Arc<dyn Source>,
     /// Where handler publishes and replies go.

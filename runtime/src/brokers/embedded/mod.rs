@@ -5,11 +5,17 @@
 //! in NATS core. Messages survive restarts; one in flight when the process
 //! dies is delivered again.
 
+pub mod config;
+mod dead_letters;
 mod source;
+pub mod spec;
 mod store;
 mod subject_bindings;
 
+pub use config::{EmbeddedConfig, QueueConfig};
+pub use dead_letters::EmbeddedDeadLetters;
 pub use source::{origin, parse_origin, EmbeddedDelivery, EmbeddedSource};
+pub use spec::EmbeddedSourceSpec;
 pub use store::{OpReport, StoreError, Stored};
 
 use super::{BoxFuture, BrokerError, Published, Sink};

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod config;
+mod dead_letters;
 mod offsets;
 pub mod record;
 mod retry;
@@ -22,10 +23,13 @@ pub fn fuzz_retry_headers(msg: &mut crate::message::Message) {
     assert!(retry::restore(msg).is_none() || retry::retried_topic(&msg.subject).is_some());
 }
 mod source;
+pub mod spec;
 
 pub use config::{ConsumerSettings, KafkaConfig, OffsetReset, TopicConfig};
+pub use dead_letters::KafkaDeadLetters;
 pub use retry::retry_topic;
 pub use source::KafkaSource;
+pub use spec::KafkaSourceSpec;
 
 use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::{Outbound, KEY_HEADER};

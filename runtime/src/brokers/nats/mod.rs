@@ -4,11 +4,15 @@
 
 pub mod config;
 mod core;
+mod dead_letters;
 mod jetstream;
+pub mod spec;
 
 pub use self::core::CoreSource;
 pub use self::jetstream::JetStreamSource;
 pub use config::{ConsumerSettings, NatsConfig, Retention, StreamConfig};
+pub use dead_letters::StreamDeadLetters;
+pub use spec::{CoreSourceSpec, JetStreamSourceSpec};
 
 use super::{BoxFuture, BrokerError, Published, Sink};
 use crate::message::{Header, Outbound};

@@ -3,13 +3,17 @@
 //! confirms. Reconnects by itself. Knows nothing of WASM.
 
 pub mod config;
+mod dead_letters;
 mod headers;
 mod source;
+pub mod spec;
 mod stored;
 mod topology;
 
 pub use config::{ConsumerSettings, RabbitConfig, RetryVia};
+pub use dead_letters::RabbitDeadLetters;
 pub use source::RabbitSource;
+pub use spec::RabbitSourceSpec;
 pub use stored::{parse_origin, Letter};
 
 /// For the fuzz targets: what sluice reads of a producer's header table.
