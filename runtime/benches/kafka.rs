@@ -26,7 +26,6 @@ use sluice::config::{Isolation, Ordering as RouteOrdering};
 use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -128,11 +127,11 @@ async fn sluice(
     let route = Arc::new(route);
     let stop = CancellationToken::new();
     let workers = route.spawn(&stop);
-    while route.status.handled.load(Ordering::Relaxed) == 0 {
+    while route.status_view().handled == 0 {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let started = Instant::now();
-    while (route.status.handled.load(Ordering::Relaxed) as usize) < n {
+    while (route.status_view().handled as usize) < n {
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let took = started.elapsed();

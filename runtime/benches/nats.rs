@@ -18,7 +18,6 @@ use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -73,7 +72,7 @@ async fn run_route(route: Route, n: usize, feed: impl std::future::Future<Output
     feed.await;
     let (mut last, mut last_change) = (0usize, Instant::now());
     loop {
-        let handled = route.status.handled.load(Ordering::Relaxed) as usize;
+        let handled = route.status_view().handled as usize;
         if handled != last {
             (last, last_change) = (handled, Instant::now());
         }

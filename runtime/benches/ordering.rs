@@ -11,7 +11,7 @@ use sluice::brokers::{Sink, Source};
 use sluice::config::Ordering;
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::message::{Header, Outbound};
-use sluice::pipeline::keys::KeySource;
+use sluice::keys::KeySource;
 use sluice::pipeline::Route;
 use sluice::subject::SubjectPattern;
 use std::path::PathBuf;

@@ -23,7 +23,6 @@ use sluice::brokers::{Sink, Source};
 use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -119,7 +118,7 @@ async fn sluice(
     let stop = CancellationToken::new();
     let started = Instant::now();
     let workers = route.spawn(&stop);
-    while (route.status.handled.load(Ordering::Relaxed) as usize) < n {
+    while (route.status_view().handled as usize) < n {
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let took = started.elapsed();

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the pipeline and the engine.
 
+use crate::pipeline::MessageOutcome;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,8 +12,15 @@ use std::sync::Mutex;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOutcome {
     pub route: String,
-    /// ok | retry | dead_letter | duplicate
-    pub outcome: String,
+    pub outcome: MessageOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerErrorLabel {
+    /// The broker's name (`kafka`, `nats`, ...).
+    pub broker: String,
+    /// receive | ack | retry | dead_lettered | publish | publish_dead_letter | error_reply
+    pub op: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,14 +74,15 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn count(&self, outcome: &str) {
+    /// The counter of `outcome` (those not counted share `retry`'s, never
+    /// incremented for them).
+    pub fn counter(&self, outcome: MessageOutcome) -> &Counter {
         match outcome {
-            "ok" => self.ok.inc(),
-            "retry" => self.retry.inc(),
-            "dead_letter" => self.dead_letter.inc(),
-            "duplicate" => self.duplicate.inc(),
-            _ => 0,
-        };
+            MessageOutcome::Ok => &self.ok,
+            MessageOutcome::DeadLetter => &self.dead_letter,
+            MessageOutcome::Duplicate => &self.duplicate,
+            MessageOutcome::Retry | MessageOutcome::Interrupted | MessageOutcome::Panic => &self.retry,
+        }
     }
 }
 
@@ -84,6 +93,8 @@ pub struct Metrics {
     pub in_flight: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
     pub settle_errors: Family<RouteLabel, Counter>,
+    /// Broker operations that failed, by broker and operation.
+    pub broker_errors: Family<BrokerErrorLabel, Counter>,
     /// Panics caught while handling a message (the worker lives on).
     pub panics: Family<RouteLabel, Counter>,
     /// Plugin output the host cut to its bounds, by route and what.
@@ -133,6 +144,12 @@ impl Metrics {
             "Acks, retries or publishes the broker refused (the message is redelivered)",
             settle_errors.clone(),
         );
+        let broker_errors = Family::<BrokerErrorLabel, Counter>::default();
+        registry.register(
+            "broker_errors",
+            "Broker operations that failed, by broker and operation",
+            broker_errors.clone(),
+        );
         let panics = Family::<RouteLabel, Counter>::default();
         let output_cut = Family::<RouteOutput, Counter>::default();
         registry.register(
@@ -173,6 +190,7 @@ impl Metrics {
             in_flight,
             handler_duration,
             settle_errors,
+            broker_errors,
             panics,
             output_cut,
             encode_lock: Mutex::new(()),
@@ -182,11 +200,11 @@ impl Metrics {
     /// The series of one route, looked up once: the per-message path then
     /// touches atomics only.
     pub fn route(&self, route: &str) -> RouteMetrics {
-        let outcome = |o: &str| {
+        let outcome = |outcome: MessageOutcome| {
             self.messages
                 .get_or_create(&RouteOutcome {
                     route: route.to_owned(),
-                    outcome: o.to_owned(),
+                    outcome,
                 })
                 .clone()
         };
@@ -194,10 +212,10 @@ impl Metrics {
             route: route.to_owned(),
         };
         RouteMetrics {
-            ok: outcome("ok"),
-            retry: outcome("retry"),
-            dead_letter: outcome("dead_letter"),
-            duplicate: outcome("duplicate"),
+            ok: outcome(MessageOutcome::Ok),
+            retry: outcome(MessageOutcome::Retry),
+            dead_letter: outcome(MessageOutcome::DeadLetter),
+            duplicate: outcome(MessageOutcome::Duplicate),
             in_flight: self.in_flight.get_or_create(&label).clone(),
             duration: self.handler_duration.get_or_create(&label).clone(),
         }

@@ -91,6 +91,18 @@ impl fmt::Debug for SubjectPattern {
     }
 }
 
+pub const PLAIN_NAME: &str = "must be 1-200 of A-Z a-z 0-9 . _ -";
+
+/// Route and queue names: they end up in subjects, metric labels and
+/// `sluice-origin` headers, where other characters would need escaping.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,16 +135,4 @@ mod tests {
         assert!(validate_subject("a b").is_err());
         assert!(validate_subject("orders.created").is_ok());
     }
-}
-
-pub const PLAIN_NAME: &str = "must be 1-200 of A-Z a-z 0-9 . _ -";
-
-/// Route and queue names: they end up in subjects, metric labels and
-/// `sluice-origin` headers, where other characters would need escaping.
-pub fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }

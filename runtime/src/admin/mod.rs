@@ -204,7 +204,7 @@ pub fn status_view(state: &AdminState) -> StatusView {
                     isolation: plugin.isolation().as_str(),
                     concurrency: r.concurrency,
                     dead_letter: format!("{} {}", r.dead_letter_broker, r.dead_letter_subject),
-                    counts: r.status.view(),
+                    counts: r.status_view(),
                 }
             })
             .collect(),

@@ -50,6 +50,16 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// The broker (or client) that failed.
+    pub fn broker(&self) -> &'static str {
+        match self {
+            Self::Disconnected { broker, .. }
+            | Self::Failed { broker, .. }
+            | Self::Closed { broker }
+            | Self::Refused { broker, .. } => broker,
+        }
+    }
+
     pub fn refused(broker: &'static str, reason: impl Into<String>) -> Self {
         Self::Refused {
             broker,

@@ -1,5 +1,8 @@
-//! The pipeline joins a broker source to a plugin:
-//! source -> invoke -> policy -> settle, with `concurrency` workers per route.
+//! The pipeline joins a broker source to a plugin, in stages:
+//! `lane` (deliveries to workers, in order where asked) -> `gate`
+//! (idempotency) -> `invoke` (the handler, its publishes) -> `policy`
+//! (retry or dead-letter) -> `settle` (the one place a delivery is acked,
+//! retried, dead-lettered or handed back).
 //!
 //! The invariant kept here: a message is acked only after its outcome is
 //! durable — the handler's publishes confirmed by their broker, or its
@@ -7,126 +10,38 @@
 //! unacked, so the broker delivers it again.
 
 pub mod dead_letter;
-
+mod gate;
+mod invoke;
+mod lane;
+pub mod outcome;
 pub mod policy;
+mod settle;
+mod status;
 pub mod trace;
 
-use crate::brokers::{BrokerError, Delivery, Published, Sink, Source};
+pub use gate::Gate;
+pub use outcome::MessageOutcome;
+pub use status::{Liveness, RouteStatus, RouteStatusView};
+
+use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin, PluginSlot};
-use crate::idempotency::{Claim, IdempotencyStore};
 use crate::keys::KeySource;
-use crate::message::{Header, Message, Outbound, DEDUP_HEADER};
-use crate::metrics::{Metrics, RouteFailure, RouteLabel, RouteMetrics, RouteOutput};
+use crate::message::Message;
+use crate::metrics::{Metrics, RouteFailure, RouteMetrics, RouteOutput};
 use futures_util::FutureExt as _;
+use gate::{Admission, Lease};
 use policy::{FailureDecision, Policy};
-use serde::Serialize;
-use std::hash::{Hash, Hasher};
+use settle::{BrokerOp, DeadLetter, Verdict, SETTLE_RETRY_DELAY};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Pause after a source error before asking again.
-const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
-/// Delay before redelivery when settling failed (e.g. a publish was refused).
-const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Bounds of the wait before asking again for a key another worker holds:
-/// its lease may end long after the handling does.
-const BUSY_RETRY_MIN: Duration = Duration::from_millis(50);
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Header on a replayed dead letter: how often it was replayed. Part of the
 /// publish dedup ids, so a replay's publishes are not taken for duplicates.
 pub const REPLAYS_HEADER: &str = "sluice-replays";
-/// Deliveries waiting per ordering lane beyond the one being handled.
-const LANE_BUFFER: usize = 1;
-
-/// Counters shown on the status page.
-#[derive(Default)]
-pub struct RouteStatus {
-    pub handled: AtomicU64,
-    pub retried: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub last_error: Mutex<Option<String>>,
-}
-
-/// Whether a route's workers run: a route that should serve and has no
-/// worker left cannot (`/readyz` says so).
-#[derive(Default)]
-pub struct Liveness {
-    workers: AtomicU64,
-    spawned: std::sync::atomic::AtomicBool,
-    stopping: std::sync::atomic::AtomicBool,
-}
-
-impl Liveness {
-    /// Spawned, not being stopped, and no worker task left.
-    pub fn stalled(&self) -> bool {
-        self.spawned.load(Ordering::Relaxed)
-            && !self.stopping.load(Ordering::Relaxed)
-            && self.workers.load(Ordering::Relaxed) == 0
-    }
-
-    /// The route is being stopped on purpose (shutdown, reload).
-    pub fn stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Counts one worker task for as long as it lives, however it ends.
-struct WorkerAlive(Arc<Liveness>);
-
-impl WorkerAlive {
-    fn new(liveness: &Arc<Liveness>) -> Self {
-        liveness.workers.fetch_add(1, Ordering::Relaxed);
-        Self(liveness.clone())
-    }
-}
-
-impl Drop for WorkerAlive {
-    fn drop(&mut self) {
-        self.0.workers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RouteStatusView {
-    pub handled: u64,
-    pub retried: u64,
-    pub dead_lettered: u64,
-    pub in_flight: u64,
-    pub last_error: Option<String>,
-}
-
-impl RouteStatus {
-    pub fn view(&self) -> RouteStatusView {
-        RouteStatusView {
-            handled: self.handled.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
-        }
-    }
-
-    fn set_error(&self, error: String) {
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(crate::engine::bounded(error));
-        }
-    }
-}
-
-/// The idempotency gate of a route.
-pub struct Gate {
-    pub key: KeySource,
-    pub store: Arc<dyn IdempotencyStore>,
-    pub ttl: Duration,
-    pub lease: Duration,
-}
 
 /// One configured route, ready to run.
 pub struct Route {
@@ -199,15 +114,6 @@ impl Route {
     }
 }
 
-/// A failure on its way to the dead-letter destination.
-struct Failure<'a> {
-    kind: FailureKind,
-    reason: &'a str,
-    /// Send the requester an error reply (not when its reply address was
-    /// the problem).
-    answer_requester: bool,
-}
-
 /// How a failed attempt waits for the next.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RetryMode {
@@ -217,160 +123,7 @@ enum RetryMode {
     InPlace,
 }
 
-/// A unique token per handling, the owner of an idempotency lease.
-fn lease_owner() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        crate::message::process_nonce(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn lane_of(key: &str, lanes: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % lanes.max(1) as u64) as usize
-}
-
-enum LaneSender {
-    Bounded(mpsc::Sender<Box<dyn Delivery>>),
-    Unbounded(mpsc::UnboundedSender<Box<dyn Delivery>>),
-}
-
-enum LaneReceiver {
-    Bounded(mpsc::Receiver<Box<dyn Delivery>>),
-    Unbounded(mpsc::UnboundedReceiver<Box<dyn Delivery>>),
-}
-
-impl LaneReceiver {
-    async fn recv(&mut self) -> Option<Box<dyn Delivery>> {
-        match self {
-            Self::Bounded(rx) => rx.recv().await,
-            Self::Unbounded(rx) => rx.recv().await,
-        }
-    }
-}
-
-/// The outcome label counted in `sluice_messages_total`.
-type Label = &'static str;
-/// Handling stopped by shutdown; the delivery went back unsettled.
-const INTERRUPTED: Label = "interrupted";
-/// Handling panicked; the delivery went back unsettled.
-const PANICKED: Label = "panic";
-
 impl Route {
-    /// Starts the route's workers. They stop taking messages when `shutdown`
-    /// is cancelled and return once their current message is settled.
-    pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-        self.liveness.spawned.store(true, Ordering::Relaxed);
-        match self.ordering {
-            RouteOrdering::None => (0..self.concurrency)
-                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), self.alive())))
-                .collect(),
-            RouteOrdering::Key | RouteOrdering::Partition => {
-                let lanes = self.concurrency as usize;
-                let mut handles = Vec::with_capacity(lanes + 1);
-                let mut senders = Vec::with_capacity(lanes);
-                // A source that pauses its own partitions bounds memory; a
-                // busy lane must not then hold up the others.
-                let unbounded = self.source.bounds_in_flight();
-                for _ in 0..lanes {
-                    let (tx, rx) = if unbounded {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        (LaneSender::Unbounded(tx), LaneReceiver::Unbounded(rx))
-                    } else {
-                        let (tx, rx) = mpsc::channel(LANE_BUFFER);
-                        (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
-                    };
-                    senders.push(tx);
-                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone(), self.alive())));
-                }
-                handles.push(tokio::spawn(self.clone().dispatch(
-                    senders,
-                    shutdown.clone(),
-                    self.alive(),
-                )));
-                handles
-            }
-        }
-    }
-
-    /// A worker's share of the liveness count, taken before the task is
-    /// spawned (so the count is right the moment `spawn` returns).
-    fn alive(&self) -> WorkerAlive {
-        WorkerAlive::new(&self.liveness)
-    }
-
-    async fn next_delivery(&self, shutdown: &CancellationToken) -> Option<Box<dyn Delivery>> {
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return None,
-                next = self.source.next() => next,
-            };
-            match next {
-                Ok(delivery) => return Some(delivery),
-                Err(BrokerError::Closed { .. }) => return None,
-                Err(e) => {
-                    tracing::warn!(route = %self.name, "source: {e}");
-                    self.status.set_error(e.to_string());
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(SOURCE_ERROR_PAUSE) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Unordered: take, handle, settle, repeat.
-    async fn worker(self: Arc<Self>, shutdown: CancellationToken, _alive: WorkerAlive) {
-        while let Some(delivery) = self.next_delivery(&shutdown).await {
-            self.process(delivery, RetryMode::Broker, &shutdown).await;
-        }
-    }
-
-    /// Ordered: hands each delivery to the lane of its key. A full lane
-    /// blocks the dispatcher, which stops taking messages: backpressure.
-    async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken, _alive: WorkerAlive) {
-        while let Some(delivery) = self.next_delivery(&shutdown).await {
-            let index = match (self.ordering, delivery.partition()) {
-                (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
-                // One partition (the embedded broker): one lane.
-                (RouteOrdering::Partition, None) => 0,
-                _ => {
-                    let msg = delivery.message();
-                    let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
-                    lane_of(&key, lanes.len())
-                }
-            };
-            let sent = match &lanes[index] {
-                LaneSender::Unbounded(lane) => lane.send(delivery).is_ok(),
-                LaneSender::Bounded(lane) => tokio::select! {
-                    // Dropped unsent: handed back to the broker.
-                    _ = shutdown.cancelled() => return,
-                    sent = lane.send(delivery) => sent.is_ok(),
-                },
-            };
-            if !sent {
-                return;
-            }
-        }
-    }
-
-    async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken, _alive: WorkerAlive) {
-        loop {
-            let delivery = tokio::select! {
-                biased;
-                // Waiting deliveries are dropped, i.e. handed back.
-                _ = shutdown.cancelled() => return,
-                d = rx.recv() => match d { Some(d) => d, None => return },
-            };
-            self.process(delivery, RetryMode::InPlace, &shutdown).await;
-        }
-    }
-
     /// Runs one delivery through gate, invoke, policy and settle.
     async fn process(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) {
         let msg = delivery.message();
@@ -409,18 +162,22 @@ impl Route {
             let started_at = std::time::SystemTime::now();
             let gauge = &self.series().in_flight;
             gauge.inc();
-            self.status.in_flight.fetch_add(1, Ordering::Relaxed);
             let traceparent = trace.as_ref().map(|t| t.traceparent.as_str());
             // Last line of defence: a panic anywhere in the handling hands
             // the delivery back (dropped unsettled) and the worker lives on.
-            let outcome = match AssertUnwindSafe(self.handle(delivery, mode, traceparent, shutdown))
-                .catch_unwind()
-                .await
-            {
+            let handling = async {
+                let (verdict, lease) = if delivery.begin() {
+                    self.handle(delivery.message(), mode, traceparent, shutdown).await
+                } else {
+                    (Verdict::HandBack(MessageOutcome::Interrupted), None)
+                };
+                self.settle(delivery, verdict, lease).await
+            };
+            let outcome = match AssertUnwindSafe(handling).catch_unwind().await {
                 Ok(outcome) => outcome,
                 Err(panic) => {
                     self.caught_panic("handling a message", panic.as_ref());
-                    PANICKED
+                    MessageOutcome::Panic
                 }
             };
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -439,97 +196,78 @@ impl Route {
                     subject,
                     message_id,
                     attempt,
-                    outcome,
+                    outcome: outcome.as_str(),
                 });
             }
-            if outcome != INTERRUPTED {
-                self.count(outcome);
-            }
+            self.count(outcome);
             gauge.dec();
-            self.status.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         .instrument(span)
         .await
     }
 
+    /// Gate, invoke and policy: what should become of the delivery, and the
+    /// lease on its key if it holds one.
     async fn handle(
         &self,
-        delivery: Box<dyn Delivery>,
+        message: &Message,
         mode: RetryMode,
         traceparent: Option<&str>,
         shutdown: &CancellationToken,
-    ) -> Label {
-        if !delivery.begin() {
-            return INTERRUPTED;
-        }
-        // Lease owners matter only with a gate; no allocation otherwise.
-        let owner = if self.gate.is_some() {
-            lease_owner()
-        } else {
-            String::new()
-        };
-        let gate_key = self
-            .gate
-            .as_ref()
-            .and_then(|g| g.key.extract(delivery.message()))
-            .map(|k| format!("{}:{k}", self.name));
-
-        if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
-            loop {
-                match gate.store.claim(key, &owner, gate.lease).await {
-                    Ok(Claim::Acquired) => break,
-                    Ok(Claim::Done) => {
-                        tracing::debug!(key = %key, "duplicate: already handled");
-                        self.settle_result(delivery.ack().await, "ack of a duplicate");
-                        return "duplicate";
-                    }
-                    Ok(Claim::Busy { retry_in }) => {
-                        let wait = retry_in.clamp(BUSY_RETRY_MIN, BUSY_RETRY_MAX);
-                        if mode == RetryMode::Broker {
-                            self.settle_result(delivery.retry(wait).await, "retry of a busy key");
-                            return "retry";
+    ) -> (Verdict, Option<Lease>) {
+        let lease = match &self.gate {
+            None => None,
+            Some(gate) => {
+                let key = gate.key_of(&self.name, message);
+                loop {
+                    match gate.admit(key.clone()).await {
+                        Admission::Run(lease) => break lease,
+                        Admission::Duplicate => {
+                            tracing::debug!(key = ?key, "duplicate: already handled");
+                            return (Verdict::Ack(MessageOutcome::Duplicate), None);
                         }
-                        if !sleep_unless(shutdown, wait).await {
-                            return INTERRUPTED; // dropped: handed back
+                        Admission::Busy(wait) if mode == RetryMode::Broker => {
+                            return (Verdict::RetryAfter(wait), None);
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!("idempotency store: {e}; the message will be redelivered");
-                        self.status.set_error(e.to_string());
-                        self.settle_result(delivery.retry(SETTLE_RETRY_DELAY).await, "retry");
-                        return "retry";
+                        Admission::Busy(wait) => {
+                            if !sleep_unless(shutdown, wait).await {
+                                return (Verdict::HandBack(MessageOutcome::Interrupted), None);
+                            }
+                        }
+                        Admission::StoreFailed(e) => {
+                            tracing::error!("idempotency store: {e}; the message will be redelivered");
+                            self.status.set_error(e.to_string());
+                            return (Verdict::RetryAfter(SETTLE_RETRY_DELAY), None);
+                        }
                     }
                 }
             }
-        }
-
+        };
+        let gate_key = lease.as_ref().map(|l| l.key().to_owned());
         // This message runs on the version current now, to the end, even if
         // a hot reload swaps the plugin meanwhile.
         let plugin = self.plugin.current();
-        // A reply address is the producer's choice: it must not point sluice
-        // at the server's own APIs or at its dead-letter subject. Refused
-        // before the handler runs; no reply is sent there.
-        if let Some(why) = delivery
-            .message()
-            .reply_to
-            .as_deref()
-            .and_then(|r| self.refused_reply(r))
-        {
+        let dead_letter = |kind, reason, answer_requester, msg: Message| {
+            Verdict::DeadLetter(Box::new(DeadLetter {
+                kind,
+                reason,
+                answer_requester,
+                msg,
+                gate_key: gate_key.clone(),
+                plugin: plugin.clone(),
+                traceparent: traceparent.map(str::to_owned),
+            }))
+        };
+        // A reply address is the producer's choice: refused before the
+        // handler runs; no reply is sent there.
+        if let Some(why) = message.reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
             tracing::warn!("refusing the message: {why}");
             self.note_failure(FailureKind::InvalidPublish, &why);
-            self.release(gate_key.as_deref(), &owner).await;
-            let msg = delivery.message().clone();
-            let failure = Failure {
-                kind: FailureKind::InvalidPublish,
-                reason: &why,
-                answer_requester: false,
-            };
-            return self
-                .dead_letter(delivery, &plugin, &msg, gate_key.as_deref(), traceparent, failure)
-                .await;
+            let msg = message.clone();
+            return (dead_letter(FailureKind::InvalidPublish, why, false, msg), lease);
         }
         // Cloned only if a retry in place needs a new attempt number.
-        let mut msg: std::borrow::Cow<'_, Message> = std::borrow::Cow::Borrowed(delivery.message());
+        let mut msg: std::borrow::Cow<'_, Message> = std::borrow::Cow::Borrowed(message);
         loop {
             let invocation = self.invoke(&plugin, &msg).await;
             self.observe(&invocation);
@@ -537,17 +275,7 @@ impl Route {
                 Outcome::Ok { reply } => {
                     let outbound = self.outbound(&msg, gate_key.as_deref(), traceparent, invocation.publishes, reply);
                     match self.send(&*self.sink, outbound).await {
-                        Ok(_) => {
-                            if let (Some(gate), Some(key)) = (&self.gate, &gate_key) {
-                                // The publishes are durable: a failure here only
-                                // risks a rerun, whose publishes carry the same
-                                // dedup ids.
-                                if let Err(e) = gate.store.complete(key, &owner, gate.ttl).await {
-                                    tracing::warn!("cannot record {key} as done: {e}");
-                                }
-                            }
-                            return self.settle_result(delivery.ack().await, "ok");
-                        }
+                        Ok(_) => return (Verdict::Ack(MessageOutcome::Ok), lease),
                         // A publish that failed is a failed attempt: counted,
                         // retried with backoff, dead-lettered in the end (at
                         // once when the broker can never carry it).
@@ -557,9 +285,9 @@ impl Route {
                             } else {
                                 FailureKind::Retryable
                             };
+                            self.broker_error(BrokerOp::Publish, &e);
                             let reason = format!("publishing the handler's messages: {e}");
                             self.note_failure(kind, &reason);
-                            self.count_settle_error();
                             (kind, reason)
                         }
                     }
@@ -579,118 +307,37 @@ impl Route {
                 FailureDecision::Retry(delay) => {
                     tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
                     if mode == RetryMode::Broker {
-                        self.release(gate_key.as_deref(), &owner).await;
-                        return self.settle_result(delivery.retry(delay).await, "retry");
+                        return (Verdict::RetryAfter(delay), lease);
                     }
                     // In place: each retry is counted as it happens; the
                     // message's final outcome is counted when it settles.
-                    self.count("retry");
+                    self.count(MessageOutcome::Retry);
                     if !sleep_unless(shutdown, delay).await {
-                        self.release(gate_key.as_deref(), &owner).await;
-                        return INTERRUPTED;
+                        return (Verdict::HandBack(MessageOutcome::Interrupted), lease);
                     }
                     let next = msg.attempt.saturating_add(1);
                     msg.to_mut().attempt = next;
                 }
                 FailureDecision::DeadLetter { kind, reason } => {
-                    tracing::warn!(kind = %kind, dead_letter = %self.dead_letter_subject, "dead-lettering: {reason}");
-                    // Released, not done: a replayed copy must run again.
-                    self.release(gate_key.as_deref(), &owner).await;
-                    let msg = msg.into_owned();
-                    let failure = Failure {
-                        kind,
-                        reason: &reason,
-                        answer_requester: true,
-                    };
-                    return self
-                        .dead_letter(delivery, &plugin, &msg, gate_key.as_deref(), traceparent, failure)
-                        .await;
+                    return (dead_letter(kind, reason, true, msg.into_owned()), lease);
                 }
             }
         }
-    }
-
-    /// Why a reply address must not be used, if it must not.
-    fn refused_reply(&self, reply_to: &str) -> Option<String> {
-        if let Err(why) = crate::headers::check_address(reply_to) {
-            return Some(format!("reply address {why}"));
-        }
-        if crate::headers::is_system_subject(reply_to)
-            || reply_to == self.dead_letter_subject
-            || self.reserved_replies.iter().any(|p| p.matches(reply_to))
-        {
-            return Some(format!(
-                "reply address {:?} is a server API, dead-letter or route input subject",
-                crate::headers::shown(reply_to)
-            ));
-        }
-        None
-    }
-
-    /// Runs the handler; a panic in the host while doing so (a bug, never
-    /// the plugin's trap, which wasmtime reports) fails the attempt as a
-    /// trap instead of killing the worker.
-    async fn invoke(&self, plugin: &Plugin, msg: &Message) -> Invocation {
-        let started = std::time::Instant::now();
-        match AssertUnwindSafe(plugin.invoke(&self.name, msg)).catch_unwind().await {
-            Ok(invocation) => invocation,
-            Err(panic) => {
-                let why = self.caught_panic("running the handler", panic.as_ref());
-                Invocation {
-                    outcome: Outcome::failed(FailureKind::Trap, why),
-                    publishes: Vec::new(),
-                    cut: Default::default(),
-                    duration: started.elapsed(),
-                }
-            }
-        }
-    }
-
-    /// Publishes through `sink`; a panic inside the broker client (some
-    /// assert on values they dislike) is caught and refused.
-    async fn send(&self, sink: &dyn Sink, outbound: Vec<Outbound>) -> Result<Published, BrokerError> {
-        if outbound.is_empty() {
-            return Ok(Published::default());
-        }
-        match AssertUnwindSafe(sink.publish(outbound)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => Err(BrokerError::refused(
-                "publish",
-                self.caught_panic("publishing", panic.as_ref()),
-            )),
-        }
-    }
-
-    /// Logs and counts a caught panic; returns its text.
-    fn caught_panic(&self, what: &str, panic: &(dyn std::any::Any + Send)) -> String {
-        let text = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        tracing::error!(route = %self.name, "caught a panic while {what}: {text}");
-        self.metrics
-            .panics
-            .get_or_create(&RouteLabel {
-                route: self.name.clone(),
-            })
-            .inc();
-        crate::engine::bounded(format!("internal error while {what}: {text}"))
     }
 
     fn series(&self) -> &RouteMetrics {
         self.series.get_or_init(|| self.metrics.route(&self.name))
     }
 
-    fn count(&self, outcome: Label) {
-        self.series().count(outcome);
-        let counter = match outcome {
-            "ok" => &self.status.handled,
-            "retry" => &self.status.retried,
-            "dead_letter" => &self.status.dead_lettered,
-            _ => return,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// The status page's view: the same counters as `/metrics`.
+    pub fn status_view(&self) -> RouteStatusView {
+        self.status.view(self.series())
+    }
+
+    fn count(&self, outcome: MessageOutcome) {
+        if MessageOutcome::COUNTED.contains(&outcome) {
+            self.series().counter(outcome).inc();
+        }
     }
 
     fn observe(&self, invocation: &Invocation) {
@@ -726,177 +373,6 @@ impl Route {
             })
             .inc();
         self.status.set_error(format!("{kind}: {reason}"));
-    }
-
-    fn count_settle_error(&self) {
-        self.metrics
-            .settle_errors
-            .get_or_create(&RouteLabel {
-                route: self.name.clone(),
-            })
-            .inc();
-    }
-
-    /// The base of the dedup ids of what handling `msg` sends: the
-    /// idempotency key, else the message id; a replay counts apart.
-    fn dedup_base(&self, msg: &Message, gate_key: Option<&str>) -> String {
-        let mut base = gate_key
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("{}:{}", self.name, msg.id));
-        // Only a count: the header is the producer's to forge.
-        if let Some(replays) = msg.header(REPLAYS_HEADER).and_then(|r| r.parse::<u32>().ok()) {
-            base = format!("{base}:r{replays}");
-        }
-        base
-    }
-
-    /// The handler's publishes and reply, each with a dedup id derived from
-    /// the idempotency key (else the message id), so a rerun's publishes are
-    /// recognised downstream.
-    fn outbound(
-        &self,
-        msg: &Message,
-        gate_key: Option<&str>,
-        traceparent: Option<&str>,
-        publishes: Vec<Outbound>,
-        reply: Option<crate::engine::Reply>,
-    ) -> Vec<Outbound> {
-        let mut outbound = publishes;
-        if let (Some(reply), Some(reply_to)) = (reply, &msg.reply_to) {
-            outbound.push(Outbound {
-                subject: reply_to.clone(),
-                headers: reply.headers,
-                payload: reply.payload,
-            });
-        }
-        if outbound.is_empty() {
-            return outbound;
-        }
-        if let Some(tp) = traceparent {
-            for m in &mut outbound {
-                trace::stamp(&mut m.headers, tp);
-            }
-        }
-        // Plugins cannot set the dedup header (it is reserved): the host's
-        // id is the only one.
-        let base = self.dedup_base(msg, gate_key);
-        for (i, m) in outbound.iter_mut().enumerate() {
-            m.headers.push(Header::new(DEDUP_HEADER, format!("{base}:{i}")));
-        }
-        outbound
-    }
-
-    async fn release(&self, gate_key: Option<&str>, owner: &str) {
-        if let (Some(gate), Some(key)) = (&self.gate, gate_key) {
-            if let Err(e) = gate.store.release(key, owner).await {
-                tracing::warn!("cannot release {key}: {e}; it frees up when its lease ends");
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        delivery: Box<dyn Delivery>,
-        plugin: &Plugin,
-        msg: &Message,
-        gate_key: Option<&str>,
-        traceparent: Option<&str>,
-        failure: Failure<'_>,
-    ) -> Label {
-        let Failure {
-            kind,
-            reason,
-            answer_requester,
-        } = failure;
-        if let (Some(reply_to), true) = (&msg.reply_to, answer_requester) {
-            // The requester is waiting: tell it what went wrong.
-            let mut error_reply = Outbound {
-                subject: reply_to.clone(),
-                headers: vec![
-                    Header::new(dead_letter::ERROR, dead_letter::one_line(reason)),
-                    Header::new(dead_letter::ERROR_KIND, kind.as_str()),
-                ],
-                payload: Vec::new(),
-            };
-            if let Some(tp) = traceparent {
-                trace::stamp(&mut error_reply.headers, tp);
-            }
-            if let Err(e) = self.send(&*self.sink, vec![error_reply]).await {
-                tracing::warn!("cannot send the error reply to {reply_to}: {e}");
-            }
-        }
-        // Its own dedup id: never dropped as a duplicate of its original
-        // (whose producer-set id it would otherwise carry).
-        // The content hash keeps two different messages that share a
-        // producer-chosen id (an AMQP message-id) apart.
-        let dedup_id = format!(
-            "{}:dlq:{}:{}",
-            self.dedup_base(msg, gate_key),
-            msg.attempt,
-            dead_letter::content_hash(msg)
-        );
-        let mut copy = dead_letter::copy(
-            msg,
-            &self.dead_letter_subject,
-            dead_letter::FailureContext {
-                kind,
-                reason,
-                route: &self.name,
-                plugin_name: plugin.name(),
-                plugin_hash: plugin.hash(),
-                origin: delivery.origin(),
-                dedup_id,
-            },
-        );
-        if let Some(tp) = traceparent {
-            trace::stamp(&mut copy.headers, tp);
-        }
-        let mut sent = self.send(&*self.dead_letter_sink, vec![copy.clone()]).await;
-        if let Err(BrokerError::Refused { .. }) = &sent {
-            // A header of the original that the dead-letter broker cannot
-            // carry (it came from another broker): keep the rest.
-            let (kept, dropped) = dead_letter::portable(copy);
-            tracing::warn!("the dead-letter broker refused {dropped} header(s) of the original; sending without them");
-            sent = self.send(&*self.dead_letter_sink, vec![kept.clone()]).await;
-            if let Err(BrokerError::Refused { reason, .. }) = &sent {
-                // Still refused (too large once the failure headers are on):
-                // the failure without the payload, rather than a loop.
-                tracing::error!(
-                    "the dead-letter broker refused the dead letter ({reason}); sending it without its payload"
-                );
-                sent = self
-                    .send(&*self.dead_letter_sink, vec![dead_letter::without_payload(kept)])
-                    .await;
-            }
-        }
-        match sent {
-            Err(e) => self.settle_failed(delivery, "publishing the dead letter", e).await,
-            Ok(published) => {
-                if published.duplicates > 0 {
-                    tracing::debug!("this dead letter was stored by an earlier attempt");
-                }
-                self.settle_result(delivery.dead_lettered().await, "dead_letter")
-            }
-        }
-    }
-
-    /// A publish failed: the message must not be acked; have it redelivered.
-    async fn settle_failed(&self, delivery: Box<dyn Delivery>, what: &str, e: BrokerError) -> Label {
-        tracing::error!("{what} failed, the message will be redelivered: {e}");
-        self.status.set_error(format!("{what}: {e}"));
-        self.count_settle_error();
-        // If even the retry fails, dropping the delivery hands it back.
-        let _ = delivery.retry(SETTLE_RETRY_DELAY).await;
-        "retry"
-    }
-
-    fn settle_result(&self, result: Result<(), BrokerError>, label: Label) -> Label {
-        if let Err(e) = result {
-            tracing::error!("settling ({label}) failed, the message will be redelivered: {e}");
-            self.status.set_error(format!("settle: {e}"));
-            self.count_settle_error();
-        }
-        label
     }
 }
 

@@ -1,0 +1,147 @@
+//! How a route's deliveries reach its workers: unordered, `concurrency`
+//! workers take from the source; ordered, one dispatcher hands each
+//! delivery to the lane of its key (or partition) and each lane handles
+//! one at a time.
+
+use super::status::WorkerAlive;
+use super::{RetryMode, Route};
+use crate::brokers::{BrokerError, Delivery};
+use crate::config::Ordering as RouteOrdering;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Pause after a source error before asking again.
+const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
+/// Deliveries waiting per ordering lane beyond the one being handled.
+const LANE_BUFFER: usize = 1;
+
+fn lane_of(key: &str, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % lanes.max(1) as u64) as usize
+}
+
+enum LaneSender {
+    Bounded(mpsc::Sender<Box<dyn Delivery>>),
+    Unbounded(mpsc::UnboundedSender<Box<dyn Delivery>>),
+}
+
+enum LaneReceiver {
+    Bounded(mpsc::Receiver<Box<dyn Delivery>>),
+    Unbounded(mpsc::UnboundedReceiver<Box<dyn Delivery>>),
+}
+
+impl LaneReceiver {
+    async fn recv(&mut self) -> Option<Box<dyn Delivery>> {
+        match self {
+            Self::Bounded(rx) => rx.recv().await,
+            Self::Unbounded(rx) => rx.recv().await,
+        }
+    }
+}
+
+impl Route {
+    /// Starts the route's workers. They stop taking messages when `shutdown`
+    /// is cancelled and return once their current message is settled.
+    pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        self.liveness.spawned();
+        let alive = || WorkerAlive::new(&self.liveness);
+        match self.ordering {
+            RouteOrdering::None => (0..self.concurrency)
+                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), alive())))
+                .collect(),
+            RouteOrdering::Key | RouteOrdering::Partition => {
+                let lanes = self.concurrency as usize;
+                let mut handles = Vec::with_capacity(lanes + 1);
+                let mut senders = Vec::with_capacity(lanes);
+                // A source that pauses its own partitions bounds memory; a
+                // busy lane must not then hold up the others.
+                let unbounded = self.source.bounds_in_flight();
+                for _ in 0..lanes {
+                    let (tx, rx) = if unbounded {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (LaneSender::Unbounded(tx), LaneReceiver::Unbounded(rx))
+                    } else {
+                        let (tx, rx) = mpsc::channel(LANE_BUFFER);
+                        (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
+                    };
+                    senders.push(tx);
+                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone(), alive())));
+                }
+                handles.push(tokio::spawn(self.clone().dispatch(senders, shutdown.clone(), alive())));
+                handles
+            }
+        }
+    }
+
+    async fn next_delivery(&self, shutdown: &CancellationToken) -> Option<Box<dyn Delivery>> {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                next = self.source.next() => next,
+            };
+            match next {
+                Ok(delivery) => return Some(delivery),
+                Err(BrokerError::Closed { .. }) => return None,
+                Err(e) => {
+                    self.broker_error(super::settle::BrokerOp::Receive, &e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(SOURCE_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unordered: take, handle, settle, repeat.
+    async fn worker(self: Arc<Self>, shutdown: CancellationToken, _alive: WorkerAlive) {
+        while let Some(delivery) = self.next_delivery(&shutdown).await {
+            self.process(delivery, RetryMode::Broker, &shutdown).await;
+        }
+    }
+
+    /// Ordered: hands each delivery to the lane of its key. A full lane
+    /// blocks the dispatcher, which stops taking messages: backpressure.
+    async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken, _alive: WorkerAlive) {
+        while let Some(delivery) = self.next_delivery(&shutdown).await {
+            let index = match (self.ordering, delivery.partition()) {
+                (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
+                // One partition (the embedded broker): one lane.
+                (RouteOrdering::Partition, None) => 0,
+                _ => {
+                    let msg = delivery.message();
+                    let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
+                    lane_of(&key, lanes.len())
+                }
+            };
+            let sent = match &lanes[index] {
+                LaneSender::Unbounded(lane) => lane.send(delivery).is_ok(),
+                LaneSender::Bounded(lane) => tokio::select! {
+                    // Dropped unsent: handed back to the broker.
+                    _ = shutdown.cancelled() => return,
+                    sent = lane.send(delivery) => sent.is_ok(),
+                },
+            };
+            if !sent {
+                return;
+            }
+        }
+    }
+
+    async fn lane(self: Arc<Self>, mut rx: LaneReceiver, shutdown: CancellationToken, _alive: WorkerAlive) {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                // Waiting deliveries are dropped, i.e. handed back.
+                _ = shutdown.cancelled() => return,
+                d = rx.recv() => match d { Some(d) => d, None => return },
+            };
+            self.process(delivery, RetryMode::InPlace, &shutdown).await;
+        }
+    }
+}
