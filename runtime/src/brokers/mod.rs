@@ -153,6 +153,9 @@ pub trait Sink: Send + Sync {
 pub struct Guarantees {
     /// Unsettled deliveries (dropped, or lost in a crash) come back.
     pub redelivers: bool,
+    /// Its sinks store a message once per dedup id (`Nats-Msg-Id`) within a
+    /// window, reporting later copies in [`Published::duplicates`].
+    pub drops_duplicates: bool,
 }
 
 /// A route as a broker sees it: what its defaults and checks depend on.
@@ -205,6 +208,10 @@ pub trait DeadLetterStore: Send + Sync {
     /// the dead-letter destination could name another), and removes it once
     /// the copy is confirmed. Returns how many moved.
     fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>>;
+    /// True where a replayed letter stays (a log, e.g. a Kafka topic).
+    fn keeps_replayed(&self) -> bool {
+        false
+    }
 }
 
 /// Reads the letters up to `seq` to find one: for stores whose sequence is

@@ -81,6 +81,7 @@ impl BrokerKind {
     pub fn guarantees(self) -> Guarantees {
         Guarantees {
             redelivers: self != Self::Nats,
+            drops_duplicates: matches!(self, Self::Embedded | Self::Jetstream),
         }
     }
 }

@@ -35,6 +35,10 @@ impl DeadLetterStore for KafkaDeadLetters {
         })
     }
 
+    fn keeps_replayed(&self) -> bool {
+        true
+    }
+
     fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>> {
         Box::pin(async move {
             let mut selected = Vec::new();

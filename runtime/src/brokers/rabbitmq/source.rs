@@ -244,9 +244,10 @@ fn requeue() -> BasicNackOptions {
     }
 }
 
-/// Rounds a delay to a ladder of ten steps per decade (1, 1.2, 1.5, 2, 2.5,
-/// 3, 4, 5, 6, 8), so that a jittered backoff needs a bounded number of delay
-/// queues; the error is at most ~15 %.
+/// Rounds a delay up to a ladder of ten steps per decade (1, 1.2, 1.5, 2,
+/// 2.5, 3, 4, 5, 6, 8), so that a jittered backoff needs a bounded number of
+/// delay queues. Up, never down: a retry is never redelivered earlier than
+/// asked (the adapter contract); it is at most a third later.
 pub fn quantize(delay: Duration) -> Duration {
     const LADDER: [f64; 11] = [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0];
     let ms = delay.as_secs_f64() * 1000.0;
@@ -255,16 +256,15 @@ pub fn quantize(delay: Duration) -> Duration {
     }
     let decade = 10f64.powf(ms.log10().floor());
     let mantissa = ms / decade;
+    // A hair of tolerance so that a ladder value itself (whose mantissa
+    // float division may put just above it) stays where it is.
     let step = LADDER
         .iter()
         .copied()
-        .min_by(|a, b| {
-            let da = (mantissa.ln() - a.ln()).abs();
-            let db = (mantissa.ln() - b.ln()).abs();
-            da.total_cmp(&db)
-        })
-        .unwrap_or(1.0);
-    Duration::from_millis((step * decade).round() as u64)
+        .find(|step| *step >= mantissa - 1e-9)
+        .unwrap_or(10.0);
+    let quantized = Duration::from_millis((step * decade).round() as u64);
+    quantized.max(Duration::from_millis(ms.ceil() as u64))
 }
 
 impl Delivery for RabbitDelivery {
@@ -335,8 +335,9 @@ mod tests {
         }
         for ms in 11..100_000u64 {
             let q = quantize(Duration::from_millis(ms)).as_millis() as f64;
-            let err = (q - ms as f64).abs() / ms as f64;
-            assert!(err <= 0.16, "{ms} -> {q}");
+            assert!(q >= ms as f64, "{ms} -> {q}: earlier than asked");
+            let err = (q - ms as f64) / ms as f64;
+            assert!(err <= 0.34, "{ms} -> {q}");
         }
     }
 }

@@ -1,0 +1,397 @@
+//! The broker adapter contract (`brokers/mod.rs`), written once and run
+//! against every adapter over its real broker: embedded, core NATS,
+//! JetStream, RabbitMQ and Kafka. Adapters are built through the one broker
+//! table, as the daemon builds them. A broker that cannot keep a guarantee
+//! declares it (`Guarantees`) and the declared behaviour is checked instead.
+//!
+//! Each adapter runs the whole contract in one test, in order, on names of
+//! its own: ack is final; a dropped delivery is handed back; retry-after
+//! redelivers no earlier than asked with attempt + 1; dead-letter-then-ack
+//! leaves one copy with its `sluice-*` headers and the original bytes, which
+//! `sluice dlq` lists, shows and replays; a sink reports a duplicate as a
+//! duplicate; a source closed with a delivery in flight loses nothing.
+
+use sluice::brokers::{BrokerKind, Brokers};
+use sluice::brokers::{BrokersConfig, DeadLetterTarget, Delivery, RouteContext, RouteUse, Sink, Source, SourceSpec};
+use sluice::dlq::{DeadLetters, Filter};
+use sluice::message::{find_header, Header, Outbound, DEDUP_HEADER};
+use sluice_tests::{kafka, rabbit, unique};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest wait for a delivery that must come (a Kafka group join on the
+/// test broker takes seconds).
+const ARRIVES: Duration = Duration::from_secs(30);
+/// A retry's delay: not a step of any broker's delay ladder, so rounding
+/// down would show.
+const RETRY_DELAY: Duration = Duration::from_millis(550);
+const ROUTE: &str = "conformance";
+
+struct Case {
+    brokers: String,
+    source: String,
+    /// Where the sink publishes for the source to receive.
+    input: String,
+    dead_letter: String,
+}
+
+fn nats_url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+#[derive(serde::Deserialize)]
+struct SourceOnly {
+    source: SourceSpec,
+}
+
+/// The adapter under test, built through the broker table.
+struct Adapter {
+    brokers: Brokers,
+    kind: BrokerKind,
+    spec: SourceSpec,
+    dead_letter: String,
+    input: String,
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+    dead_letter_sink: Arc<dyn Sink>,
+    _dir: tempfile::TempDir,
+}
+
+impl Adapter {
+    fn route_use(&self) -> RouteUse<'_> {
+        route_use(&self.spec, &self.dead_letter)
+    }
+
+    async fn open(case: Case) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config: BrokersConfig = toml::from_str(&case.brokers).expect("brokers config");
+        let spec = toml::from_str::<SourceOnly>(&format!("source = {}", case.source))
+            .expect("source spec")
+            .source;
+        let uses = route_use(&spec, &case.dead_letter);
+        let brokers = Brokers::open(&config, dir.path(), std::slice::from_ref(&uses))
+            .await
+            .expect("brokers open");
+        let kind = spec.kind();
+        let sink = brokers.sink(kind).expect("sink");
+        let dead_letter_sink = brokers.dead_letter_sink(&uses).await.expect("dead-letter sink");
+        let (source, _) = brokers.source(&uses).await.expect("source");
+        drop(uses);
+        Self {
+            brokers,
+            kind,
+            spec,
+            dead_letter: case.dead_letter,
+            input: case.input,
+            source,
+            sink,
+            dead_letter_sink,
+            _dir: dir,
+        }
+    }
+
+    async fn publish(&self, payload: &[u8], headers: Vec<Header>) -> usize {
+        let m = Outbound {
+            subject: self.input.clone(),
+            headers,
+            payload: payload.to_vec(),
+        };
+        self.sink.publish(vec![m]).await.expect("publish").duplicates
+    }
+
+    /// The next delivery, begun as the pipeline begins it.
+    async fn next(&self, within: Duration) -> Option<Box<dyn Delivery>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.source.next()).await {
+                Err(_) => return None,
+                Ok(Err(e)) => panic!("{:?}: source failed: {e}", self.kind),
+                Ok(Ok(d)) if d.begin() => return Some(d),
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    async fn expect(&self, payload: &[u8], what: &str) -> Box<dyn Delivery> {
+        let d = self
+            .next(ARRIVES)
+            .await
+            .unwrap_or_else(|| panic!("{:?}: {what}: nothing arrived", self.kind));
+        assert_eq!(
+            d.message().payload,
+            payload,
+            "{:?}: {what}: another message arrived first",
+            self.kind
+        );
+        d
+    }
+
+    fn dead_letters(&self) -> Option<DeadLetters> {
+        let stores = self.brokers.dead_letter_stores(&[self.route_use()]);
+        stores.get(&self.dead_letter).cloned().map(DeadLetters)
+    }
+
+    async fn reopen_source(&mut self) {
+        self.source.close().await;
+        let (source, _) = self.brokers.source(&self.route_use()).await.expect("source again");
+        self.source = source;
+    }
+}
+
+fn route_use<'a>(spec: &'a SourceSpec, dead_letter: &str) -> RouteUse<'a> {
+    RouteUse {
+        context: RouteContext {
+            name: ROUTE,
+            concurrency: 1,
+            max_attempts: 5,
+            unordered: true,
+        },
+        source: spec,
+        dead_letter: DeadLetterTarget {
+            broker: spec.kind(),
+            subject: dead_letter.to_owned(),
+            exchange: None,
+        },
+        publish_broker: spec.kind(),
+    }
+}
+
+/// Binary, with a NUL and a non-UTF-8 byte: adapters carry bytes.
+fn bytes(step: &str) -> Vec<u8> {
+    let mut b = vec![0xff, 0x00];
+    b.extend_from_slice(step.as_bytes());
+    b
+}
+
+async fn contract(case: Case) {
+    let mut a = Adapter::open(case).await;
+    let guarantees = a.kind.guarantees();
+    let kind = a.kind;
+
+    // Delivered with its bytes and headers, attempt 1; an ack is final.
+    a.publish(&bytes("a"), vec![Header::new("x-conformance", "a")]).await;
+    let d = a.expect(&bytes("a"), "first message").await;
+    assert_eq!(d.message().attempt, 1, "{kind:?}");
+    assert_eq!(d.message().header("x-conformance"), Some("a"), "{kind:?}: header lost");
+    d.ack().await.expect("ack");
+    a.publish(&bytes("b"), vec![]).await;
+    let d = a
+        .expect(&bytes("b"), "after an ack, the next message (not the acked one again)")
+        .await;
+
+    // Dropped unsettled: handed back and delivered again.
+    drop(d);
+    if guarantees.redelivers {
+        let d = a.expect(&bytes("b"), "a dropped delivery, handed back").await;
+        d.ack().await.expect("ack");
+    }
+
+    // Retry after a delay: no earlier, attempt + 1.
+    a.publish(&bytes("c"), vec![]).await;
+    let d = a.expect(&bytes("c"), "a message to retry").await;
+    let asked = Instant::now();
+    d.retry(RETRY_DELAY).await.expect("retry");
+    let d = a.expect(&bytes("c"), "the retried message").await;
+    let waited = asked.elapsed();
+    assert!(
+        waited >= RETRY_DELAY,
+        "{kind:?}: redelivered after {waited:?}, asked {RETRY_DELAY:?}"
+    );
+    assert_eq!(d.message().attempt, 2, "{kind:?}: attempt after a retry");
+    d.ack().await.expect("ack");
+
+    // Dead-lettered: the copy is confirmed, then the original dropped.
+    a.publish(&bytes("d"), vec![Header::new("x-conformance", "d")]).await;
+    let d = a.expect(&bytes("d"), "a message to dead-letter").await;
+    let mut headers = d.message().headers.clone();
+    headers.retain(|h| !h.name.eq_ignore_ascii_case(DEDUP_HEADER));
+    headers.extend([
+        Header::new("sluice-route", ROUTE),
+        Header::new("sluice-origin", d.origin()),
+        Header::new("sluice-error-kind", "permanent"),
+        Header::new("sluice-error", "conformance"),
+        Header::new("sluice-attempts", "1"),
+        Header::new(DEDUP_HEADER, format!("{}:dlq", unique())),
+    ]);
+    let copy = Outbound {
+        subject: a.dead_letter.clone(),
+        headers,
+        payload: d.message().payload.clone(),
+    };
+    a.dead_letter_sink
+        .publish(vec![copy])
+        .await
+        .expect("dead letter stored");
+    d.dead_lettered().await.expect("dead_lettered");
+    a.publish(&bytes("e"), vec![]).await;
+    a.expect(&bytes("e"), "after dead-lettering, the next message")
+        .await
+        .ack()
+        .await
+        .expect("ack");
+
+    match a.dead_letters() {
+        // Core NATS keeps nothing: declared at-most-once, no store.
+        None => assert!(!guarantees.redelivers, "{kind:?}: no dead-letter store"),
+        Some(store) => {
+            let listed = store.list(100).await.expect("list");
+            assert_eq!(listed.len(), 1, "{kind:?}: exactly one dead letter: {listed:?}");
+            let letter = &listed[0];
+            assert_eq!(
+                (letter.kind.as_str(), letter.route.as_str()),
+                ("permanent", ROUTE),
+                "{kind:?}"
+            );
+            let shown = store.get(letter.seq).await.expect("show").expect("the letter");
+            assert_eq!(shown.payload, bytes("d"), "{kind:?}: original bytes");
+            for name in ["sluice-origin", "sluice-error", "x-conformance"] {
+                assert!(find_header(&shown.headers, name).is_some(), "{kind:?}: {name} lost");
+            }
+            let replayed = store
+                .replay(&Filter {
+                    all: true,
+                    ..Filter::default()
+                })
+                .await
+                .expect("replay");
+            assert_eq!(replayed, 1, "{kind:?}");
+            let d = a.expect(&bytes("d"), "the replayed dead letter").await;
+            assert_eq!(d.message().header("sluice-replays"), Some("1"), "{kind:?}");
+            assert_eq!(
+                d.message().header("sluice-error"),
+                None,
+                "{kind:?}: failure headers kept"
+            );
+            assert_eq!(d.message().header("x-conformance"), Some("d"), "{kind:?}");
+            d.ack().await.expect("ack");
+            let left = store.list(100).await.expect("list").len();
+            let expected = usize::from(store.0.keeps_replayed());
+            assert_eq!(left, expected, "{kind:?}: dead letters after the replay");
+        }
+    }
+
+    // Duplicates: reported as such where the broker drops them.
+    let id = unique();
+    let first = a
+        .publish(&bytes("f1"), vec![Header::new(DEDUP_HEADER, id.clone())])
+        .await;
+    let second = a.publish(&bytes("f2"), vec![Header::new(DEDUP_HEADER, id)]).await;
+    assert_eq!(first, 0, "{kind:?}");
+    a.expect(&bytes("f1"), "the first of two with one dedup id")
+        .await
+        .ack()
+        .await
+        .expect("ack");
+    if guarantees.drops_duplicates {
+        assert_eq!(second, 1, "{kind:?}: a duplicate not reported");
+    } else {
+        assert_eq!(second, 0, "{kind:?}");
+        a.expect(&bytes("f2"), "the second, on a broker that keeps both")
+            .await
+            .ack()
+            .await
+            .expect("ack");
+    }
+    a.publish(&bytes("g"), vec![]).await;
+    a.expect(&bytes("g"), "after the duplicates, the next message")
+        .await
+        .ack()
+        .await
+        .expect("ack");
+
+    // Closed with a delivery in flight: nothing lost.
+    a.publish(&bytes("h"), vec![]).await;
+    let d = a.expect(&bytes("h"), "a message in flight at close").await;
+    a.source.close().await;
+    drop(d);
+    a.reopen_source().await;
+    if guarantees.redelivers {
+        a.expect(&bytes("h"), "the in-flight message, after the source reopened")
+            .await
+            .ack()
+            .await
+            .expect("ack");
+    }
+    a.source.close().await;
+    a.brokers.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded() {
+    let u = unique();
+    contract(Case {
+        brokers: String::new(),
+        source: format!("{{ subject = \"conf.{u}.in\" }}"),
+        input: format!("conf.{u}.in"),
+        dead_letter: format!("conf.{u}.dlq"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats() {
+    let u = unique();
+    contract(Case {
+        brokers: format!("[nats]\nurl = \"{}\"\n", nats_url()),
+        source: format!("{{ broker = \"nats\", subject = \"conf.{u}.in\" }}"),
+        input: format!("conf.{u}.in"),
+        dead_letter: format!("conf.{u}.dlq"),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream() {
+    let u = unique();
+    let stream = format!("CONF_{}", u.replace(['-', '.'], "_"));
+    contract(Case {
+        brokers: format!(
+            "[nats]\nurl = \"{}\"\n[[nats.streams]]\nname = \"{stream}\"\nsubjects = [\"conf.{u}.>\"]\n",
+            nats_url()
+        ),
+        source: format!(
+            "{{ broker = \"jetstream\", stream = \"{stream}\", subject = \"conf.{u}.in\", ack_wait = \"1s\" }}"
+        ),
+        input: format!("conf.{u}.in"),
+        dead_letter: format!("conf.{u}.dlq"),
+    })
+    .await;
+    let client = async_nats::connect(nats_url()).await.expect("nats");
+    let _ = async_nats::jetstream::new(client).delete_stream(&stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq() {
+    let u = unique();
+    let queue = format!("conf-{u}");
+    let dead_letter = format!("conf-{u}-dlq");
+    contract(Case {
+        brokers: format!(
+            "[rabbitmq]\nurl = \"{}\"\n[[rabbitmq.queues]]\nname = \"{queue}\"\n",
+            rabbit::url()
+        ),
+        source: format!("{{ broker = \"rabbitmq\", queue = \"{queue}\" }}"),
+        input: queue.clone(),
+        dead_letter: dead_letter.clone(),
+    })
+    .await;
+    let r = rabbit::Rabbit::connect().await;
+    r.delete(&[&queue, &dead_letter], &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka() {
+    let u = unique();
+    let topic = format!("conf-{u}");
+    contract(Case {
+        brokers: format!(
+            "[kafka]\nbrokers = \"{}\"\n[[kafka.topics]]\nname = \"{topic}\"\n",
+            kafka::brokers()
+        ),
+        source: format!("{{ broker = \"kafka\", topics = [\"{topic}\"] }}"),
+        input: topic.clone(),
+        dead_letter: format!("{topic}-dlq"),
+    })
+    .await;
+}
