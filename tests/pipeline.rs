@@ -325,11 +325,14 @@ subjects = ["recorded"]
         plugin("fixture_record").display()
     ));
     let d = Daemon::start(dir.path(), &config);
+    let rss_at_start = d.rss_kib().expect("the daemon's RSS");
+    let mut max_rss = rss_at_start;
     let mut max_gauge = 0.0f64;
     let mut max_taken = 0u64;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         max_gauge = max_gauge.max(d.metric("sluice_in_flight{route=\"slow\"}"));
+        max_rss = max_rss.max(d.rss_kib().expect("the daemon's RSS"));
         let queues: Value = {
             let status = d.status();
             status["queues"].clone()
@@ -341,6 +344,10 @@ subjects = ["recorded"]
     }
     assert!(d.queue_len("recorded") > 0, "nothing handled:\n{}", d.log());
     assert!(max_gauge <= 4.0, "in-flight gauge reached {max_gauge}");
+    assert!(max_gauge >= 1.0, "the in-flight gauge never showed the handling");
+    // 100,000 messages taken into memory would show as tens of MiB.
+    let grown_mib = (max_rss - rss_at_start) / 1024;
+    assert!(grown_mib < 32, "the daemon grew by {grown_mib} MiB with 100k queued");
     assert!(max_taken <= 4, "{max_taken} messages taken from the queue at once");
     assert!(
         d.queue_len("slow") as usize > QUEUED - 1000,

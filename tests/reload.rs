@@ -275,11 +275,16 @@ source = { broker = "embedded", subject = "extra" }
     });
     assert_eq!(d.status()["routes"].as_array().unwrap().len(), 1);
     d.publish("extra", &[], b"kept");
-    std::thread::sleep(Duration::from_millis(500));
+    // A message published after it, handled by the route still running:
+    // the daemon has moved on, and the removed route's message still waits.
+    d.publish("work", &[], b"after");
+    d.wait_for("the later message handled", Duration::from_secs(20), || {
+        route_count(&d, "work", "handled") > work_handled
+    });
     assert_eq!(d.queue_len("extra"), 1, "the message waits for the route");
     assert_eq!(
         route_count(&d, "work", "handled"),
-        work_handled,
+        work_handled + 1,
         "counts survive a reload"
     );
     assert!(d.log().contains("route extra stopped"), "{}", d.log());
@@ -322,19 +327,29 @@ subjects = ["recorded"]
     // The four in flight finished before the exit; the restart handles the
     // other four only.
     d.restart();
-    d.wait_for("all eight recorded", Duration::from_secs(30), || {
-        d.queue_len("recorded") == 8
+    // A marker published after the restart: once it is recorded, anything
+    // handled twice would have been recorded too.
+    d.publish("slow", &[], b"marker");
+    d.wait_for("all eight and the marker recorded", Duration::from_secs(30), || {
+        d.queue("recorded").iter().any(|m| m["payload"] == "marker")
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let payloads: BTreeSet<String> = d
+    d.wait_for("nothing in flight", Duration::from_secs(30), || {
+        route_count(&d, "slow", "in_flight") == 0
+    });
+    let payloads: Vec<String> = d
         .queue("recorded")
         .iter()
         .map(|m| m["payload"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(payloads, (0..8).map(|i| i.to_string()).collect());
+    let mut expected: Vec<String> = (0..8).map(|i| i.to_string()).collect();
+    expected.push("marker".into());
+    let mut sorted = payloads.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "each handled once");
     assert_eq!(
         d.metric("sluice_messages_total{route=\"slow\",outcome=\"ok\"}"),
-        4.0,
+        5.0,
         "nothing handled twice after the graceful stop"
     );
 }

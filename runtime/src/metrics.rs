@@ -180,6 +180,13 @@ impl Metrics {
             "The version each plugin runs: 1 for its current content hash",
             plugin_info.clone(),
         );
+        // Known label values exist from the start: "none refused" reads 0,
+        // not a missing series.
+        for result in ["ok", "refused"] {
+            drop(config_reloads.get_or_create(&ReloadResult {
+                result: result.to_owned(),
+            }));
+        }
         Self {
             registry,
             plugin_reloads,
@@ -233,6 +240,12 @@ impl Metrics {
 
     /// Shows `hash` as the version `plugin` runs, in place of `old`.
     pub fn plugin_version(&self, plugin: &str, old: Option<&str>, hash: &str) {
+        for result in ["ok", "refused"] {
+            drop(self.plugin_reloads.get_or_create(&PluginReload {
+                plugin: plugin.to_owned(),
+                result: result.to_owned(),
+            }));
+        }
         if let Some(old) = old {
             self.plugin_info.remove(&PluginVersion {
                 plugin: plugin.to_owned(),

@@ -236,12 +236,11 @@ impl Daemon {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
-    /// The value of one metric line (`name{labels}`), 0 if absent.
+    /// The value of one metric line (`name{labels}`). A missing series
+    /// fails the test: a renamed series must not read as 0.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        self.metric_present(series)
+            .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{}", self.metrics()))
     }
 
     /// Waits until `cond` holds, polling; panics with the log after `timeout`.

@@ -48,6 +48,8 @@ impl Route {
     /// is cancelled and return once their current message is settled.
     pub fn spawn(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
         self.liveness.spawned();
+        // The route's series exist before its first message.
+        let _ = self.series();
         let alive = || WorkerAlive::new(&self.liveness);
         match self.ordering {
             RouteOrdering::None => (0..self.concurrency)
