@@ -214,23 +214,32 @@ pub trait DeadLetterStore: Send + Sync {
     }
 }
 
-/// Reads the letters up to `seq` to find one: for stores whose sequence is
-/// a position (RabbitMQ, Kafka).
+/// Finds letter `seq` among the first `scan` letters: for stores whose
+/// letters can only be read in order (RabbitMQ, Kafka).
 pub(crate) async fn find_letter(
     store: &dyn DeadLetterStore,
     seq: u64,
-    scan_limit: usize,
+    scan: usize,
 ) -> Result<Option<Outbound>, BrokerError> {
-    if seq == 0 || seq > scan_limit as u64 {
-        return Ok(None);
-    }
-    let limit = usize::try_from(seq).unwrap_or(scan_limit);
     Ok(store
-        .letters(limit)
+        .letters(scan)
         .await?
         .into_iter()
         .find(|(s, _)| *s == seq)
         .map(|(_, m)| m))
+}
+
+/// The letters `pick` takes, with their sequence numbers, in order.
+pub(crate) async fn picked(
+    store: &dyn DeadLetterStore,
+    pick: &mut ReplayPick<'_>,
+) -> Result<Vec<(u64, Replay)>, BrokerError> {
+    Ok(store
+        .letters(SCAN_LIMIT)
+        .await?
+        .into_iter()
+        .filter_map(|(seq, letter)| pick(seq, &letter).map(|replay| (seq, replay)))
+        .collect())
 }
 
 /// Most dead letters looked at in one scan: bounds the memory and time of

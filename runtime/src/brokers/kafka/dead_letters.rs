@@ -25,14 +25,7 @@ impl DeadLetterStore for KafkaDeadLetters {
     }
 
     fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<Outbound>, BrokerError>> {
-        Box::pin(async move {
-            Ok(self
-                .letters(SCAN_LIMIT)
-                .await?
-                .into_iter()
-                .find(|(s, _)| *s == seq)
-                .map(|(_, m)| m))
-        })
+        Box::pin(crate::brokers::find_letter(self, seq, SCAN_LIMIT))
     }
 
     fn keeps_replayed(&self) -> bool {
@@ -41,12 +34,7 @@ impl DeadLetterStore for KafkaDeadLetters {
 
     fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>> {
         Box::pin(async move {
-            let mut selected = Vec::new();
-            for (seq, letter) in self.letters(SCAN_LIMIT).await? {
-                if let Some(replay) = pick(seq, &letter) {
-                    selected.push((seq, replay));
-                }
-            }
+            let selected = crate::brokers::picked(self, pick).await?;
             let mut moved = 0;
             for (seq, replay) in selected {
                 let known = crate::brokers::origin_subject(&replay.origin)

@@ -3,7 +3,7 @@
 //! a declared stream must store, then deletes it.
 
 use super::NatsBroker;
-use crate::brokers::{BrokerError, DeadLetterError, DeadLetterStore, ReplayPick, Sink, SCAN_LIMIT};
+use crate::brokers::{BrokerError, DeadLetterError, DeadLetterStore, ReplayPick, Sink};
 use crate::future::BoxFuture;
 use crate::message::Outbound;
 
@@ -28,12 +28,7 @@ impl DeadLetterStore for StreamDeadLetters {
 
     fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>> {
         Box::pin(async move {
-            let mut selected = Vec::new();
-            for (seq, letter) in self.letters(SCAN_LIMIT).await? {
-                if let Some(replay) = pick(seq, &letter) {
-                    selected.push((seq, replay));
-                }
-            }
+            let selected = crate::brokers::picked(self, pick).await?;
             let mut moved = 0;
             for (seq, replay) in selected {
                 let subject = crate::brokers::origin_subject(&replay.origin).map(str::to_owned);

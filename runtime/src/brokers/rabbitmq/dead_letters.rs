@@ -25,7 +25,14 @@ impl DeadLetterStore for RabbitDeadLetters {
     }
 
     fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<Outbound>, BrokerError>> {
-        Box::pin(crate::brokers::find_letter(self, seq, SCAN_LIMIT))
+        Box::pin(async move {
+            // A sequence is a position: the letters up to it suffice.
+            if seq == 0 || seq > SCAN_LIMIT as u64 {
+                return Ok(None);
+            }
+            let scan = usize::try_from(seq).unwrap_or(SCAN_LIMIT);
+            crate::brokers::find_letter(self, seq, scan).await
+        })
     }
 
     fn replay<'a>(&'a self, pick: &'a mut ReplayPick<'a>) -> BoxFuture<'a, Result<usize, DeadLetterError>> {
