@@ -395,3 +395,34 @@ async fn kafka() {
     })
     .await;
 }
+
+#[test]
+fn each_brokers_source_settings_are_checked_by_its_own_spec() {
+    // Each broker folder deserialises its own route-source spec; errors keep
+    // the config's file:line: key.
+    let err = |text: &str| {
+        sluice::config::parse_str(text, std::path::Path::new("conf/test.toml"))
+            .expect_err("a bad source is refused")
+            .to_string()
+    };
+    let route = |source: &str| format!("[[routes]]\nname = \"r\"\nplugin = \"p\"\n{source}\n");
+    let e = err(&route(
+        "source = { broker = \"kafka\", topics = [\"t\"], queue = \"q\" }",
+    ));
+    assert!(e.starts_with("conf/test.toml:4: key `routes.0.source"), "{e}");
+    assert!(e.contains("unknown field `queue`"), "{e}");
+    let e = err(&route(
+        "[routes.source]\nbroker = \"jetstream\"\nsubject = \"a.>\"\nack_wait = \"soon\"",
+    ));
+    assert!(e.starts_with("conf/test.toml:7: key `routes.0.source.ack_wait`"), "{e}");
+    let e = err(&route("source = { broker = \"jetstream\", subject = \"a.>\" }"));
+    assert!(e.contains("missing field `stream`"), "{e}");
+    let e = err(&route("source = { broker = \"mqtt\", subject = \"a\" }"));
+    assert!(
+        e.contains("key `routes.0.source.broker`") && e.contains("unknown broker `mqtt`"),
+        "{e}"
+    );
+    // No broker: the embedded one, which has no queues.
+    let e = err(&route("source = { queue = \"q\" }"));
+    assert!(e.contains("unknown field `queue`"), "{e}");
+}

@@ -77,7 +77,7 @@ fn flaky_plugin() -> String {
 }
 
 fn route_count(d: &Daemon, what: &str) -> u64 {
-    d.status()["routes"][0][what].as_u64().unwrap_or(0)
+    d.route_field(0, what)
 }
 
 fn keyed(key: &str, payload: String) -> Input {
@@ -231,8 +231,15 @@ key = "header:Idempotency-Key"
 lease = "3s""#
     );
     let collected = kafka::Collected::subscribe(&rt, &out);
+    // The effects land in a stream, which stores each dedup id once.
+    let effects = format!("EFFECTS-{id}");
+    let plugin_and_stream = format!(
+        "{}\n{}",
+        record_plugin(&out, 1),
+        sluice_tests::nats::stream_block(&effects, &out)
+    );
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(&brokers(), &id, &record_plugin(&out, 1), &route));
+    let mut d = Daemon::start(dir.path(), &config(&brokers(), &id, &plugin_and_stream, &route));
     d.wait_for("some handled", Duration::from_secs(60), || {
         route_count(&d, "handled") >= 1000
     });
@@ -248,11 +255,16 @@ lease = "3s""#
     let keys: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(keys.len(), N, "every record handled:\n{}", d.log());
     // A publish sent just before the kill and not yet recorded as done runs
-    // again, with the same dedup id (which JetStream or any consumer keeping
-    // ids drops). At most one per worker.
+    // again, with the same dedup id: the stream keeps each effect once.
     let ids: BTreeSet<&str> = got.iter().filter_map(|(_, id)| id.as_deref()).collect();
     assert_eq!(ids.len(), N);
     assert!(got.len() <= N + 3, "{} publishes for {N} records", got.len());
+    assert_eq!(
+        rt.block_on(sluice_tests::nats::stored(&effects)),
+        N as u64,
+        "each effect stored once"
+    );
+    rt.block_on(sluice_tests::nats::delete_stream(&effects));
 }
 
 #[test]

@@ -43,7 +43,7 @@ async fn collect(rabbit: &Rabbit, queue: &str, n: usize, timeout: Duration) -> V
 }
 
 fn route_count(d: &Daemon, what: &str) -> u64 {
-    d.status()["routes"][0][what].as_u64().unwrap_or(0)
+    d.route_field(0, what)
 }
 
 #[test]
@@ -282,13 +282,19 @@ jitter = "none""#
 fn sigkill_mid_stream_loses_nothing_and_each_effect_is_published_once_per_key() {
     const N: usize = 5_000;
     let id = unique();
+    // The effects go to a JetStream stream, which stores each dedup id once
+    // (RabbitMQ cannot drop a duplicate).
+    let (out, effects) = (format!("out-{id}.recorded"), format!("EFFECTS-{id}"));
     let plugin_table = format!(
-        "[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\ntimeout = \"2s\"\npublish = [\"out.>\"]\nconfig = {{ to = \"out.recorded\", wait_ms = 1 }}",
+        "[brokers.nats]\nurl = \"{}\"\n{}\n[plugins.p]\npath = \"{}\"\nisolation = \"reuse\"\ntimeout = \"2s\"\npublish = [\"{out}\"]\nconfig = {{ to = \"{out}\", wait_ms = 1 }}",
+        sluice_tests::nats::url(),
+        sluice_tests::nats::stream_block(&effects, &out),
         plugin("fixture_record").display()
     );
     let route = format!(
         r#"source = {{ broker = "rabbitmq", queue = "work-{id}", prefetch = 32 }}
 concurrency = 8
+publish_broker = "nats"
 [routes.idempotency]
 key = "header:Idempotency-Key"
 lease = "3s""#
@@ -300,10 +306,8 @@ lease = "3s""#
     assert!(d.terminate().success());
     let rt = rt();
     let rabbit = rt.block_on(Rabbit::connect());
-    let out = format!("out-{id}");
+    let collected = sluice_tests::nats::Collected::subscribe(&rt, &out);
     rt.block_on(async {
-        rabbit.declare_queue(&out, FieldTable::default()).await;
-        rabbit.bind(&out, &format!("ex-{id}"), "out.#").await;
         for i in 0..N {
             let key = format!("k-{i}");
             rabbit
@@ -321,27 +325,28 @@ lease = "3s""#
         route_count(&d, "handled") >= 1000
     });
     d.kill();
-    let handled_before = rt.block_on(rabbit.count(&out));
-    assert!(handled_before < N as u32, "killed too late to test anything");
+    let handled_before = rt.block_on(sluice_tests::nats::stored(&effects));
+    assert!(handled_before < N as u64, "killed too late to test anything");
     d.restart();
-    let got = rt.block_on(collect(&rabbit, &out, N, Duration::from_secs(120)));
-    std::thread::sleep(Duration::from_millis(500));
-    let mut all = got;
-    all.extend(rt.block_on(rabbit.drain(&out)));
-    let keys: BTreeSet<String> = all.iter().map(|g| g.text()).collect();
+    d.wait_for("the queue drained", Duration::from_secs(120), || {
+        rt.block_on(rabbit.count(&format!("work-{id}"))) == 0 && route_count(&d, "in_flight") == 0
+    });
+    let all = collected.all();
+    let keys: BTreeSet<&str> = all.iter().map(|(payload, _)| payload.as_str()).collect();
     assert_eq!(keys.len(), N, "every message handled:\n{}", d.log());
-    // RabbitMQ cannot drop duplicates itself: a publish confirmed just
-    // before the kill and not yet recorded as done runs again. Each copy
-    // carries the same dedup id, so a consumer keeping the ids sees each
-    // effect once; and there are at most as many as were in flight.
-    let ids: BTreeSet<&str> = all.iter().filter_map(|g| g.header("Nats-Msg-Id")).collect();
+    // A publish confirmed just before the kill and not yet recorded as done
+    // runs again, with the same dedup id: at most one per message in flight,
+    // and the stream keeps each effect once.
+    let ids: BTreeSet<&str> = all.iter().filter_map(|(_, id)| id.as_deref()).collect();
     assert_eq!(ids.len(), N, "one dedup id per effect");
     assert!(all.len() <= N + 32, "{} publishes for {N} messages", all.len());
-    assert_eq!(rt.block_on(rabbit.count(&format!("work-{id}"))), 0);
-    rt.block_on(rabbit.delete(
-        &[&format!("work-{id}"), &format!("dlq-{id}"), &out],
-        &[&format!("ex-{id}")],
-    ));
+    assert_eq!(
+        rt.block_on(sluice_tests::nats::stored(&effects)),
+        N as u64,
+        "each effect stored once"
+    );
+    rt.block_on(sluice_tests::nats::delete_stream(&effects));
+    rt.block_on(rabbit.delete(&[&format!("work-{id}"), &format!("dlq-{id}")], &[&format!("ex-{id}")]));
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod de;
 pub mod dlq;
 pub mod engine;
+pub mod error;
 pub mod future;
 #[doc(hidden)]
 pub mod fuzzing;

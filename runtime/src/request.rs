@@ -19,6 +19,6 @@ pub trait Requester: Send + Sync {
 pub enum RequestError {
     #[error("request timed out")]
     Timeout,
-    #[error("{0}")]
-    Failed(String),
+    #[error("request failed")]
+    Failed(#[source] crate::error::Cause),
 }

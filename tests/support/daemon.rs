@@ -190,6 +190,15 @@ impl Daemon {
     }
 
     /// Messages held in an embedded queue, oldest first.
+    /// A count of the `index`th route on the status API; a field that is
+    /// not there fails the test (a renamed field must not read as 0).
+    pub fn route_field(&self, index: usize, field: &str) -> u64 {
+        let status = self.status();
+        status["routes"][index][field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no route {index} field `{field}` in the status: {status}"))
+    }
+
     pub fn queue(&self, name: &str) -> Vec<Value> {
         match self.get_json(&format!("/v1/queues/{name}/messages?limit=100000")) {
             Value::Array(items) => items,

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod kafka;
+pub mod nats;
 pub mod rabbit;
 
 use std::path::PathBuf;

@@ -286,7 +286,7 @@ async fn publish(
         }))
         .into_response(),
         Err(PublishError::Subject(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, crate::error::report(&e)),
     }
 }
 
@@ -336,7 +336,7 @@ async fn queue_messages(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, crate::error::report(&e)),
     }
 }
 
@@ -360,9 +360,9 @@ fn dlq_error(e: crate::dlq::DlqError) -> Response {
     match e {
         DlqError::NoFilter
         | DlqError::Replay(DeadLetterError::UnknownRoute { .. } | DeadLetterError::NoOrigin { .. }) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
+            error(StatusCode::BAD_REQUEST, crate::error::report(&e))
         }
-        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+        other => error(StatusCode::SERVICE_UNAVAILABLE, crate::error::report(&other)),
     }
 }
 

@@ -21,6 +21,7 @@
 //!   confirmed (a crash in between replays it twice, never zero times).
 
 pub mod embedded;
+mod events;
 pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;
@@ -30,16 +31,25 @@ pub use registry::{
     origin_subject, BrokerKind, Brokers, BrokersConfig, DeadLetterTarget, RouteUse, SetupError, SourceSpec,
 };
 
+use crate::error::{cause, Cause};
 pub use crate::future::BoxFuture;
 use crate::message::{Message, Outbound};
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("{broker}: not connected: {reason}")]
-    Disconnected { broker: &'static str, reason: String },
-    #[error("{broker}: {reason}")]
-    Failed { broker: &'static str, reason: String },
+    #[error("{broker}: not connected")]
+    Disconnected {
+        broker: &'static str,
+        #[source]
+        cause: Cause,
+    },
+    #[error("{broker}")]
+    Failed {
+        broker: &'static str,
+        #[source]
+        cause: Cause,
+    },
     #[error("{broker}: shutting down")]
     Closed { broker: &'static str },
     /// The broker (or its client) cannot carry the message as it is: a bad
@@ -57,6 +67,20 @@ impl BrokerError {
             | Self::Failed { broker, .. }
             | Self::Closed { broker }
             | Self::Refused { broker, .. } => broker,
+        }
+    }
+
+    pub fn failed(broker: &'static str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Failed {
+            broker,
+            cause: cause(e),
+        }
+    }
+
+    pub fn disconnected(broker: &'static str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Disconnected {
+            broker,
+            cause: cause(e),
         }
     }
 

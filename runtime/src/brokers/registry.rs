@@ -238,9 +238,9 @@ pub struct RouteUse<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("cannot open the embedded broker in {dir}: {source}")]
+    #[error("cannot open the embedded broker in {dir}")]
     Embedded { dir: String, source: StoreError },
-    #[error("cannot create the data directory {dir}: {source}")]
+    #[error("cannot create the data directory {dir}")]
     DataDir { dir: String, source: std::io::Error },
     #[error(transparent)]
     Nats(#[from] NatsSetupError),
@@ -252,7 +252,7 @@ pub enum SetupError {
     Missing { kind: &'static str, table: &'static str },
     #[error("route {route}: its dead letters go to `{subject}` on NATS, which no JetStream stream stores; declare one under [[brokers.nats.streams]] (or set dead_letter.subject to a stored subject)")]
     NotStored { route: String, subject: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Pattern(#[from] crate::subject::SubjectError),
 }
 

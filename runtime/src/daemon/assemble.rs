@@ -21,11 +21,13 @@ pub enum DaemonError {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Broker(#[from] SetupError),
-    #[error("cannot listen on {addr} for the admin API: {source} (set [admin] listen to another address)")]
+    #[error("cannot listen on {addr} for the admin API (set [admin] listen to another address)")]
     Listen { addr: String, source: std::io::Error },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("idempotency store: {0}")]
+    #[error("route {route}: no plugin `{plugin}`")]
+    NoPlugin { route: String, plugin: String },
+    #[error("route {route}: its idempotency store is not open")]
+    StoreNotOpen { route: String },
+    #[error(transparent)]
     Gate(#[from] GateError),
 }
 
@@ -224,7 +226,7 @@ pub async fn build_route(
             key: idem.key.clone(),
             store: gates
                 .get(idem.store)
-                .ok_or_else(|| DaemonError::Invalid(format!("route {}: idempotency store not open", r.name)))?,
+                .ok_or_else(|| DaemonError::StoreNotOpen { route: r.name.clone() })?,
             ttl: idem.ttl,
             lease: idem.lease,
         }),

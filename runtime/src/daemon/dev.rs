@@ -137,7 +137,7 @@ pub fn spawn_rebuilder(config: &Config) -> JoinHandle<()> {
         let (mut watcher, mut changes) = match FileWatcher::new() {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!("plugin sources are not watched: {e}");
+                tracing::warn!("plugin sources are not watched: {}", crate::error::Report(&e));
                 return;
             }
         };
@@ -152,7 +152,7 @@ pub fn spawn_rebuilder(config: &Config) -> JoinHandle<()> {
             });
             match watched {
                 Ok(()) => tracing::info!(crate_dir = %dir.display(), "watching plugin sources"),
-                Err(e) => tracing::warn!("{e}"),
+                Err(e) => tracing::warn!("{}", crate::error::Report(&e)),
             }
         }
         while let Some(paths) = changes.recv().await {

@@ -48,7 +48,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), DaemonError>
         match watch::FileWatcher::new() {
             Ok((w, rx)) => (Some(w), Some(rx)),
             Err(e) => {
-                tracing::warn!("hot reload is off: {e}");
+                tracing::warn!("hot reload is off: {}", crate::error::Report(&e));
                 (None, None)
             }
         }
@@ -95,7 +95,7 @@ fn watch_files(watcher: &mut Option<watch::FileWatcher>, supervisor: &Supervisor
     if let Some(w) = watcher {
         for file in supervisor.watched_files() {
             if let Err(e) = w.watch_file(&file) {
-                tracing::warn!("{e}; changes to it will not be reloaded");
+                tracing::warn!("{}; changes to it will not be reloaded", crate::error::Report(&e));
             }
         }
     }

@@ -9,8 +9,10 @@ use super::assemble::{
 };
 use crate::admin::{AdminState, CONFIG_RELOAD};
 use crate::brokers::Brokers;
-use crate::config::{self, Config, PluginConfig, RouteConfig};
+use crate::config::{self, Config, ConfigError, PluginConfig, RouteConfig};
 use crate::engine::{Engine, Plugin, PluginError, PluginSlot, Requester};
+use crate::error::report;
+use crate::idempotency::GateError;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::pipeline::Route;
 use std::collections::BTreeMap;
@@ -19,6 +21,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Why a new config was refused; the running one stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("plugin `{0}` was not loaded")]
+    NotLoaded(String),
+    #[error(transparent)]
+    Setup(#[from] DaemonError),
+    #[error("route {route}")]
+    Route {
+        route: String,
+        #[source]
+        cause: Box<DaemonError>,
+    },
+}
 
 /// A route and the workers running it.
 struct Running {
@@ -207,10 +230,10 @@ impl Supervisor {
     }
 
     fn slot(&self, slots: &BTreeMap<String, Arc<PluginSlot>>, r: &RouteConfig) -> Result<Arc<PluginSlot>, DaemonError> {
-        slots
-            .get(&r.plugin)
-            .cloned()
-            .ok_or_else(|| DaemonError::Invalid(format!("route {}: no plugin {}", r.name, r.plugin)))
+        slots.get(&r.plugin).cloned().ok_or_else(|| DaemonError::NoPlugin {
+            route: r.name.clone(),
+            plugin: r.plugin.clone(),
+        })
     }
 
     /// Swaps in the `.wasm` now on disk for `name`, unless it is broken: then
@@ -244,7 +267,8 @@ impl Supervisor {
             }
             Err(e) => {
                 self.metrics.plugin_reloaded(name, "refused");
-                self.state.reload_result(name, Some(e.to_string()));
+                let e = report(&e);
+                self.state.reload_result(name, Some(e.clone()));
                 tracing::error!(plugin = %name, serving = %&old.hash()[..12], "new version refused, the running one keeps serving: {e}");
             }
         }
@@ -254,7 +278,7 @@ impl Supervisor {
     pub async fn reload_config(&mut self) {
         let result = match config::load(&self.config.file) {
             Ok(new) => self.apply(new).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ReloadError::Config(e)),
         };
         let label = |result: &str| ReloadResult {
             result: result.to_owned(),
@@ -266,6 +290,7 @@ impl Supervisor {
                 tracing::info!("config reloaded: {summary}");
             }
             Err(e) => {
+                let e = report(&e);
                 self.metrics.config_reloads.get_or_create(&label("refused")).inc();
                 self.state.reload_result(CONFIG_RELOAD, Some(e.clone()));
                 tracing::error!("config reload refused, the running config stays: {e}");
@@ -273,7 +298,7 @@ impl Supervisor {
         }
     }
 
-    async fn apply(&mut self, mut new: Config) -> Result<String, String> {
+    async fn apply(&mut self, mut new: Config) -> Result<String, ReloadError> {
         // What is opened once at start-up stays as it is until a restart.
         let old = &self.config;
         let mut pending = Vec::new();
@@ -288,14 +313,14 @@ impl Supervisor {
         }
 
         // Prepare: nothing running changes if any of this fails.
-        self.gates.ensure(&new).await.map_err(|e| e.to_string())?;
+        self.gates.ensure(&new).await?;
         let mut loaded = BTreeMap::new();
         for (name, plugin) in &new.plugins {
             if self.plugins.contains_key(name) && self.config.plugins.get(name) == Some(plugin) {
                 continue;
             }
             let protected = super::assemble::protected_subjects(&new);
-            let version = self.load(name, plugin, protected).await.map_err(|e| e.to_string())?;
+            let version = self.load(name, plugin, protected).await?;
             loaded.insert(name.clone(), version);
         }
         let mut slots = BTreeMap::new();
@@ -303,11 +328,11 @@ impl Supervisor {
             let slot = match (self.plugins.get(name), loaded.get(name)) {
                 (Some(slot), _) => slot.clone(),
                 (None, Some(version)) => Arc::new(PluginSlot::new(version.clone())),
-                (None, None) => return Err(format!("plugin `{name}` was not loaded")),
+                (None, None) => return Err(ReloadError::NotLoaded(name.clone())),
             };
             slots.insert(name.clone(), slot);
         }
-        declare_queues(&self.brokers, &new).map_err(|e| e.to_string())?;
+        declare_queues(&self.brokers, &new)?;
         let mut built = BTreeMap::new();
         for r in &new.routes {
             let old = self.routes.iter().find(|x| x.config.name == r.name);
@@ -330,7 +355,10 @@ impl Supervisor {
                     for route in built.values() {
                         route.source.close().await;
                     }
-                    return Err(format!("route {}: {e}", r.name));
+                    return Err(ReloadError::Route {
+                        route: r.name.clone(),
+                        cause: Box::new(e),
+                    });
                 }
             }
         }

@@ -14,9 +14,9 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("cannot start the file watcher: {0}")]
-    Start(notify::Error),
-    #[error("cannot watch {}: {source}", path.display())]
+    #[error("cannot start the file watcher")]
+    Start(#[source] notify::Error),
+    #[error("cannot watch {}", path.display())]
     Watch { path: PathBuf, source: notify::Error },
 }
 

@@ -326,7 +326,7 @@ impl host::Host for HostState {
             .await
             .map_err(|e| match e {
                 RequestError::Timeout => types::HostError::Timeout,
-                RequestError::Failed(why) => types::HostError::Failed(why),
+                RequestError::Failed(cause) => types::HostError::Failed(crate::error::report(&*cause)),
             })
     }
 

@@ -9,6 +9,7 @@ mod plugin;
 mod slot;
 mod stderr;
 
+use crate::error::{cause, Cause};
 pub use host::{HostState, PluginContext, RequestError, Requester};
 pub use outcome::{bounded, Cut, FailureKind, Invocation, Outcome, Reply, MAX_REASON_BYTES};
 pub use plugin::{Plugin, PluginError, PluginSpec};
@@ -50,8 +51,8 @@ impl Default for EngineSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up the WebAssembly engine: {0}")]
-pub struct EngineError(String);
+#[error("cannot set up the WebAssembly engine")]
+pub struct EngineError(#[source] Cause);
 
 /// A configured wasmtime engine plus the linker that provides WASI and the
 /// sluice host interface. Cheap to clone.
@@ -90,12 +91,12 @@ impl Engine {
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let wasmtime = wasmtime::Engine::new(&config).map_err(|e| EngineError(e.to_string()))?;
+        let wasmtime = wasmtime::Engine::new(&config).map_err(|e| EngineError(cause(e)))?;
 
         let mut linker = Linker::<HostState>::new(&wasmtime);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| EngineError(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| EngineError(cause(e)))?;
         bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| EngineError(e.to_string()))?;
+            .map_err(|e| EngineError(cause(e)))?;
 
         let ticker = EpochTicker::start(wasmtime.clone());
         Ok(Self {

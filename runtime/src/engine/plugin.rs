@@ -6,6 +6,7 @@ use super::host::{HostState, PluginContext, Requester};
 use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
 use super::Isolation;
 use super::{cache, Engine, YIELD_EVERY_TICKS};
+use crate::error::{cause, Cause};
 use crate::message::{Header, Message};
 use crate::subject::{SubjectError, SubjectPattern};
 use sha2::{Digest, Sha256};
@@ -58,7 +59,7 @@ impl PluginSpec {
 /// Why a `.wasm` was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("plugin `{name}`: cannot read {}: {source}", path.display())]
+    #[error("plugin `{name}`: cannot read {}", path.display())]
     Read {
         name: String,
         path: PathBuf,
@@ -68,11 +69,12 @@ pub enum PluginError {
     NotWasm { name: String, path: PathBuf },
     #[error("plugin `{name}`: {} is a core WebAssembly module, not a component; build it with `cargo build --target wasm32-wasip2`", path.display())]
     CoreModule { name: String, path: PathBuf },
-    #[error("plugin `{name}`: {} is not a valid component: {reason}", path.display())]
+    #[error("plugin `{name}`: {} is not a valid component", path.display())]
     Invalid {
         name: String,
         path: PathBuf,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
     #[error("plugin `{name}`: {} does not export `handle`, so it is not built against the sluice:plugin/handler world (it exports: {exports})", path.display())]
     MissingExport {
@@ -80,13 +82,14 @@ pub enum PluginError {
         path: PathBuf,
         exports: String,
     },
-    #[error("plugin `{name}`: {} targets another world: {reason}", path.display())]
+    #[error("plugin `{name}`: {} targets another world", path.display())]
     OtherWorld {
         name: String,
         path: PathBuf,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
-    #[error("plugin `{name}`: {list} pattern: {source}")]
+    #[error("plugin `{name}`: {list} pattern")]
     Pattern {
         name: String,
         list: &'static str,
@@ -182,7 +185,7 @@ impl Plugin {
             PluginError::Invalid {
                 name: name.clone(),
                 path: path.clone(),
-                reason: format!("{e:#}"),
+                cause: cause(e),
             }
         })?;
 
@@ -206,7 +209,7 @@ impl Plugin {
         let other_world = |e: wasmtime::Error| PluginError::OtherWorld {
             name: name.clone(),
             path: path.clone(),
-            reason: format!("{e:#}"),
+            cause: cause(e),
         };
         let instance_pre = engine.linker.instantiate_pre(&component).map_err(other_world)?;
         let pre = HandlerPre::new(instance_pre).map_err(other_world)?;

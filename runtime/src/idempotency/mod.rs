@@ -18,10 +18,10 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GateError {
-    #[error("idempotency store: {0}")]
+    #[error("idempotency store")]
     Storage(#[from] StorageError),
-    #[error("idempotency store (redis): {0}")]
-    Redis(String),
+    #[error("idempotency store (redis)")]
+    Redis(#[source] redis::RedisError),
 }
 
 /// The answer to a claim.

@@ -40,7 +40,7 @@ pub struct RedisStore {
 }
 
 fn redis_err(e: redis::RedisError) -> GateError {
-    GateError::Redis(e.to_string())
+    GateError::Redis(e)
 }
 
 impl RedisStore {

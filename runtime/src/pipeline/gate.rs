@@ -3,6 +3,7 @@
 //! [`Lease`], completed once the outcome is durable or released when
 //! dropped (whatever path the handling takes, panics included).
 
+use crate::error::Report;
 use crate::idempotency::{Claim, IdempotencyStore};
 use crate::keys::KeySource;
 use crate::message::Message;
@@ -90,7 +91,7 @@ impl Lease {
     pub(super) async fn complete(mut self) {
         self.settled = true;
         if let Err(e) = self.store.complete(&self.key, &self.owner, self.ttl).await {
-            tracing::warn!("cannot record {} as done: {e}", self.key);
+            tracing::warn!("cannot record {} as done: {}", self.key, Report(&e));
         }
     }
 
@@ -103,7 +104,7 @@ impl Lease {
 
 async fn release(store: &dyn IdempotencyStore, key: &str, owner: &str) {
     if let Err(e) = store.release(key, owner).await {
-        tracing::warn!("cannot release {key}: {e}; it frees up when its lease ends");
+        tracing::warn!("cannot release {key}: {}; it frees up when its lease ends", Report(&e));
     }
 }
 

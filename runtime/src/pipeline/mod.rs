@@ -13,19 +13,19 @@ pub mod dead_letter;
 mod gate;
 mod invoke;
 mod lane;
-pub mod outcome;
 pub mod policy;
 mod settle;
 mod status;
 pub mod trace;
 
+pub use crate::metrics::MessageOutcome;
 pub use gate::Gate;
-pub use outcome::MessageOutcome;
 pub use status::{Liveness, RouteStatus, RouteStatusView};
 
 use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
 use crate::engine::{FailureKind, Invocation, Outcome, Plugin, PluginSlot};
+use crate::error::{report, Report};
 use crate::keys::KeySource;
 use crate::message::Message;
 use crate::metrics::{Metrics, RouteFailure, RouteMetrics, RouteOutput};
@@ -235,8 +235,8 @@ impl Route {
                             }
                         }
                         Admission::StoreFailed(e) => {
-                            tracing::error!("idempotency store: {e}; the message will be redelivered");
-                            self.status.set_error(e.to_string());
+                            tracing::error!("{}; the message will be redelivered", Report(&e));
+                            self.status.set_error(report(&e));
                             return (Verdict::RetryAfter(SETTLE_RETRY_DELAY), None);
                         }
                     }
@@ -286,7 +286,7 @@ impl Route {
                                 FailureKind::Retryable
                             };
                             self.broker_error(BrokerOp::Publish, &e);
-                            let reason = format!("publishing the handler's messages: {e}");
+                            let reason = format!("publishing the handler's messages: {}", Report(&e));
                             self.note_failure(kind, &reason);
                             (kind, reason)
                         }

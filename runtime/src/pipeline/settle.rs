@@ -4,11 +4,12 @@
 //! failure on that path leaves it unacked, so the broker delivers it again.
 
 use super::gate::Lease;
-use super::outcome::MessageOutcome;
 use super::{dead_letter, trace, Route};
 use crate::brokers::{BrokerError, Delivery};
 use crate::engine::{FailureKind, Plugin};
+use crate::error::Report;
 use crate::message::{Header, Message, Outbound};
+use crate::metrics::MessageOutcome;
 use crate::metrics::{BrokerErrorLabel, RouteLabel};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,11 +79,13 @@ impl Route {
     pub(super) fn broker_error(&self, op: BrokerOp, e: &BrokerError) {
         match op {
             BrokerOp::Receive | BrokerOp::ErrorReply => {
-                tracing::warn!(route = %self.name, op = op.as_str(), "broker: {e}")
+                tracing::warn!(route = %self.name, op = op.as_str(), "broker: {}", Report(e))
             }
-            _ => tracing::error!(route = %self.name, op = op.as_str(), "broker: {e}; the message will be redelivered"),
+            _ => {
+                tracing::error!(route = %self.name, op = op.as_str(), "broker: {}; the message will be redelivered", Report(e))
+            }
         }
-        self.status.set_error(format!("{}: {e}", op.as_str()));
+        self.status.set_error(format!("{}: {}", op.as_str(), Report(e)));
         self.metrics
             .broker_errors
             .get_or_create(&BrokerErrorLabel {

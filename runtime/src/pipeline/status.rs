@@ -2,7 +2,7 @@
 //! as `/metrics` (read, never kept twice), the last error, and whether its
 //! workers run.
 
-use super::outcome::MessageOutcome;
+use crate::metrics::MessageOutcome;
 use crate::metrics::RouteMetrics;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -87,7 +87,7 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Work>) {
                 let finishers: Vec<Finish> = batch.into_iter().map(|work| work(&txn)).collect();
                 let commit = txn.commit().map_err(failed);
                 if let Err(e) = &commit {
-                    tracing::error!("commit failed: {e}");
+                    tracing::error!("commit failed: {}", crate::error::Report(e));
                 }
                 for finish in finishers {
                     finish(commit.clone());

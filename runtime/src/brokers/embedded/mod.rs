@@ -33,10 +33,7 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Storage(crate::storage::StorageError::Closed) => BrokerError::Closed { broker: NAME },
-            other => BrokerError::Failed {
-                broker: NAME,
-                reason: other.to_string(),
-            },
+            other => BrokerError::failed(NAME, other),
         }
     }
 }

@@ -25,13 +25,13 @@ const NEXT_SEQ: &str = "next_seq";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("embedded broker: {0}")]
+    #[error("embedded broker")]
     Storage(#[from] StorageError),
     #[error("embedded broker: message {queue}#{seq} no longer exists")]
     Gone { queue: String, seq: u64 },
 }
 
-fn storage<E: std::fmt::Display>(e: E) -> StoreError {
+fn storage(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::Storage(failed(e))
 }
 

@@ -5,6 +5,7 @@
 use super::config::{KafkaConfig, TopicConfig};
 use super::{client_config, failed, KafkaSetupError};
 use crate::brokers::BrokerError;
+use crate::error::cause;
 use crate::message::{Header, Outbound, KEY_HEADER};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -39,9 +40,9 @@ pub async fn check_reachable(config: &KafkaConfig) -> Result<(), KafkaSetupError
             .map_err(|e| e.to_string())
     })
     .await
-    .map_err(|reason| KafkaSetupError::Unreachable {
+    .map_err(|e| KafkaSetupError::Unreachable {
         brokers: config.brokers.clone(),
-        reason,
+        cause: cause(e),
     })
 }
 
@@ -68,16 +69,18 @@ pub async fn create_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Resu
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(config)
-        .create()
-        .map_err(|e| KafkaSetupError::Client(e.to_string()))?;
-    for t in topics {
-        let existing = partitions(config, &t.name)
-            .await
-            .map_err(|reason| KafkaSetupError::Topic {
-                topic: t.name.clone(),
-                reason,
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(config)
+            .create()
+            .map_err(|cause| KafkaSetupError::Client {
+                what: "creating the admin client".into(),
+                cause,
             })?;
+    for t in topics {
+        let existing = partitions(config, &t.name).await.map_err(|e| KafkaSetupError::Topic {
+            topic: t.name.clone(),
+            cause: cause(e),
+        })?;
         if !existing.is_empty() {
             if existing.len() < t.partitions as usize {
                 tracing::warn!(topic = %t.name, "topic has {} partitions, the config says {}", existing.len(), t.partitions);
@@ -94,7 +97,7 @@ pub async fn create_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Resu
             .await
             .map_err(|e| KafkaSetupError::Topic {
                 topic: t.name.clone(),
-                reason: e.to_string(),
+                cause: cause(e),
             })?;
         for r in results {
             match r {
@@ -102,7 +105,7 @@ pub async fn create_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Resu
                 Err((topic, code)) => {
                     return Err(KafkaSetupError::Topic {
                         topic,
-                        reason: code.to_string(),
+                        cause: cause(rdkafka::error::KafkaError::AdminOp(code)),
                     })
                 }
             }

@@ -32,6 +32,7 @@ pub use source::KafkaSource;
 pub use spec::KafkaSourceSpec;
 
 use super::{BoxFuture, BrokerError, Published, Sink};
+use crate::error::Cause;
 use crate::message::{Outbound, KEY_HEADER};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
@@ -45,21 +46,32 @@ pub(crate) const NAME: &str = "kafka";
 /// How long a produce may wait in librdkafka's queue before it is an error.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(crate) fn failed(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Failed {
-        broker: NAME,
-        reason: e.to_string(),
-    }
+pub(crate) fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BrokerError {
+    BrokerError::failed(NAME, e)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
-    #[error("Kafka client: {0}")]
-    Client(String),
-    #[error("Kafka at {brokers}: {reason}")]
-    Unreachable { brokers: String, reason: String },
-    #[error("Kafka topic `{topic}`: {reason}")]
-    Topic { topic: String, reason: String },
+    #[error("Kafka client: {what}")]
+    Client {
+        what: String,
+        #[source]
+        cause: rdkafka::error::KafkaError,
+    },
+    #[error("cannot start the Kafka consumer thread")]
+    Thread(#[source] Cause),
+    #[error("Kafka at {brokers}")]
+    Unreachable {
+        brokers: String,
+        #[source]
+        cause: Cause,
+    },
+    #[error("Kafka topic `{topic}`")]
+    Topic {
+        topic: String,
+        #[source]
+        cause: Cause,
+    },
 }
 
 /// A Kafka cluster: the shared producer, and the sources of the daemon (to
@@ -113,7 +125,10 @@ impl KafkaBroker {
         for (k, v) in &config.librdkafka {
             pc.set(k, v);
         }
-        let producer: FutureProducer = pc.create().map_err(|e| KafkaSetupError::Client(e.to_string()))?;
+        let producer: FutureProducer = pc.create().map_err(|cause| KafkaSetupError::Client {
+            what: "creating the producer".into(),
+            cause,
+        })?;
         admin::check_reachable(config).await?;
         admin::create_topics(config, &config.topics).await?;
         Ok(Self {

@@ -10,8 +10,10 @@ use super::config::{ConsumerSettings, KafkaConfig};
 use super::offsets::OffsetTracker;
 use super::record;
 use super::retry::{self, Retried};
-use super::{client_config, failed, KafkaBroker, KafkaSetupError};
+use super::{client_config, failed, KafkaBroker, KafkaSetupError, NAME};
+use crate::brokers::events;
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::error::cause;
 use crate::message::Message;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -107,7 +109,7 @@ impl State {
         }
         match consumer.commit(&tpl, mode) {
             Ok(()) => self.mark_committed(&tpl),
-            Err(e) => tracing::warn!("Kafka commit failed (retried at the next interval): {e}"),
+            Err(e) => events::failed(NAME, "commit", &e, " (retried at the next interval)"),
         }
     }
 
@@ -207,7 +209,7 @@ impl ConsumerContext for Context {
                 }
                 tracing::info!(partitions = ?assigned, "Kafka partitions assigned");
             }
-            Rebalance::Error(e) => tracing::warn!("Kafka rebalance error: {e}"),
+            Rebalance::Error(e) => events::failed(NAME, "rebalance", e, ""),
             Rebalance::Revoke(_) => {}
         }
     }
@@ -267,7 +269,10 @@ impl KafkaSource {
         }
         let consumer: Arc<BaseConsumer<Context>> = Arc::new(
             c.create_with_context(Context { state: state.clone() })
-                .map_err(|e| KafkaSetupError::Client(e.to_string()))?,
+                .map_err(|cause| KafkaSetupError::Client {
+                    what: "creating the consumer".into(),
+                    cause,
+                })?,
         );
         let retry_topics: Vec<String> = s
             .topics
@@ -275,15 +280,16 @@ impl KafkaSource {
             .flat_map(|t| (1..=s.retry_levels).map(move |level| retry::retry_topic(t, level)))
             .collect();
         let topics: Vec<&str> = s.topics.iter().chain(&retry_topics).map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| KafkaSetupError::Client(format!("subscribing to {topics:?}: {e}")))?;
+        consumer.subscribe(&topics).map_err(|cause| KafkaSetupError::Client {
+            what: format!("subscribing to {topics:?}"),
+            cause,
+        })?;
         let thread_state = state.clone();
         let commit_interval = config.commit_interval;
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", s.group))
             .spawn(move || poll_loop(consumer, thread_state, commit_interval))
-            .map_err(|e| KafkaSetupError::Client(e.to_string()))?;
+            .map_err(|e| KafkaSetupError::Thread(cause(e)))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 state,
@@ -465,7 +471,7 @@ fn consumer_error(state: &State, e: &KafkaError) {
     ) {
         state.connected.store(false, Ordering::Relaxed);
     }
-    tracing::warn!("Kafka consumer: {e}");
+    events::failed(NAME, "consume", e, "");
 }
 
 fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {

@@ -4,6 +4,7 @@
 
 use super::{from_header_map, NatsBroker, NatsSetupError, NAME};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::error::cause;
 use crate::message::{now_ms, Message};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,7 @@ impl CoreSource {
         };
         let subscriber = result.map_err(|e| NatsSetupError::Subscribe {
             subject: subject.to_owned(),
-            reason: e.to_string(),
+            cause: cause(e),
         })?;
         let (retry_tx, retry_rx) = mpsc::channel(RETRY_BUFFER);
         Ok(Self {

@@ -4,7 +4,9 @@
 //! the dead-lettered copy is stored.
 
 use super::{differ, failed, from_header_map, ConsumerSettings, NatsBroker, NatsSetupError};
+use crate::brokers::events;
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::error::{cause, Cause};
 use crate::message::Message;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::AckKind;
@@ -68,7 +70,7 @@ impl InFlight {
                 drop(this);
                 for acker in long {
                     if let Err(e) = acker.ack_with(AckKind::Progress).await {
-                        tracing::debug!("in-progress ack failed: {e}");
+                        events::failed(super::NAME, "progress", &*e, "");
                     }
                 }
             }
@@ -90,10 +92,10 @@ fn consumer_config(s: &ConsumerSettings) -> pull::Config {
 
 impl JetStreamSource {
     pub(super) async fn open(broker: NatsBroker, s: &ConsumerSettings) -> Result<Self, NatsSetupError> {
-        let err = |reason: String| NatsSetupError::Consumer {
+        let err = |cause: Cause| NatsSetupError::Consumer {
             stream: s.stream.clone(),
             consumer: s.durable.clone(),
-            reason,
+            cause,
         };
         let stream = broker
             .js
@@ -101,12 +103,12 @@ impl JetStreamSource {
             .await
             .map_err(|e| NatsSetupError::Stream {
                 stream: s.stream.clone(),
-                reason: format!("{e} (declare it under [[brokers.nats.streams]])"),
+                cause: cause(format!("{e} (declare it under [[brokers.nats.streams]])")),
             })?;
         let wanted = consumer_config(s);
         let consumer: Consumer<pull::Config> = match stream.get_consumer::<pull::Config>(&s.durable).await {
             Ok(mut existing) => {
-                let info = existing.info().await.map_err(|e| err(e.to_string()))?;
+                let info = existing.info().await.map_err(|e| err(cause(e)))?;
                 let have = &info.config;
                 let mut diffs = Vec::new();
                 differ(
@@ -124,15 +126,15 @@ impl JetStreamSource {
                     &wanted.max_ack_pending,
                 );
                 if !diffs.is_empty() {
-                    return Err(err(format!(
+                    return Err(err(cause(format!(
                         "exists with other settings: {} (change the config, or delete the consumer)",
                         diffs.join("; ")
-                    )));
+                    ))));
                 }
                 existing
             }
             Err(_) => {
-                let c = stream.create_consumer(wanted).await.map_err(|e| err(e.to_string()))?;
+                let c = stream.create_consumer(wanted).await.map_err(|e| err(cause(e)))?;
                 tracing::info!(stream = %s.stream, consumer = %s.durable, "JetStream consumer created");
                 c
             }

@@ -15,6 +15,7 @@ pub use dead_letters::StreamDeadLetters;
 pub use spec::{CoreSourceSpec, JetStreamSourceSpec};
 
 use super::{BoxFuture, BrokerError, Published, Sink};
+use crate::error::{cause, Cause};
 use crate::message::{Header, Outbound};
 use crate::subject::SubjectPattern;
 use async_nats::jetstream::stream;
@@ -23,29 +24,43 @@ use std::time::Duration;
 
 pub(crate) const NAME: &str = "nats";
 
-pub(crate) fn failed(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Failed {
-        broker: NAME,
-        reason: e.to_string(),
-    }
+pub(crate) fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BrokerError {
+    BrokerError::failed(NAME, e)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsSetupError {
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("NATS credentials: {0}")]
-    Credentials(String),
-    #[error("JetStream stream `{stream}`: {reason}")]
-    Stream { stream: String, reason: String },
-    #[error("JetStream consumer `{consumer}` on stream `{stream}`: {reason}")]
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        cause: Cause,
+    },
+    #[error("NATS credentials {}", path.display())]
+    Credentials {
+        path: std::path::PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("JetStream stream `{stream}`")]
+    Stream {
+        stream: String,
+        #[source]
+        cause: Cause,
+    },
+    #[error("JetStream consumer `{consumer}` on stream `{stream}`")]
     Consumer {
         stream: String,
         consumer: String,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
-    #[error("NATS subscription to `{subject}`: {reason}")]
-    Subscribe { subject: String, reason: String },
+    #[error("NATS subscription to `{subject}`")]
+    Subscribe {
+        subject: String,
+        #[source]
+        cause: Cause,
+    },
 }
 
 /// A connection to NATS (reconnects by itself) and its JetStream context.
@@ -118,7 +133,7 @@ impl NatsBroker {
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    async_nats::Event::Disconnected => super::events::disconnected(NAME),
                     other => tracing::debug!("NATS: {other}"),
                 }
             });
@@ -137,7 +152,10 @@ impl NatsBroker {
             options = options
                 .credentials_file(path)
                 .await
-                .map_err(|e| NatsSetupError::Credentials(format!("{}: {e}", path.display())))?;
+                .map_err(|cause| NatsSetupError::Credentials {
+                    path: path.clone(),
+                    cause,
+                })?;
         }
         if config.tls_required {
             options = options.require_tls(true);
@@ -150,7 +168,8 @@ impl NatsBroker {
             .await
             .map_err(|e| NatsSetupError::Connect {
                 url: super::redact_url(&config.url),
-                reason: e.to_string().replace(&config.url, &super::redact_url(&config.url)),
+                // The client's error may quote the URL, password and all.
+                cause: cause(e.to_string().replace(&config.url, &super::redact_url(&config.url))),
             })?;
         let js = async_nats::jetstream::new(client.clone());
         let mut stream_subjects = Vec::new();
@@ -174,7 +193,7 @@ impl NatsBroker {
     /// at shutdown, after the routes have settled their messages.
     pub async fn close(&self) {
         if let Err(e) = self.client.flush().await {
-            tracing::warn!("NATS: cannot flush before closing: {e}");
+            super::events::failed(NAME, "flush", &e, " (before closing)");
         }
         if let Err(e) = self.client.drain().await {
             tracing::debug!("NATS: drain: {e}");
@@ -308,7 +327,7 @@ impl NatsBroker {
         match tokio::time::timeout(timeout, self.client.request(subject.to_owned(), payload.into())).await {
             Err(_) => Err(RequestError::Timeout),
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(RequestError::Timeout),
-            Ok(Err(e)) => Err(RequestError::Failed(e.to_string())),
+            Ok(Err(e)) => Err(RequestError::Failed(cause(e))),
             Ok(Ok(reply)) => Ok(reply.payload.to_vec()),
         }
     }
@@ -422,14 +441,14 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
 
 /// Creates the stream if missing; if present, checks that it matches.
 async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -> Result<(), NatsSetupError> {
-    let err = |reason: String| NatsSetupError::Stream {
+    let err = |cause: Cause| NatsSetupError::Stream {
         stream: s.name.clone(),
-        reason,
+        cause,
     };
     let wanted = stream_config(s);
     match js.get_stream(&s.name).await {
         Ok(mut existing) => {
-            let info = existing.info().await.map_err(|e| err(e.to_string()))?;
+            let info = existing.info().await.map_err(|e| err(cause(e)))?;
             let have = &info.config;
             let mut diffs = Vec::new();
             let (mut a, mut b) = (have.subjects.clone(), wanted.subjects.clone());
@@ -442,10 +461,10 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
             if diffs.is_empty() {
                 Ok(())
             } else {
-                Err(err(format!(
+                Err(err(cause(format!(
                     "exists with other settings: {} (change the config, or update/delete the stream)",
                     diffs.join("; ")
-                )))
+                ))))
             }
         }
         Err(e)
@@ -454,11 +473,11 @@ async fn declare_stream(js: &async_nats::jetstream::Context, s: &StreamConfig) -
                 async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
             ) =>
         {
-            js.create_stream(wanted).await.map_err(|e| err(e.to_string()))?;
+            js.create_stream(wanted).await.map_err(|e| err(cause(e)))?;
             tracing::info!(stream = %s.name, "JetStream stream created");
             Ok(())
         }
-        Err(e) => Err(err(e.to_string())),
+        Err(e) => Err(err(cause(e))),
     }
 }
 

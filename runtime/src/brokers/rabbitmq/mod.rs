@@ -23,6 +23,7 @@ pub fn fuzz_inbound(table: &lapin::types::FieldTable) -> (Vec<crate::message::He
 }
 
 use super::{BoxFuture, BrokerError, Published, Sink};
+use crate::error::{cause, Cause};
 use crate::message::Outbound;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -40,29 +41,28 @@ const PERSISTENT: u8 = 2;
 const REPLY_PREFIX: &str = "amqp-reply:";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn failed(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Failed {
-        broker: NAME,
-        reason: e.to_string(),
-    }
+pub(crate) fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BrokerError {
+    BrokerError::failed(NAME, e)
 }
 
-fn disconnected(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Disconnected {
-        broker: NAME,
-        reason: e.to_string(),
-    }
+fn disconnected(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BrokerError {
+    BrokerError::disconnected(NAME, e)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RabbitSetupError {
-    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("RabbitMQ {what} `{name}`: {reason}")]
+    #[error("cannot connect to RabbitMQ at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        cause: Cause,
+    },
+    #[error("RabbitMQ {what} `{name}`")]
     Topology {
         what: &'static str,
         name: String,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
 }
 
@@ -139,24 +139,21 @@ impl RabbitBroker {
 
     async fn open(&self) -> Result<Live, RabbitSetupError> {
         let config = &self.shared.config;
-        let connect_err = |reason: String| RabbitSetupError::Connect {
+        let connect_err = |cause: Cause| RabbitSetupError::Connect {
             url: super::redact_url(&config.url),
-            reason,
+            cause,
         };
         let properties = ConnectionProperties::default().with_connection_name(config.name.as_str().into());
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&config.url, properties))
             .await
-            .map_err(|_| connect_err(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|_| connect_err(cause(format!("no answer within {CONNECT_TIMEOUT:?}"))))?
+            .map_err(|e| connect_err(cause(e)))?;
         topology::declare(&connection, config).await?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
+        let publisher = connection.create_channel().await.map_err(|e| connect_err(cause(e)))?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| connect_err(cause(e)))?;
         if let Ok(mut d) = self.shared.delay_queues.lock() {
             d.clear();
         }
@@ -174,7 +171,7 @@ impl RabbitBroker {
                 return Ok(live.clone());
             }
             if self.shared.connected.swap(false, Ordering::Relaxed) {
-                tracing::warn!("RabbitMQ connection lost; reconnecting");
+                super::events::disconnected(NAME);
             }
         }
         *guard = None;
@@ -248,7 +245,7 @@ impl RabbitBroker {
         }
         let live = self.live().await.map_err(|e| RabbitSetupError::Connect {
             url: super::redact_url(&self.shared.config.url),
-            reason: e.to_string(),
+            cause: cause(e),
         })?;
         topology::declare_plain_queue(&live.connection, name).await
     }

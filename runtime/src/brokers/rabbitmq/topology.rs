@@ -4,6 +4,7 @@
 use super::config::{ExchangeConfig, QueueConfig, QueueType, RabbitConfig};
 use super::headers::arguments;
 use super::RabbitSetupError;
+use crate::error::cause;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -25,7 +26,7 @@ fn refusal(what: &'static str, name: &str, e: &lapin::Error) -> RabbitSetupError
     RabbitSetupError::Topology {
         what,
         name: name.to_owned(),
-        reason,
+        cause: cause(reason),
     }
 }
 
@@ -36,7 +37,7 @@ async fn channel(connection: &Connection) -> Result<Channel, RabbitSetupError> {
         .map_err(|e| RabbitSetupError::Topology {
             what: "channel",
             name: String::new(),
-            reason: e.to_string(),
+            cause: cause(e),
         })
 }
 

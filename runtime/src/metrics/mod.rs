@@ -1,6 +1,7 @@
 //! Prometheus metrics of the pipeline and the engine.
 
-use crate::pipeline::MessageOutcome;
+mod outcome;
+pub use outcome::MessageOutcome;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +14,14 @@ use std::sync::Mutex;
 pub struct RouteOutcome {
     pub route: String,
     pub outcome: MessageOutcome,
+}
+
+/// `sluice_broker_errors_total`, one family for the process: the brokers
+/// count their own background failures in it (they hold no `Metrics`), and
+/// every `Metrics` registers this same family.
+pub fn broker_errors() -> &'static Family<BrokerErrorLabel, Counter> {
+    static FAMILY: std::sync::OnceLock<Family<BrokerErrorLabel, Counter>> = std::sync::OnceLock::new();
+    FAMILY.get_or_init(Family::default)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +153,7 @@ impl Metrics {
             "Acks, retries or publishes the broker refused (the message is redelivered)",
             settle_errors.clone(),
         );
-        let broker_errors = Family::<BrokerErrorLabel, Counter>::default();
+        let broker_errors = broker_errors().clone();
         registry.register(
             "broker_errors",
             "Broker operations that failed, by broker and operation",
