@@ -14,7 +14,9 @@
 use sluice::brokers::{BrokerKind, Brokers};
 use sluice::brokers::{BrokersConfig, DeadLetterTarget, Delivery, RouteContext, RouteUse, Sink, Source, SourceSpec};
 use sluice::dlq::{DeadLetters, Filter};
+use sluice::engine::FailureKind;
 use sluice::message::{find_header, Header, Outbound, DEDUP_HEADER};
+use sluice::pipeline::dead_letter;
 use sluice_tests::{kafka, rabbit, unique};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -204,21 +206,20 @@ async fn contract(case: Case) {
     // Dead-lettered: the copy is confirmed, then the original dropped.
     a.publish(&bytes("d"), vec![Header::new("x-conformance", "d")]).await;
     let d = a.expect(&bytes("d"), "a message to dead-letter").await;
-    let mut headers = d.message().headers.clone();
-    headers.retain(|h| !h.name.eq_ignore_ascii_case(DEDUP_HEADER));
-    headers.extend([
-        Header::new("sluice-route", ROUTE),
-        Header::new("sluice-origin", d.origin()),
-        Header::new("sluice-error-kind", "permanent"),
-        Header::new("sluice-error", "conformance"),
-        Header::new("sluice-attempts", "1"),
-        Header::new(DEDUP_HEADER, format!("{}:dlq", unique())),
-    ]);
-    let copy = Outbound {
-        subject: a.dead_letter.clone(),
-        headers,
-        payload: d.message().payload.clone(),
-    };
+    // The copy the pipeline makes, through the adapter's own dead-letter sink.
+    let copy = dead_letter::copy(
+        d.message(),
+        &a.dead_letter,
+        dead_letter::FailureContext {
+            kind: FailureKind::Permanent,
+            reason: "conformance",
+            route: ROUTE,
+            plugin_name: "p",
+            plugin_hash: "00",
+            origin: d.origin(),
+            dedup_id: format!("{}:dlq", unique()),
+        },
+    );
     a.dead_letter_sink
         .publish(vec![copy])
         .await
@@ -245,9 +246,15 @@ async fn contract(case: Case) {
             );
             let shown = store.get(letter.seq).await.expect("show").expect("the letter");
             assert_eq!(shown.payload, bytes("d"), "{kind:?}: original bytes");
-            for name in ["sluice-origin", "sluice-error", "x-conformance"] {
+            for name in dead_letter::FAILURE_HEADERS.iter().chain(&["x-conformance"]) {
                 assert!(find_header(&shown.headers, name).is_some(), "{kind:?}: {name} lost");
             }
+            assert_eq!(find_header(&shown.headers, "x-conformance"), Some("d"), "{kind:?}");
+            assert_eq!(
+                find_header(&shown.headers, "sluice-error"),
+                Some("conformance"),
+                "{kind:?}"
+            );
             let replayed = store
                 .replay(&Filter {
                     all: true,

@@ -323,7 +323,6 @@ jitter = "none"
                 nats.publish(reply, "ok".into()).await.unwrap();
             }
         }
-        let _ = js.delete_stream(&stream).await;
         times
     });
     let attempts: Vec<&str> = times.iter().map(|(a, _)| a.as_str()).collect();
@@ -345,6 +344,22 @@ jitter = "none"
         d.metric("sluice_messages_total{route=\"retrying\",outcome=\"retry\"}"),
         2.0
     );
+    // The broker's side: it delivered the message three times (naks, not
+    // retries inside sluice) and holds nothing unacked.
+    rt().block_on(async {
+        let js = jetstream::new(client().await);
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_stream(&stream)
+            .await
+            .unwrap()
+            .get_consumer("retrying")
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(info.delivered.consumer_sequence, 3, "deliveries by JetStream");
+        assert_eq!(info.num_ack_pending, 0);
+        let _ = js.delete_stream(&stream).await;
+    });
 }
 
 #[test]
@@ -701,4 +716,116 @@ fn an_existing_stream_with_other_settings_is_refused_with_the_difference() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("JetStream stream `{stream}`")), "{err}");
     assert!(err.contains("subjects is") && err.contains(&format!("{id}.b")), "{err}");
+}
+
+#[test]
+fn a_handler_running_past_ack_wait_is_kept_alive_by_in_progress_acks_not_redelivered() {
+    let id = unique();
+    let stream = format!("LONG_{id}");
+    let config = format!(
+        r#"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{stream}"
+subjects = ["{id}.long", "{id}.done", "{id}.dlq"]
+[plugins.p]
+path = "{wasm}"
+publish = ["{id}.done"]
+config = {{ to = "{id}.done", wait_ms = 2500 }}
+[[routes]]
+name = "long"
+plugin = "p"
+concurrency = 2
+source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.long", ack_wait = "1s" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_record").display(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let js = rt.block_on(async { jetstream::new(client().await) });
+    rt.block_on(async {
+        js.publish(format!("{id}.long"), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+    });
+    d.wait_for("handled", Duration::from_secs(15), || {
+        d.metric("sluice_messages_total{route=\"long\",outcome=\"ok\"}") == 1.0
+    });
+    rt.block_on(async {
+        let mut s = js.get_stream(&stream).await.unwrap();
+        let mut consumer: jetstream::consumer::PullConsumer = s.get_consumer("long").await.unwrap();
+        let info = consumer.info().await.unwrap();
+        // Without the keepalive JetStream would have redelivered it after
+        // 1 s to the second worker, while the first still ran.
+        assert_eq!(info.delivered.consumer_sequence, 1, "delivered once");
+        assert_eq!(info.num_redelivered, 0);
+        assert_eq!(info.num_ack_pending, 0);
+        assert_eq!(s.info().await.unwrap().state.messages, 2, "one input, one effect");
+        let _ = js.delete_stream(&stream).await;
+    });
+}
+
+#[test]
+fn a_queue_group_splits_a_wildcard_subject_between_two_instances_each_message_once() {
+    const N: usize = 200;
+    let id = unique();
+    let config = format!(
+        r#"
+[brokers.nats]
+url = "{url}"
+[plugins.p]
+path = "{wasm}"
+isolation = "reuse"
+publish = ["{id}.out"]
+config = {{ to = "{id}.out" }}
+[[routes]]
+name = "paid"
+plugin = "p"
+source = {{ broker = "nats", subject = "{id}.orders.*.paid", queue_group = "g-{id}" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_record").display(),
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &config);
+    let b = Daemon::start(dir_b.path(), &config);
+    let rt = rt();
+    let out = sluice_tests::nats::Collected::subscribe(&rt, &format!("{id}.out"));
+    rt.block_on(async {
+        let nats = client().await;
+        // Subjects the pattern does not match, sent first: had either
+        // instance received them, they would be recorded before the last
+        // matching one.
+        for other in [
+            "orders.1.created",
+            "orders.1.paid.late",
+            "orders.paid",
+            "x.orders.1.paid",
+        ] {
+            nats.publish(format!("{id}.{other}"), "no".into()).await.unwrap();
+        }
+        for i in 0..N {
+            nats.publish(format!("{id}.orders.{i}.paid"), format!("m-{i}").into())
+                .await
+                .unwrap();
+        }
+        nats.flush().await.unwrap();
+    });
+    a.wait_for("every message recorded", Duration::from_secs(30), || out.len() >= N);
+    let handled = |d: &Daemon| d.route_field(0, "handled");
+    a.wait_for("both counted", Duration::from_secs(10), || {
+        handled(&a) + handled(&b) == N as u64
+    });
+    let got = out.all();
+    let distinct: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(distinct.len(), N, "{got:?}");
+    assert_eq!(got.len(), N, "a message was handled by both instances");
+    assert!(!distinct.contains("no"), "a subject outside the pattern was handled");
+    assert!(handled(&a) > 0 && handled(&b) > 0, "one instance got everything");
 }

@@ -199,7 +199,9 @@ fn a_key_whose_worker_crashed_is_handled_after_its_lease_expires() {
         "handled before the lease ran out: {:?}",
         claimed.elapsed()
     );
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_for("the copy settled", Duration::from_secs(10), || {
+        d.queue_len("orders") == 0 && d.route_field(0, "in_flight") == 0
+    });
     assert_eq!(d.queue("recorded").len(), 1);
 }
 

@@ -64,11 +64,13 @@ fn shipped_config_routes_order_events_through_the_topic_binding() {
     let id = unique();
 
     let got = rt.block_on(async {
+        // `user.login` first: had a binding let it into the queue, it
+        // would be counted by the time the orders are settled.
         for (key, event) in [
+            ("user.login", "login"),
             ("order.created", "created"),
             ("order.shipped", "shipped"),
             ("order.item.added", "item_added"),
-            ("user.login", "login"),
         ] {
             let idem = format!("{id}-{event}");
             rabbit
@@ -93,7 +95,9 @@ fn shipped_config_routes_order_events_through_the_topic_binding() {
         assert!(g.text().contains(&id), "{}", g.text());
     }
     // `user.login` matched no binding: nothing else was handled.
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_for("the orders settled", Duration::from_secs(10), || {
+        route_count(&d, "in_flight") == 0
+    });
     assert_eq!(route_count(&d, "handled"), 3);
     assert_eq!(rt.block_on(rabbit.count("order-notifications")), 0);
     assert_eq!(rt.block_on(rabbit.count("dlq.orders")), 0);
@@ -214,14 +218,19 @@ jitter = "none""#
     // Times of each step, from the route's counters.
     let started = Instant::now();
     let (mut first_retry, mut second_retry, mut others_done, mut all_done) = (None, None, None, None);
+    // What RabbitMQ holds while the message waits: evidence that the delay
+    // is the broker's (a TTL queue), not a sleep inside sluice.
+    let (mut held_first, mut held_second) = (None, None);
     while all_done.is_none() && started.elapsed() < Duration::from_secs(30) {
         let (retried, handled) = (route_count(&d, "retried"), route_count(&d, "handled"));
         let now = started.elapsed();
         if retried >= 1 && first_retry.is_none() {
             first_retry = Some(now);
+            held_first = Some(rt.block_on(rabbit.count(&format!("work-{id}.retry.1000ms"))));
         }
         if retried >= 2 && second_retry.is_none() {
             second_retry = Some(now);
+            held_second = Some(rt.block_on(rabbit.count(&format!("work-{id}.retry.2000ms"))));
         }
         if handled >= 20 && others_done.is_none() {
             others_done = Some(now);
@@ -241,6 +250,8 @@ jitter = "none""#
         others < second,
         "the 20 others waited for the retrying one: {others:?} vs {second:?}"
     );
+    assert_eq!(held_first, Some(1), "the first retry waits in the 1 s delay queue");
+    assert_eq!(held_second, Some(1), "the second retry waits in the 2 s delay queue");
     let gap1 = second - first;
     let gap2 = done - second;
     assert!(

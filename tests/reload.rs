@@ -103,7 +103,7 @@ fn route_count(d: &Daemon, route: &str, what: &str) -> u64 {
         .as_array()
         .and_then(|rs| rs.iter().find(|r| r["name"] == route))
         .and_then(|r| r[what].as_u64())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no route {route} with a count `{what}` in the status"))
 }
 
 #[test]
@@ -183,6 +183,62 @@ fn twenty_swaps_while_ten_thousand_messages_flow_each_handled_once_by_the_curren
         1,
         "old versions are not shown"
     );
+}
+
+#[test]
+fn a_swap_with_four_workers_handles_each_message_once_and_new_messages_on_the_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let wasm = dir.path().join("plugins/stamp.wasm");
+    std::fs::write(&wasm, stamp_version(1)).unwrap();
+    let d = Arc::new(Daemon::start(
+        dir.path(),
+        &config("x", "").replace("concurrency = 1", "concurrency = 4"),
+    ));
+    let flowing = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (d, flowing) = (d.clone(), flowing.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            while sent < 500 || flowing.load(Ordering::Relaxed) {
+                d.publish("work", &[], format!("before-{sent}").as_bytes());
+                sent += 1;
+            }
+            sent
+        })
+    };
+    d.wait_for("messages flowing", Duration::from_secs(20), || {
+        route_count(&d, "work", "handled") >= 100
+    });
+    deploy(&wasm, &stamp_version(2));
+    d.wait_for("the swap", Duration::from_secs(30), || reloads(&d, "ok") >= 1.0);
+    flowing.store(false, Ordering::Relaxed);
+    let mut sent = publisher.join().unwrap();
+    for i in 0..50 {
+        d.publish("work", &[], format!("after-{i}").as_bytes());
+    }
+    sent += 50;
+    d.wait_for("every message handled", Duration::from_secs(60), || {
+        route_count(&d, "work", "handled") >= sent as u64
+    });
+    let stamped = d.queue("stamped");
+    let mut seen = BTreeSet::new();
+    let mut versions = BTreeSet::new();
+    for m in &stamped {
+        let payload = m["payload"].as_str().unwrap().to_owned();
+        let version = header(m, "plugin-version").unwrap().to_owned();
+        if payload.starts_with("after-") {
+            assert_eq!(version, "000000002", "{payload} ran on the old version after the swap");
+        }
+        versions.insert(version);
+        assert!(seen.insert(payload.clone()), "{payload} handled twice");
+    }
+    assert_eq!(seen.len(), sent, "every message handled");
+    assert_eq!(
+        versions,
+        BTreeSet::from(["000000001".to_owned(), "000000002".to_owned()])
+    );
+    assert_eq!(route_count(&d, "work", "retried"), 0);
 }
 
 #[test]

@@ -106,7 +106,11 @@ impl Daemon {
                 self.admin
             )
         };
-        std::fs::write(&self.config, text).expect("write config");
+        // Written aside and renamed over, as a deploy does: a reload never
+        // reads a half-written file (which may be a valid, smaller config).
+        let aside = self.config.with_extension("toml.tmp");
+        std::fs::write(&aside, text).expect("write config");
+        std::fs::rename(&aside, &self.config).expect("replace config");
     }
 
     /// Starts (again) on the same config and data; waits until ready.
@@ -265,7 +269,8 @@ impl Daemon {
         }
     }
 
-    fn signal(&self, sig: &str) {
+    /// Sends `sig` (`-TERM`, `-HUP`) and returns at once.
+    pub fn signal(&self, sig: &str) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
         }

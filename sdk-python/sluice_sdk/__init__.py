@@ -1,0 +1,246 @@
+"""The sluice plugin SDK for Python.
+
+A handler is one decorated function::
+
+    import sluice_sdk as sluice
+    from sluice_sdk import WitWorld  # the component's export; keep this line
+
+    @sluice.handler
+    def handle(msg: sluice.Message):
+        order = msg.json()                     # malformed JSON -> Permanent
+        sluice.publish_json("audit.orders", order)
+        sluice.log.info(f"order {order['order_id']}")
+
+Return ``None`` (done), a :class:`Reply` (sent to the request's reply
+subject), or raise :class:`Retryable` / :class:`Permanent`. Any other
+exception is retryable, as a panic is for a Rust plugin. Publishes are
+buffered by the host and sent only when the handler returns.
+
+Build with ``cargo xtask plugins`` (or componentize-py directly, see the
+README); the WIT in ``wit/`` is the contract.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+
+from componentize_py_types import Err
+from wit_world import WitWorld as _World
+from wit_world.imports import host as _host
+from wit_world.imports import types as _types
+
+__all__ = [
+    "Message",
+    "Reply",
+    "Retryable",
+    "Permanent",
+    "handler",
+    "publish",
+    "publish_json",
+    "request",
+    "config",
+    "log",
+    "WitWorld",
+]
+
+Headers = Iterable[Tuple[str, str]]
+
+
+class Retryable(Exception):
+    """Transient failure: retried with the route's backoff, then dead-lettered."""
+
+
+class Permanent(Exception):
+    """Poison message: dead-lettered at once, never retried."""
+
+
+class Message:
+    """One delivered message, read-only."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: _types.Message) -> None:
+        self._raw = raw
+
+    @property
+    def id(self) -> str:
+        """Broker-native id (stream sequence, topic/partition/offset, ...)."""
+        return self._raw.id
+
+    @property
+    def route(self) -> str:
+        return self._raw.route
+
+    @property
+    def subject(self) -> str:
+        """NATS subject, Kafka topic or AMQP routing key."""
+        return self._raw.subject
+
+    @property
+    def key(self) -> Optional[str]:
+        return self._raw.key
+
+    @property
+    def attempt(self) -> int:
+        """Delivery attempt, starting at 1."""
+        return self._raw.attempt
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self._raw.timestamp_ms
+
+    @property
+    def reply_to(self) -> Optional[str]:
+        return self._raw.reply_to
+
+    @property
+    def payload(self) -> bytes:
+        return bytes(self._raw.payload)
+
+    @property
+    def headers(self) -> List[Tuple[str, str]]:
+        """Headers in broker order; a name may appear more than once."""
+        return [(h.name, h.value) for h in self._raw.headers]
+
+    def header(self, name: str) -> Optional[str]:
+        """The first header called ``name`` (case-insensitive)."""
+        wanted = name.lower()
+        for h in self._raw.headers:
+            if h.name.lower() == wanted:
+                return h.value
+        return None
+
+    def text(self) -> str:
+        """The payload as UTF-8; anything else is a permanent failure."""
+        try:
+            return bytes(self._raw.payload).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Permanent(f"payload is not UTF-8: {e}") from None
+
+    def json(self) -> Any:
+        """The payload parsed as JSON; malformed JSON is a permanent failure."""
+        try:
+            return _json.loads(self.text())
+        except ValueError as e:
+            raise Permanent(f"payload is not valid JSON: {e}") from None
+
+
+@dataclass
+class Reply:
+    """An answer to a request, sent to its reply subject."""
+
+    payload: Union[bytes, str] = b""
+    headers: List[Tuple[str, str]] = field(default_factory=list)
+
+    @staticmethod
+    def json(value: Any, headers: Headers = ()) -> "Reply":
+        return Reply(_dumps(value), list(headers))
+
+
+_handler: Optional[Callable[[Message], Any]] = None
+
+
+def handler(fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
+    """Marks the function that handles each message."""
+    global _handler
+    _handler = fn
+    return fn
+
+
+def _dumps(value: Any) -> bytes:
+    # Compact, key order kept: the same bytes serde_json writes.
+    return _json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _bytes(payload: Union[bytes, bytearray, str]) -> bytes:
+    return payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+
+
+def _wit_headers(headers: Headers) -> List[_types.Header]:
+    return [_types.Header(name=str(n), value=str(v)) for n, v in headers]
+
+
+def _host_error(e: Err) -> Exception:
+    err = e.value
+    # A denied subject is a deployment mistake that retrying will not fix.
+    if isinstance(err, _types.HostError_Denied):
+        return Permanent(f"denied by the host: {err.value}")
+    if isinstance(err, _types.HostError_Timeout):
+        return Retryable("request timed out")
+    return Retryable(getattr(err, "value", str(err)))
+
+
+def publish(subject: str, payload: Union[bytes, str], headers: Headers = ()) -> None:
+    """Queues a message for ``subject``; sent only if the handler returns."""
+    try:
+        _host.publish(subject, _wit_headers(headers), _bytes(payload))
+    except Err as e:
+        raise _host_error(e) from None
+
+
+def publish_json(subject: str, value: Any, headers: Headers = ()) -> None:
+    """Queues ``value`` as compact JSON for ``subject``."""
+    publish(subject, _dumps(value), headers)
+
+
+def request(subject: str, payload: Union[bytes, str], timeout_ms: int = 1000) -> bytes:
+    """Sends a request and waits for its answer (NATS request/reply)."""
+    try:
+        return bytes(_host.request(subject, _bytes(payload), max(0, min(int(timeout_ms), 2**32 - 1))))
+    except Err as e:
+        raise _host_error(e) from None
+
+
+def config(key: str) -> Optional[str]:
+    """This plugin's setting ``key`` from the config file, or None."""
+    return _host.config(key)
+
+
+class _Log:
+    """``sluice.log.info("...")``: lines in the host's log, tagged with the message."""
+
+    def trace(self, text: str) -> None:
+        _host.log(_types.Level.TRACE, str(text))
+
+    def debug(self, text: str) -> None:
+        _host.log(_types.Level.DEBUG, str(text))
+
+    def info(self, text: str) -> None:
+        _host.log(_types.Level.INFO, str(text))
+
+    def warn(self, text: str) -> None:
+        _host.log(_types.Level.WARN, str(text))
+
+    def error(self, text: str) -> None:
+        _host.log(_types.Level.ERROR, str(text))
+
+
+log = _Log()
+
+
+def _reply(out: Any) -> Optional[_types.Reply]:
+    if out is None:
+        return None
+    if isinstance(out, Reply):
+        return _types.Reply(headers=_wit_headers(out.headers), payload=_bytes(out.payload))
+    if isinstance(out, (bytes, bytearray, str)):
+        return _types.Reply(headers=[], payload=_bytes(out))
+    raise TypeError(f"a handler returns None, a Reply, bytes or str, not {type(out).__name__}")
+
+
+class WitWorld(_World):
+    """The component's export: calls the function marked with ``@handler``."""
+
+    def handle(self, msg: _types.Message) -> Optional[_types.Reply]:
+        if _handler is None:
+            raise Err(_types.HandlerError_Permanent("no function is marked with @sluice_sdk.handler"))
+        try:
+            return _reply(_handler(Message(msg)))
+        except Permanent as e:
+            raise Err(_types.HandlerError_Permanent(str(e) or "permanent failure"))
+        except Retryable as e:
+            raise Err(_types.HandlerError_Retryable(str(e) or "retryable failure"))
+        except Exception as e:  # an uncaught exception: retryable, like a panic
+            raise Err(_types.HandlerError_Retryable(f"{type(e).__name__}: {e}"))
