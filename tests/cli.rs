@@ -192,3 +192,90 @@ fn the_shipped_default_config_is_valid() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `sluice invoke` of `wasm` with `payload`, its compiled code kept in
+/// `cache` (a Python plugin compiles once, not once per call).
+fn invoke_cached(wasm: &Path, cache: &Path, payload: &str) -> Value {
+    let out = sluice(&[
+        "invoke",
+        wasm.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--subject",
+        "orders.created",
+        "--header",
+        "Idempotency-Key=k-1",
+        "--payload",
+        payload,
+    ]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_json(&out)
+}
+
+/// What two implementations must agree on: the outcome and its kind, and
+/// each publish's subject, headers and JSON body (field order aside).
+fn observable(result: &Value) -> Value {
+    let publishes: Vec<Value> = result["publishes"]
+        .as_array()
+        .expect("publishes")
+        .iter()
+        .map(|p| {
+            let body = p["payload"].as_str().expect("text payload");
+            serde_json::json!({
+                "subject": p["subject"],
+                "headers": p["headers"],
+                "body": serde_json::from_str::<Value>(body).unwrap_or_else(|_| Value::from(body)),
+            })
+        })
+        .collect();
+    serde_json::json!({ "outcome": result["outcome"], "kind": result["kind"], "publishes": publishes })
+}
+
+#[test]
+fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_every_input() {
+    let cache = tempfile::tempdir().unwrap();
+    let order = |amount: &str, event: &str| {
+        format!(r#"{{"order_id":"o-1","user_id":"u-1","amount_cents":{amount},"event_type":{event}}}"#)
+    };
+    let inputs = [
+        order("1999", r#""created""#),
+        order("5", r#""item_added""#),
+        order("100000", r#""shipped""#),
+        order("-1999", r#""refunded""#),
+        order("0", r#""created""#),
+        r#"{"order_id": "#.to_owned(),
+        "not json at all".to_owned(),
+        r#"{"order_id":"o-1","user_id":"u-1","event_type":"created"}"#.to_owned(),
+        order(r#""12""#, r#""created""#),
+        order("true", r#""created""#),
+        order("1.5", r#""created""#),
+        order("1", r#""a.b""#),
+        order("1", r#""""#),
+        order("1", r#""orders >""#),
+        order("1", "7"),
+    ];
+    let rust = plugin("order_processor");
+    let others = [
+        ("Python", plugin("order_processor_py")),
+        ("JavaScript", plugin("order_processor_js")),
+    ];
+    let mut outcomes = std::collections::BTreeSet::new();
+    for input in &inputs {
+        let r = invoke_cached(&rust, cache.path(), input);
+        for (language, wasm) in &others {
+            let o = invoke_cached(wasm, cache.path(), input);
+            assert_eq!(
+                observable(&r),
+                observable(&o),
+                "input {input}:\nRust {r}\n{language} {o}"
+            );
+        }
+        outcomes.insert(format!("{}/{}", r["outcome"], r["kind"]));
+    }
+    // Both kinds of answer were exercised.
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+}

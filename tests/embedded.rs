@@ -445,3 +445,75 @@ fn message_spans_are_exported_over_otlp_as_children_of_the_incoming_trace() {
         }
     }
 }
+
+#[test]
+fn python_and_javascript_plugins_are_retried_dead_lettered_and_their_failed_attempts_publish_nothing() {
+    for fixture in ["flaky_py", "flaky_js"] {
+        retried_dead_lettered_and_failed_attempts_publish_nothing(fixture);
+    }
+}
+
+fn retried_dead_lettered_and_failed_attempts_publish_nothing(fixture: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[brokers.embedded.queues]]
+name = "flaky"
+subjects = ["flaky.>"]
+[plugins.flaky]
+path = "{}"
+publish = ["flaky.>"]
+[[routes]]
+name = "work"
+plugin = "flaky"
+source = {{ subject = "work" }}
+dead_letter = {{ subject = "dlq.work" }}
+[routes.retry]
+max_attempts = 3
+initial_backoff = "10ms"
+"#,
+        plugin(fixture).display()
+    );
+    let d = Daemon::start(dir.path(), &config);
+    d.publish("work", &[("fail-times", "0")], b"at once");
+    d.publish("work", &[("fail-times", "1")], b"on attempt 2");
+    d.publish("work", &[("permanent", "bad input")], b"poison");
+    d.wait_for("all settled", Duration::from_secs(60), || {
+        d.route_field(0, "handled") == 2 && d.route_field(0, "dead_lettered") == 1
+    });
+    assert_eq!(
+        d.route_field(0, "retried"),
+        1,
+        "{fixture}: the uncaught exception was retried"
+    );
+    let published = d.queue("flaky");
+    let on = |subject: &str| -> BTreeSet<String> {
+        published
+            .iter()
+            .filter(|m| m["subject"] == subject)
+            .map(|m| m["payload"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Only the successful attempts' publishes: attempt 1 of the second
+    // message and the poison's attempt were dropped.
+    assert_eq!(published.len(), 4, "{fixture}: {published:?}");
+    assert_eq!(on("flaky.attempt"), BTreeSet::from(["1".to_owned(), "2".to_owned()]));
+    assert_eq!(
+        on("flaky.done"),
+        BTreeSet::from(["at once".to_owned(), "on attempt 2".to_owned()])
+    );
+    let dead = d.queue("dlq.work");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["payload"], "poison");
+    let header = |name: &str| {
+        dead[0]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .and_then(|h| h["value"].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("sluice-error-kind").as_deref(), Some("permanent"));
+    assert_eq!(header("sluice-error").as_deref(), Some("bad input"));
+}

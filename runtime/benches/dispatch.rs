@@ -1,5 +1,8 @@
 //! Dispatch cost of one 1 KiB message to the `noop` plugin through the engine,
-//! in both isolation modes, on 1 and 2 threads, in the same run.
+//! in both isolation modes, on 1 and 2 threads, in the same run; then the
+//! same handler written in Python and JavaScript (`noop_py`, `noop_js`,
+//! built by `cargo xtask plugins`): component size, compile time, and
+//! per-message latency in both modes.
 //!
 //! Run: `cargo xtask bench` (builds the plugin) or
 //! `cargo bench -p sluice --bench dispatch` after building `noop` for
@@ -12,11 +15,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn noop_path() -> PathBuf {
+fn plugin_path(name: &str) -> PathBuf {
     let dir = std::env::var_os("SLUICE_PLUGIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release"));
-    dir.join("noop.wasm")
+    dir.join(format!("{name}.wasm"))
+}
+
+fn noop_path() -> PathBuf {
+    plugin_path("noop")
 }
 
 fn message() -> Message {
@@ -142,4 +149,54 @@ fn main() {
         );
     }
     println!("bars: fresh p50 <= 10 µs on 1 thread; reuse p50 <= 2 µs");
+    languages(&engine, n);
+}
+
+/// The noop handler in each language: what choosing one costs.
+fn languages(engine: &Engine, n: usize) {
+    println!();
+    println!(
+        "the noop handler per language, 1 thread (fresh: {} messages, reuse: {n})",
+        n / 100
+    );
+    println!(
+        "{:<11} {:>9} {:>11} {:>12} {:>12} {:>12} {:>12}",
+        "language", "size KiB", "compile ms", "fresh p50 µs", "fresh p99 µs", "reuse p50 µs", "reuse p99 µs"
+    );
+    for (language, name) in [("Rust", "noop"), ("Python", "noop_py"), ("JavaScript", "noop_js")] {
+        let path = plugin_path(name);
+        let Ok(size) = std::fs::metadata(&path).map(|m| m.len()) else {
+            println!(
+                "{language:<11} {} is missing (cargo xtask plugins builds it)",
+                path.display()
+            );
+            continue;
+        };
+        let load = |isolation| {
+            let mut spec = PluginSpec::new(name, &path);
+            spec.isolation = isolation;
+            let started = Instant::now();
+            let plugin = Arc::new(engine.load(spec).expect("load"));
+            (plugin, started.elapsed())
+        };
+        // No compile cache here: each load compiles.
+        let (fresh, compile) = load(Isolation::Fresh);
+        let (reuse, _) = load(Isolation::Reuse);
+        let few = (n / 100).max(20);
+        run(&fresh, 1, few / 10 + 1);
+        let f = run(&fresh, 1, few);
+        run(&reuse, 1, n / 10);
+        let r = run(&reuse, 1, n);
+        println!(
+            "{:<11} {:>9} {:>11.0} {:>12.1} {:>12.1} {:>12.2} {:>12.2}",
+            language,
+            size / 1024,
+            compile.as_secs_f64() * 1e3,
+            us(f.p50),
+            us(f.p99),
+            us(r.p50),
+            us(r.p99)
+        );
+    }
+    println!("bars: Python and JavaScript reuse p50 <= 50 µs");
 }

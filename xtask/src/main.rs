@@ -106,6 +106,12 @@ fn plugin_packages(root: &Path) -> Result<Vec<String>> {
 }
 
 fn plugins(root: &Path) -> Result<()> {
+    rust_plugins(root)?;
+    python_plugins(root)?;
+    js_plugins(root)
+}
+
+fn rust_plugins(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
     let mut cmd = cargo();
     cmd.args(["build", "--release", "--target", WASM_TARGET]);
@@ -113,6 +119,166 @@ fn plugins(root: &Path) -> Result<()> {
         cmd.args(["-p", &p]);
     }
     status(&mut cmd)
+}
+
+/// The componentize-py the Python plugins are built with (pinned: the
+/// bindings it generates are part of what a plugin is).
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.0";
+
+/// Folders under plugins/ (and plugins/fixtures/) holding `app_file`.
+fn plugin_dirs_with(root: &Path, app_file: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for parent in ["plugins", "plugins/fixtures"] {
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.path().join(app_file).is_file() {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    dirs.sort();
+    dirs
+}
+
+/// Where a plugin built from folder `dir` goes, named like a Rust one:
+/// `order-processor-py` -> `order_processor_py.wasm`; and whether it is
+/// older than any of `sources`.
+fn plugin_output(root: &Path, dir: &Path, sources: &[PathBuf]) -> Result<(PathBuf, bool)> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().replace('-', "_"))
+        .context("plugin folder name")?;
+    let out = plugin_dir(root).join(format!("{name}.wasm"));
+    let built = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
+    let stale = built.is_none() || built < newest(sources);
+    Ok((out, stale))
+}
+
+/// The JS build tools (componentize-js, esbuild) in sdk-js/node_modules,
+/// installed from sdk-js/package-lock.json when missing or older.
+fn js_tools(root: &Path) -> Result<PathBuf> {
+    let sdk = root.join("sdk-js");
+    let stamp = sdk.join("node_modules/.package-lock.json");
+    let lock_time = std::fs::metadata(sdk.join("package-lock.json")).and_then(|m| m.modified())?;
+    let installed = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+    if installed.is_none_or(|t| t < lock_time) {
+        eprintln!(
+            "xtask: installing the JavaScript build tools (npm ci in {})",
+            sdk.display()
+        );
+        status(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&sdk),
+        )?;
+    }
+    Ok(sdk.join("build.mjs"))
+}
+
+/// Each JavaScript plugin (`app.js` + the JS SDK), bundled and built with
+/// componentize-js into the plugin folder. Rebuilt only when a source changed.
+fn js_plugins(root: &Path) -> Result<()> {
+    let dirs = plugin_dirs_with(root, "app.js");
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let build = js_tools(root)?;
+    let sources = |dir: &Path| {
+        vec![
+            dir.to_owned(),
+            root.join("sdk-js/index.js"),
+            root.join("sdk-js/build.mjs"),
+            root.join("wit"),
+        ]
+    };
+    std::fs::create_dir_all(plugin_dir(root))?;
+    for dir in dirs {
+        let (out, stale) = plugin_output(root, &dir, &sources(&dir))?;
+        if !stale {
+            continue;
+        }
+        eprintln!("xtask: building the JavaScript plugin {}", dir.display());
+        status(Command::new("node").arg(&build).arg(&dir).arg(&out))?;
+    }
+    Ok(())
+}
+
+/// A venv under target/ with componentize-py, made on first use.
+fn componentize_py(root: &Path) -> Result<PathBuf> {
+    let venv = target_dir(root).join("py");
+    let bin = venv.join("bin/componentize-py");
+    let stamp = venv.join(".installed");
+    if bin.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == COMPONENTIZE_PY) {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing {COMPONENTIZE_PY} into {}", venv.display());
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    status(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+    status(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        COMPONENTIZE_PY,
+    ]))?;
+    std::fs::write(&stamp, COMPONENTIZE_PY)?;
+    Ok(bin)
+}
+
+/// The newest modification time of the files under `dirs`.
+fn newest(dirs: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack: Vec<PathBuf> = dirs.to_vec();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.is_dir() {
+            if path
+                .file_name()
+                .is_some_and(|n| n == "__pycache__" || n == "node_modules")
+            {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
+    }
+    newest
+}
+
+/// Each Python plugin (`app.py` + the Python SDK) as a component in the
+/// plugin folder. Rebuilt only when a source changed.
+fn python_plugins(root: &Path) -> Result<()> {
+    let dirs = plugin_dirs_with(root, "app.py");
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let componentize = componentize_py(root)?;
+    let (sdk, wit) = (root.join("sdk-python"), root.join("wit"));
+    std::fs::create_dir_all(plugin_dir(root))?;
+    for dir in dirs {
+        let (out, stale) = plugin_output(root, &dir, &[dir.clone(), sdk.clone(), wit.clone()])?;
+        if !stale {
+            continue;
+        }
+        eprintln!("xtask: building the Python plugin {}", dir.display());
+        status(
+            Command::new(&componentize)
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .arg("-d")
+                .arg(&wit)
+                .args(["-w", "handler", "componentize", "app", "-p"])
+                .arg(&dir)
+                .arg("-p")
+                .arg(&sdk)
+                .arg("-o")
+                .arg(&out),
+        )?;
+    }
+    Ok(())
 }
 
 fn plugin_dir(root: &Path) -> PathBuf {
@@ -126,7 +292,8 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn run(root: &Path, args: &[String]) -> Result<()> {
-    plugins(root)?;
+    // The quick start needs no Python: only the Rust examples.
+    rust_plugins(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let bin = target_dir(root).join("debug/sluice");
     let mut cmd = Command::new(&bin);

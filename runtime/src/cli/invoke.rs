@@ -42,11 +42,26 @@ pub struct InvokeArgs {
     /// Route name reported to the handler.
     #[arg(long, default_value = "invoke")]
     route: String,
+    /// Keep the compiled component in this folder and reuse it next time
+    /// (a Python or JavaScript plugin takes seconds to compile).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: InvokeArgs) -> anyhow::Result<i32> {
+    if let Some(dir) = &args.cache {
+        // The cache trusts only a folder of this user's that no one else
+        // can write to.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+    }
     let engine = Engine::new(EngineSettings {
         max_instances: 4,
+        cache_dir: args.cache.clone(),
         ..Default::default()
     })?;
     let name = args

@@ -1,0 +1,219 @@
+// The sluice plugin SDK for JavaScript.
+//
+// A handler is one registered function; the module re-exports `handle`,
+// the component's export:
+//
+//   import * as sluice from "sluice-sdk";
+//   export { handle } from "sluice-sdk";
+//
+//   sluice.handler((msg) => {
+//     const order = msg.json();                 // malformed JSON -> Permanent
+//     sluice.publishJson("audit.orders", order);
+//     sluice.log.info(`order ${order.order_id}`);
+//   });
+//
+// Return nothing (done), a Reply (sent to the request's reply subject), or
+// throw Retryable / Permanent. Any other exception is retryable, as a panic
+// is for a Rust plugin. Publishes are buffered by the host and sent only
+// when the handler returns. The WIT in wit/ is the contract.
+
+import * as host from "sluice:plugin/host@0.1.0";
+
+const encoder = new TextEncoder();
+
+/** Transient failure: retried with the route's backoff, then dead-lettered. */
+export class Retryable extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "Retryable";
+  }
+}
+
+/** Poison message: dead-lettered at once, never retried. */
+export class Permanent extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "Permanent";
+  }
+}
+
+/** One delivered message, read-only. */
+export class Message {
+  #raw;
+  constructor(raw) {
+    this.#raw = raw;
+  }
+  /** Broker-native id (stream sequence, topic/partition/offset, ...). */
+  get id() {
+    return this.#raw.id;
+  }
+  get route() {
+    return this.#raw.route;
+  }
+  /** NATS subject, Kafka topic or AMQP routing key. */
+  get subject() {
+    return this.#raw.subject;
+  }
+  get key() {
+    return this.#raw.key;
+  }
+  /** Delivery attempt, starting at 1. */
+  get attempt() {
+    return this.#raw.attempt;
+  }
+  get timestampMs() {
+    return this.#raw.timestampMs;
+  }
+  get replyTo() {
+    return this.#raw.replyTo;
+  }
+  /** The body, a Uint8Array. */
+  get payload() {
+    return bytes(this.#raw.payload);
+  }
+  /** Headers in broker order, as [name, value] pairs. */
+  get headers() {
+    return this.#raw.headers.map((h) => [h.name, h.value]);
+  }
+  /** The first header called `name` (case-insensitive), or undefined. */
+  header(name) {
+    const wanted = String(name).toLowerCase();
+    const found = this.#raw.headers.find((h) => h.name.toLowerCase() === wanted);
+    return found === undefined ? undefined : found.value;
+  }
+  /** The body as UTF-8; anything else is a permanent failure. */
+  text() {
+    try {
+      return new TextDecoder("utf-8", { fatal: true }).decode(this.#raw.payload);
+    } catch (e) {
+      throw new Permanent(`payload is not UTF-8: ${e.message}`);
+    }
+  }
+  /** The body parsed as JSON; malformed JSON is a permanent failure. */
+  json() {
+    const text = this.text();
+    try {
+      return JSON.parse(text);
+    } catch (e) {
+      throw new Permanent(`payload is not valid JSON: ${e.message}`);
+    }
+  }
+}
+
+/** An answer to a request, sent to its reply subject. */
+export class Reply {
+  constructor(payload = new Uint8Array(), headers = []) {
+    this.payload = payload;
+    this.headers = headers;
+  }
+  static json(value, headers = []) {
+    return new Reply(JSON.stringify(value), headers);
+  }
+}
+
+let registered = null;
+
+/** Registers the function that handles each message. */
+export function handler(fn) {
+  if (typeof fn !== "function") {
+    throw new TypeError("sluice.handler takes a function");
+  }
+  registered = fn;
+  return fn;
+}
+
+function isBytes(value) {
+  return ArrayBuffer.isView(value) || value instanceof ArrayBuffer || Array.isArray(value);
+}
+
+function bytes(payload) {
+  if (typeof payload === "string") return encoder.encode(payload);
+  if (ArrayBuffer.isView(payload)) {
+    return new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
+  }
+  if (payload instanceof ArrayBuffer) return new Uint8Array(payload);
+  // A message's own payload may come as a plain list of bytes.
+  if (Array.isArray(payload)) return Uint8Array.from(payload);
+  throw new TypeError("a payload is a string, a Uint8Array or an ArrayBuffer");
+}
+
+function witHeaders(headers) {
+  return Array.from(headers, ([name, value]) => ({ name: String(name), value: String(value) }));
+}
+
+function hostError(e) {
+  const err = e && e.payload;
+  if (!err || typeof err.tag !== "string") return e;
+  // A denied subject is a deployment mistake that retrying will not fix.
+  if (err.tag === "denied") return new Permanent(`denied by the host: ${err.val}`);
+  if (err.tag === "timeout") return new Retryable("request timed out");
+  return new Retryable(String(err.val));
+}
+
+/** Queues a message for `subject`; sent only if the handler returns. */
+export function publish(subject, payload, headers = []) {
+  try {
+    host.publish(subject, witHeaders(headers), bytes(payload));
+  } catch (e) {
+    throw hostError(e);
+  }
+}
+
+/** Queues `value` as compact JSON for `subject`. */
+export function publishJson(subject, value, headers = []) {
+  publish(subject, JSON.stringify(value), headers);
+}
+
+/** Sends a request and waits for its answer (NATS request/reply). */
+export function request(subject, payload, timeoutMs = 1000) {
+  const ms = Math.max(0, Math.min(Math.floor(Number(timeoutMs)) || 0, 0xffffffff));
+  try {
+    return host.request(subject, bytes(payload), ms);
+  } catch (e) {
+    throw hostError(e);
+  }
+}
+
+/** This plugin's setting `key` from the config file, or undefined. */
+export function config(key) {
+  const value = host.config(key);
+  return value === null ? undefined : value;
+}
+
+/** Lines in the host's log, tagged with the route, plugin and message id. */
+export const log = {
+  trace: (text) => host.log("trace", String(text)),
+  debug: (text) => host.log("debug", String(text)),
+  info: (text) => host.log("info", String(text)),
+  warn: (text) => host.log("warn", String(text)),
+  error: (text) => host.log("error", String(text)),
+};
+
+function reply(out) {
+  if (out === undefined || out === null) return undefined;
+  if (out instanceof Reply) return { headers: witHeaders(out.headers), payload: bytes(out.payload) };
+  if (typeof out === "string" || isBytes(out)) return { headers: [], payload: bytes(out) };
+  throw new TypeError(`a handler returns nothing, a Reply, a string or a Uint8Array, not ${typeof out}`);
+}
+
+// What the component returns as `err`: an object whose own `payload` is
+// the WIT variant (a thrown Error without one would trap).
+function failure(tag, message) {
+  return { payload: { tag, val: String(message || `${tag} failure`) } };
+}
+
+/** The component's export: calls the registered handler. */
+export function handle(raw) {
+  if (registered === null) {
+    throw failure("permanent", "no function is registered with sluice.handler");
+  }
+  try {
+    return reply(registered(new Message(raw)));
+  } catch (e) {
+    if (e instanceof Permanent) throw failure("permanent", e.message);
+    if (e instanceof Retryable) throw failure("retryable", e.message);
+    // An uncaught exception: retryable, like a panic.
+    const why = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+    throw failure("retryable", why);
+  }
+}
