@@ -260,14 +260,17 @@ fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_eve
     ];
     let rust = plugin("order_processor");
     let others = [
-        ("Python", plugin("order_processor_py")),
-        ("JavaScript", plugin("order_processor_js")),
+        ("python", plugin("order_processor_py")),
+        ("javascript", plugin("order_processor_js")),
     ];
     let mut outcomes = std::collections::BTreeSet::new();
     for input in &inputs {
         let r = invoke_cached(&rust, cache.path(), input);
+        assert_eq!(r["plugin"]["language"], "rust");
         for (language, wasm) in &others {
             let o = invoke_cached(wasm, cache.path(), input);
+            assert_eq!(o["plugin"]["language"], *language);
+            assert_eq!(o["plugin"]["world"], "sluice:plugin/handler@0.1.0");
             assert_eq!(
                 observable(&r),
                 observable(&o),

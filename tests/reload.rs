@@ -431,3 +431,84 @@ fn a_plugin_mounted_through_a_swapped_symlink_is_reloaded_too() {
     assert_eq!(handled_by(&d, "work").0, "000000002");
     assert_eq!(reloads(&d, "refused"), 0.0);
 }
+
+/// `wasm` with a custom section appended: the same code under another hash,
+/// as a rebuild gives.
+fn rebuilt(wasm: &[u8], version: u8) -> Vec<u8> {
+    let name = b"sluice-test-version";
+    let body_len = 1 + name.len() + 1;
+    assert!(body_len < 128, "one-byte LEB128 lengths");
+    let mut out = wasm.to_vec();
+    out.extend([0u8, body_len as u8, name.len() as u8]);
+    out.extend_from_slice(name);
+    out.push(version);
+    out
+}
+
+#[test]
+fn a_python_plugin_swapped_under_load_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let wasm = dir.path().join("plugins/orders.wasm");
+    let original = std::fs::read(plugin("order_processor_py")).unwrap();
+    std::fs::write(&wasm, &original).unwrap();
+    let config = r#"
+[plugins.orders]
+path = "plugins/orders.wasm"
+isolation = "reuse"
+publish = ["enriched.orders.>"]
+[[routes]]
+name = "orders"
+plugin = "orders"
+source = { subject = "orders.>" }
+concurrency = 2
+dead_letter = { subject = "dlq.orders" }
+[[brokers.embedded.queues]]
+name = "enriched"
+subjects = ["enriched.>"]
+"#;
+    let d = Arc::new(Daemon::start(dir.path(), config));
+    let order = |i: usize| format!(r#"{{"order_id":"o-{i}","user_id":"u","amount_cents":{i},"event_type":"created"}}"#);
+    let flowing = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (d, flowing) = (d.clone(), flowing.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            while sent < 200 || flowing.load(Ordering::Relaxed) {
+                d.publish("orders.created", &[], order(sent).as_bytes());
+                sent += 1;
+            }
+            sent
+        })
+    };
+    d.wait_for("messages flowing", Duration::from_secs(30), || {
+        route_count(&d, "orders", "handled") >= 50
+    });
+    let first = d.status()["plugins"][0]["hash"].as_str().unwrap().to_owned();
+    deploy(&wasm, &rebuilt(&original, 2));
+    d.wait_for("the swap", Duration::from_secs(120), || {
+        d.metric("sluice_plugin_reloads_total{plugin=\"orders\",result=\"ok\"}") >= 1.0
+    });
+    flowing.store(false, Ordering::Relaxed);
+    let sent = publisher.join().unwrap();
+    d.wait_for("every order handled", Duration::from_secs(60), || {
+        route_count(&d, "orders", "handled") >= sent as u64
+    });
+    let ids: Vec<String> = d
+        .queue("enriched")
+        .iter()
+        .map(|m| {
+            let body: Value = serde_json::from_str(m["payload"].as_str().unwrap()).unwrap();
+            body["order_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), sent, "every order enriched");
+    assert_eq!(ids.len(), sent, "an order was handled twice");
+    assert_eq!(route_count(&d, "orders", "dead_lettered"), 0);
+    let status = d.status();
+    let hash = status["plugins"][0]["hash"].as_str().unwrap();
+    assert_ne!(hash, first, "the new version serves");
+    assert_eq!(status["routes"][0]["plugin_hash"], hash);
+    assert_eq!(status["plugins"][0]["language"], "python");
+}

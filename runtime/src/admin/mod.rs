@@ -170,6 +170,9 @@ pub struct PluginView {
     pub hash: String,
     pub path: String,
     pub isolation: &'static str,
+    /// `rust`, `python`, `javascript` or `unknown`, from the binary.
+    pub language: &'static str,
+    pub world: &'static str,
     /// Why the last hot reload was refused (the version shown keeps serving).
     pub reload_error: Option<String>,
 }
@@ -219,6 +222,8 @@ pub fn status_view(state: &AdminState) -> StatusView {
                     hash: plugin.hash().to_owned(),
                     path: plugin.path().display().to_string(),
                     isolation: plugin.isolation().as_str(),
+                    language: plugin.language(),
+                    world: plugin.world(),
                     reload_error: errors.get(name).cloned(),
                 }
             })

@@ -59,14 +59,15 @@ pub fn html(view: &StatusView) -> String {
         );
     }
     out.push_str(
-        "<table><tr><th>plugin</th><th>hash</th><th>isolation</th><th>file</th><th>last reload refused</th></tr>",
+        "<table><tr><th>plugin</th><th>hash</th><th>language</th><th>isolation</th><th>file</th><th>last reload refused</th></tr>",
     );
     for p in &view.plugins {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
             esc(&p.name),
             esc(p.hash.get(..12).unwrap_or(&p.hash)),
+            p.language,
             p.isolation,
             esc(&p.path),
             esc(p.reload_error.as_deref().unwrap_or("")),

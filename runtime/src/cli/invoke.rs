@@ -98,7 +98,12 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<i32> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert(
             "plugin".into(),
-            serde_json::json!({ "name": plugin.name(), "sha256": plugin.hash() }),
+            serde_json::json!({
+                "name": plugin.name(),
+                "sha256": plugin.hash(),
+                "language": plugin.language(),
+                "world": plugin.world(),
+            }),
         );
     }
     println!("{}", serde_json::to_string_pretty(&json)?);

@@ -4,6 +4,7 @@
 mod bindings;
 mod cache;
 mod host;
+mod language;
 mod outcome;
 mod plugin;
 mod slot;

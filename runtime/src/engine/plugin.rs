@@ -127,6 +127,7 @@ pub struct Plugin {
     ctx: Arc<PluginContext>,
     warm: Mutex<Vec<Warm>>,
     imports: Vec<String>,
+    language: &'static str,
 }
 
 /// The deadline of the message a store is running; read by the epoch
@@ -151,6 +152,9 @@ fn patterns(name: &str, list: &'static str, items: &[String]) -> Result<Vec<Subj
         })
         .collect()
 }
+
+/// The world every plugin is built for (checked when it is loaded).
+const WORLD: &str = "sluice:plugin/handler@0.1.0";
 
 impl Plugin {
     pub(super) fn load(engine: &Engine, spec: PluginSpec) -> Result<Self, PluginError> {
@@ -236,6 +240,7 @@ impl Plugin {
             ctx,
             warm: Mutex::new(Vec::new()),
             imports,
+            language: super::language::detect(bytes),
         })
     }
 
@@ -255,6 +260,14 @@ impl Plugin {
     /// The interfaces the component imports (WASI and the sluice host).
     pub fn imports(&self) -> &[String] {
         &self.imports
+    }
+    /// The language it was written in, as far as its binary tells.
+    pub fn language(&self) -> &'static str {
+        self.language
+    }
+    /// The WIT world it was built for.
+    pub fn world(&self) -> &'static str {
+        WORLD
     }
     pub fn timeout(&self) -> Duration {
         self.timeout
