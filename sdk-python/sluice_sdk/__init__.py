@@ -17,7 +17,8 @@ exception is retryable, as a panic is for a Rust plugin. Publishes are
 buffered by the host and sent only when the handler returns.
 
 Build with ``cargo xtask plugins`` (or componentize-py directly, see the
-README); the WIT in ``wit/`` is the contract.
+README); the WIT in ``wit/`` is the contract. Outside a component (plain
+``python -m unittest``) the host calls go to :mod:`sluice_sdk.testing`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ import json as _json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
-from componentize_py_types import Err
-from wit_world import WitWorld as _World
-from wit_world.imports import host as _host
-from wit_world.imports import types as _types
+try:
+    # Inside a component: the bindings componentize-py generates from wit/.
+    from componentize_py_types import Err
+    from wit_world import WitWorld as _World
+    from wit_world.imports import host as _host
+    from wit_world.imports import types as _types
+except ImportError:
+    # Plain Python (a plugin's own tests): the test host of `testing`.
+    from .testing import Err, _host, _types, _World
 
 __all__ = [
     "Message",

@@ -205,6 +205,35 @@ fn js_plugins(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The Python and JavaScript plugins' own tests, against their SDK's test
+/// host (plain `python3` and `node`, no component involved).
+fn guest_tests(root: &Path) -> Result<()> {
+    for dir in plugin_dirs_with(root, "app.py") {
+        let has_tests = std::fs::read_dir(&dir)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("test_"));
+        if has_tests {
+            let path = std::env::join_paths([root.join("sdk-python"), dir.clone()])?;
+            status(
+                Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+                    .args(["-m", "unittest", "discover", "-s"])
+                    .arg(&dir)
+                    .env("PYTHONPATH", path)
+                    .env("PYTHONDONTWRITEBYTECODE", "1"),
+            )?;
+        }
+    }
+    for dir in plugin_dirs_with(root, "app.js") {
+        let has_tests = std::fs::read_dir(&dir)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".test.js"));
+        if has_tests {
+            status(Command::new("node").arg(root.join("sdk-js/test.mjs")).arg(&dir))?;
+        }
+    }
+    Ok(())
+}
+
 /// A venv under target/ with componentize-py, made on first use.
 fn componentize_py(root: &Path) -> Result<PathBuf> {
     let venv = target_dir(root).join("py");
@@ -313,6 +342,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     services::ensure_rabbitmq()?;
     let tansu = services::ensure_kafka(root)?;
     plugins(root)?;
+    guest_tests(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;
     let mut cmd = cargo();
     // Every test binary runs even after a failure: one run shows them all.

@@ -1,8 +1,9 @@
-//! `sluice new plugin NAME`: a plugin crate that builds and passes its own
-//! test as it is, with a config to run it under `sluice dev`.
+//! `sluice new plugin NAME [--lang rust|python|js]`: a plugin that builds
+//! and passes its own tests as it is, with a config to run it under
+//! `sluice dev`.
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -11,12 +12,23 @@ pub struct NewArgs {
     what: What,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Lang {
+    Rust,
+    Python,
+    Js,
+}
+
 #[derive(Subcommand)]
 enum What {
-    /// A handler plugin crate (Rust, wasm32-wasip2).
+    /// A handler plugin: a Rust crate (wasm32-wasip2), or a Python or
+    /// JavaScript folder built with the SDKs of the sluice checkout.
     Plugin {
-        /// Crate name: lowercase letters, digits and `-`.
+        /// Plugin name: lowercase letters, digits and `-`.
         name: String,
+        /// The language it is written in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
         /// Folder to create the crate in (default: ./NAME).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -28,7 +40,7 @@ enum What {
 }
 
 pub fn run(args: NewArgs) -> anyhow::Result<i32> {
-    let What::Plugin { name, dir, sdk } = args.what;
+    let What::Plugin { name, lang, dir, sdk } = args.what;
     let valid = !name.is_empty()
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -40,6 +52,9 @@ pub fn run(args: NewArgs) -> anyhow::Result<i32> {
     let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
     if dir.exists() {
         bail!("{} already exists; choose another name or --dir", dir.display());
+    }
+    if lang != Lang::Rust {
+        return guest_folder(&dir, &name, lang);
     }
     let sdk = match sdk {
         Some(s) => s,
@@ -91,7 +106,10 @@ fn write_crate(dir: &Path, name: &str, sdk: &Path) -> anyhow::Result<()> {
     let files = [
         ("Cargo.toml", cargo_toml(name, sdk)),
         ("src/lib.rs", lib_rs(name)),
-        ("sluice.toml", sluice_toml(name, &lib)),
+        (
+            "sluice.toml",
+            sluice_toml(name, &format!("target/wasm32-wasip2/release/{lib}.wasm")),
+        ),
         (".gitignore", "/target\n/.sluice\n".to_owned()),
     ];
     for (file, text) in files {
@@ -187,7 +205,7 @@ mod tests {{
     )
 }
 
-fn sluice_toml(name: &str, lib: &str) -> String {
+fn sluice_toml(name: &str, wasm: &str) -> String {
     format!(
         r#"# Runs {name} on sluice's embedded broker: `sluice dev -c sluice.toml`.
 # Send it a message: sluice publish {name}.hello '{{"id":"1"}}'
@@ -196,7 +214,7 @@ fn sluice_toml(name: &str, lib: &str) -> String {
 data_dir = ".sluice"
 
 [plugins.{name}]
-path = "target/wasm32-wasip2/release/{lib}.wasm"
+path = "{wasm}"
 source = "."
 isolation = "reuse"
 timeout = "2s"
@@ -212,6 +230,166 @@ dead_letter = {{ subject = "dlq.{name}" }}
 name = "handled"
 subjects = ["{name}.handled"]
 max_len = 10000
+"#
+    )
+}
+
+/// The sluice checkout around the current folder or this program.
+fn find_home() -> Option<PathBuf> {
+    find_sdk().and_then(|sdk| sdk.parent().map(Path::to_path_buf))
+}
+
+/// A Python or JavaScript plugin folder: the handler, its tests, a config.
+fn guest_folder(dir: &Path, name: &str, lang: Lang) -> anyhow::Result<i32> {
+    let home = find_home().context("cannot find the sluice checkout (its sdk-python/ and sdk-js/)")?;
+    let lib = name.replace('-', "_");
+    let (files, test, build) = match lang {
+        Lang::Python => (
+            vec![
+                ("app.py", python_app(name)),
+                ("test_app.py", python_test(name)),
+                (".gitignore", "__pycache__/\n/.sluice\n*.wasm\n".to_owned()),
+            ],
+            format!("PYTHONPATH={}:. python3 -m unittest", home.join("sdk-python").display()),
+            "componentize-py (cargo xtask plugins installs it into the checkout's target/py)",
+        ),
+        _ => (
+            vec![
+                ("app.js", js_app(name)),
+                ("app.test.js", js_test(name)),
+                (".gitignore", "/.sluice\n*.wasm\n".to_owned()),
+            ],
+            format!("node {} .", home.join("sdk-js/test.mjs").display()),
+            "node and the JS SDK's build tools (npm ci in the checkout's sdk-js/)",
+        ),
+    };
+    let mut files = files;
+    files.push(("sluice.toml", sluice_toml(name, &format!("{lib}.wasm"))));
+    for (file, text) in files {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("created plugin {}", dir.display());
+    println!();
+    println!("  cd {}", dir.display());
+    println!("  {test}   # the handler's own tests");
+    println!("  sluice dev -c sluice.toml  # build, run, rebuild and swap on save");
+    println!();
+    println!("and, in another terminal, send it a message:");
+    println!();
+    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'");
+    println!();
+    println!("Building it needs {build}.");
+    Ok(0)
+}
+
+fn python_app(name: &str) -> String {
+    format!(
+        r#""""{name}: a sluice handler.
+
+Called once per message. Returning acks it (and sends what was published);
+raising sluice.Retryable has it retried with backoff; sluice.Permanent
+sends it to the dead-letter destination; any other exception is retried.
+Malformed JSON is permanent.
+"""
+
+import sluice_sdk as sluice
+from sluice_sdk import WitWorld  # noqa: F401  (the component's export)
+
+
+@sluice.handler
+def handle(msg: sluice.Message) -> None:
+    event = msg.json()
+    event_id = event.get("id") if isinstance(event, dict) else None
+    if not isinstance(event_id, str) or not event_id:
+        raise sluice.Permanent("the event has no id")
+    sluice.log.info(f"handling event {{event_id}}")
+    sluice.publish_json("{name}.handled", {{"id": event_id}})
+"#
+    )
+}
+
+fn python_test(name: &str) -> String {
+    format!(
+        r#""""{name}'s tests, in plain Python (the SDK's test host)."""
+
+import unittest
+
+import app  # noqa: F401  (registers the handler)
+from sluice_sdk import testing
+
+
+class Handler(unittest.TestCase):
+    def setUp(self):
+        testing.reset()
+
+    def test_an_event_is_handled_and_published(self):
+        self.assertEqual(testing.handle(testing.message("{name}.hello", '{{"id":"e-1"}}')), ("ok", None))
+        [out] = testing.published()
+        self.assertEqual(out.subject, "{name}.handled")
+        self.assertEqual(out.payload, b'{{"id":"e-1"}}')
+
+    def test_malformed_json_is_permanent(self):
+        kind, _ = testing.handle(testing.message("{name}.hello", "not json"))
+        self.assertEqual(kind, "permanent")
+        self.assertEqual(testing.published(), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
+"#
+    )
+}
+
+fn js_app(name: &str) -> String {
+    format!(
+        r#"// {name}: a sluice handler.
+//
+// Called once per message. Returning acks it (and sends what was
+// published); throwing sluice.Retryable has it retried with backoff;
+// sluice.Permanent sends it to the dead-letter destination; any other
+// exception is retried. Malformed JSON is permanent.
+
+import * as sluice from "sluice-sdk";
+export {{ handle }} from "sluice-sdk";
+
+sluice.handler((msg) => {{
+  const event = msg.json();
+  if (typeof event?.id !== "string" || event.id === "") {{
+    throw new sluice.Permanent("the event has no id");
+  }}
+  sluice.log.info(`handling event ${{event.id}}`);
+  sluice.publishJson("{name}.handled", {{ id: event.id }});
+}});
+"#
+    )
+}
+
+fn js_test(name: &str) -> String {
+    format!(
+        r#"// {name}'s tests, in Node with the SDK's test host.
+
+import test from "node:test";
+import assert from "node:assert/strict";
+import * as testing from "sluice-sdk/testing";
+import "./app.js";
+
+test("an event is handled and published", () => {{
+  testing.reset();
+  assert.deepEqual(testing.handle(testing.message("{name}.hello", '{{"id":"e-1"}}')), ["ok", undefined]);
+  const [out] = testing.published();
+  assert.equal(out.subject, "{name}.handled");
+  assert.equal(new TextDecoder().decode(out.payload), '{{"id":"e-1"}}');
+}});
+
+test("malformed JSON is permanent", () => {{
+  testing.reset();
+  assert.equal(testing.handle(testing.message("{name}.hello", "not json"))[0], "permanent");
+  assert.deepEqual(testing.published(), []);
+}});
 "#
     )
 }

@@ -1,6 +1,8 @@
-//! `sluice dev`: rebuilds plugin crates when their sources change. The new
-//! `.wasm` is then picked up by the ordinary hot reload, so a build that
-//! fails (or produces a broken component) leaves the running version alone.
+//! `sluice dev`: rebuilds plugins when their sources change — Rust crates
+//! with cargo, Python folders (`app.py`) with componentize-py, JavaScript
+//! folders (`app.js`) with the JS SDK's build script. The new `.wasm` is
+//! then picked up by the ordinary hot reload, so a build that fails (or
+//! produces a broken component) leaves the running version alone.
 
 use super::watch::{normalize, FileWatcher};
 use crate::config::{Config, PluginConfig};
@@ -55,12 +57,33 @@ fn library_name(dir: &Path) -> Option<String> {
     Some(lib.unwrap_or(package).replace('-', "_"))
 }
 
-/// The plugin crates of `config`, by crate folder, with the plugins each builds.
-pub fn crates(config: &Config) -> BTreeMap<PathBuf, Vec<String>> {
-    let mut out: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+/// What a plugin's source folder is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toolchain {
+    Rust,
+    Python,
+    JavaScript,
+}
+
+fn toolchain(dir: &Path) -> Toolchain {
+    if dir.join("Cargo.toml").is_file() {
+        Toolchain::Rust
+    } else if dir.join("app.py").is_file() {
+        Toolchain::Python
+    } else if dir.join("app.js").is_file() {
+        Toolchain::JavaScript
+    } else {
+        Toolchain::Rust
+    }
+}
+
+/// The plugin sources of `config`, by folder, with the `.wasm` files each
+/// builds.
+pub fn crates(config: &Config) -> BTreeMap<PathBuf, Vec<PathBuf>> {
+    let mut out: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     for (name, plugin) in &config.plugins {
         match source_crate(plugin) {
-            Some(dir) => out.entry(normalize(&dir)).or_default().push(name.clone()),
+            Some(dir) => out.entry(normalize(&dir)).or_default().push(plugin.path.clone()),
             None => tracing::warn!(
                 plugin = %name,
                 "no source crate found for {}; set `source` in [plugins.{name}] to have it rebuilt",
@@ -71,26 +94,94 @@ pub fn crates(config: &Config) -> BTreeMap<PathBuf, Vec<String>> {
     out
 }
 
-/// Builds a plugin crate for wasm32-wasip2 (release), cargo's output going
-/// to the terminal; true if it built.
-pub async fn build(dir: &Path) -> bool {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    tracing::info!(crate_dir = %dir.display(), "building plugin");
-    let status = tokio::process::Command::new(cargo)
-        .args(["build", "--target", "wasm32-wasip2", "--release", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .status()
-        .await;
+/// The sluice checkout (holding `wit/`, `sdk-python/`, `sdk-js/`) around
+/// the current folder or this program, or `SLUICE_HOME`.
+fn sluice_home() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("SLUICE_HOME") {
+        return Some(PathBuf::from(home));
+    }
+    let mut starts = Vec::new();
+    starts.extend(std::env::current_dir().ok());
+    starts.extend(std::env::current_exe().ok());
+    starts
+        .iter()
+        .flat_map(|s| s.ancestors())
+        .find(|a| a.join("wit").is_dir() && a.join("sdk-python").is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// componentize-py: `SLUICE_COMPONENTIZE_PY`, the checkout's venv (made by
+/// `cargo xtask plugins`), else the one on PATH.
+fn componentize_py(home: &Path) -> std::ffi::OsString {
+    if let Some(p) = std::env::var_os("SLUICE_COMPONENTIZE_PY") {
+        return p;
+    }
+    let venv = home.join("target/py/bin/componentize-py");
+    if venv.is_file() {
+        return venv.into_os_string();
+    }
+    "componentize-py".into()
+}
+
+/// The command that builds the plugin in `dir` into `outputs` (its `.wasm`
+/// files; one for a Python or JavaScript folder).
+fn build_command(dir: &Path, outputs: &[PathBuf]) -> Result<tokio::process::Command, String> {
+    let kind = toolchain(dir);
+    if kind == Toolchain::Rust {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = tokio::process::Command::new(cargo);
+        cmd.args(["build", "--target", "wasm32-wasip2", "--release", "--manifest-path"])
+            .arg(dir.join("Cargo.toml"));
+        return Ok(cmd);
+    }
+    let home =
+        sluice_home().ok_or("cannot find the sluice checkout (wit/, sdk-python/, sdk-js/); set SLUICE_HOME to it")?;
+    let [out] = outputs else {
+        return Err(format!(
+            "{} builds one plugin file, not {}",
+            dir.display(),
+            outputs.len()
+        ));
+    };
+    let mut cmd;
+    if kind == Toolchain::Python {
+        cmd = tokio::process::Command::new(componentize_py(&home));
+        cmd.arg("-d")
+            .arg(home.join("wit"))
+            .args(["-w", "handler", "componentize", "app", "-p"])
+            .arg(dir)
+            .arg("-p")
+            .arg(home.join("sdk-python"))
+            .arg("-o")
+            .arg(out)
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+    } else {
+        cmd = tokio::process::Command::new("node");
+        cmd.arg(home.join("sdk-js/build.mjs")).arg(dir).arg(out);
+    }
+    Ok(cmd)
+}
+
+/// Builds the plugin in `dir`, the tool's output going to the terminal;
+/// true if it built.
+pub async fn build(dir: &Path, outputs: &[PathBuf]) -> bool {
+    tracing::info!(source = %dir.display(), toolchain = ?toolchain(dir), "building plugin");
+    let mut cmd = match build_command(dir, outputs) {
+        Ok(cmd) => cmd,
+        Err(why) => {
+            tracing::error!(source = %dir.display(), "cannot build the plugin: {why}");
+            return false;
+        }
+    };
+    let status = cmd.stdin(Stdio::null()).kill_on_drop(true).status().await;
     match status {
         Ok(s) if s.success() => true,
         Ok(s) => {
-            tracing::error!(crate_dir = %dir.display(), "plugin build failed ({s}); the running version keeps serving");
+            tracing::error!(source = %dir.display(), "plugin build failed ({s}); the running version keeps serving");
             false
         }
         Err(e) => {
-            tracing::error!(crate_dir = %dir.display(), "cannot run cargo: {e}");
+            tracing::error!(source = %dir.display(), "cannot run the plugin's build tool: {e}");
             false
         }
     }
@@ -124,9 +215,12 @@ async fn ensure_target() {
 
 /// Builds every plugin crate of `config` once (before the daemon starts).
 pub async fn build_all(config: &Config) {
-    ensure_target().await;
-    for dir in crates(config).keys() {
-        build(dir).await;
+    let crates = crates(config);
+    if crates.keys().any(|dir| toolchain(dir) == Toolchain::Rust) {
+        ensure_target().await;
+    }
+    for (dir, outputs) in &crates {
+        build(dir, outputs).await;
     }
 }
 
@@ -142,26 +236,41 @@ pub fn spawn_rebuilder(config: &Config) -> JoinHandle<()> {
             }
         };
         for dir in crates.keys() {
-            let watched = watcher.watch_file(&dir.join("Cargo.toml")).and_then(|()| {
-                let src = dir.join("src");
-                if src.is_dir() {
-                    watcher.watch_tree(&src)
-                } else {
-                    Ok(())
-                }
-            });
+            let watched = match toolchain(dir) {
+                Toolchain::Rust => watcher.watch_file(&dir.join("Cargo.toml")).and_then(|()| {
+                    let src = dir.join("src");
+                    if src.is_dir() {
+                        watcher.watch_tree(&src)
+                    } else {
+                        Ok(())
+                    }
+                }),
+                // The whole folder: app.py / app.js and the modules beside it.
+                Toolchain::Python | Toolchain::JavaScript => watcher.watch_tree(dir),
+            };
             match watched {
                 Ok(()) => tracing::info!(crate_dir = %dir.display(), "watching plugin sources"),
                 Err(e) => tracing::warn!("{}", crate::error::Report(&e)),
             }
         }
         while let Some(paths) = changes.recv().await {
-            for dir in crates.keys() {
-                let touched = paths
-                    .iter()
-                    .any(|p| p.starts_with(dir.join("src")) || *p == dir.join("Cargo.toml"));
+            for (dir, outputs) in &crates {
+                let touched = match toolchain(dir) {
+                    Toolchain::Rust => paths
+                        .iter()
+                        .any(|p| p.starts_with(dir.join("src")) || *p == dir.join("Cargo.toml")),
+                    // Sources only: not the component written into the
+                    // folder, nor bytecode caches.
+                    Toolchain::Python | Toolchain::JavaScript => paths.iter().any(|p| {
+                        p.starts_with(dir)
+                            && p.extension().is_some_and(|e| e == "py" || e == "js" || e == "mjs")
+                            && !p
+                                .components()
+                                .any(|c| c.as_os_str() == "__pycache__" || c.as_os_str() == "node_modules")
+                    }),
+                };
                 if touched {
-                    build(dir).await;
+                    build(dir, outputs).await;
                 }
             }
         }
