@@ -341,6 +341,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     services::ensure_nats(root)?;
     services::ensure_rabbitmq()?;
     let tansu = services::ensure_kafka(root)?;
+    services::ensure_guest_tools()?;
     plugins(root)?;
     guest_tests(root)?;
     status(cargo().args(["build", "-p", "sluice"]))?;

@@ -52,6 +52,31 @@ fn apt_install(program: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
+/// What builds and tests the Python and JavaScript plugins: Python 3 with
+/// its venv module, Node.js and npm (Debian splits them into packages).
+pub fn ensure_guest_tools() -> Result<()> {
+    apt_install("python3", "python3")?;
+    let has_venv = Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_venv {
+        if !is_root() || !have("apt-get") {
+            bail!("Python's venv module is missing: install the `python3-venv` package");
+        }
+        eprintln!("xtask: installing python3-venv");
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "python3-venv"])
+            .status()?
+            .success();
+        if !ok {
+            bail!("apt-get could not install python3-venv");
+        }
+    }
+    apt_install("node", "nodejs")?;
+    apt_install("npm", "npm")
+}
+
 fn wait_for(port: u16, what: &str, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     while !listening(port) {
