@@ -89,15 +89,35 @@ export class Message {
       throw new Permanent(`payload is not UTF-8: ${e.message}`);
     }
   }
-  /** The body parsed as JSON; malformed JSON is a permanent failure. */
+  /** The body parsed as JSON; malformed JSON is a permanent failure (as
+   *  for the Rust SDK, a lone surrogate escape such as "\ud800" is
+   *  malformed: it is no character). */
   json() {
     const text = this.text();
+    let value;
     try {
-      return JSON.parse(text);
+      value = JSON.parse(text);
     } catch (e) {
       throw new Permanent(`payload is not valid JSON: ${e.message}`);
     }
+    if (text.includes("\\u") && loneSurrogate(text)) {
+      throw new Permanent("payload is not valid JSON: a lone surrogate escape");
+    }
+    return value;
   }
+}
+
+/** True if a \uD800-\uDFFF escape is not one half of a pair. */
+function loneSurrogate(text) {
+  let highEnds = -1; // where a high surrogate escape ended, awaiting its low half
+  for (const m of text.matchAll(/\\(u[0-9a-fA-F]{4}|[^])/g)) {
+    const cp = m[1][0] === "u" && m[1].length === 5 ? parseInt(m[1].slice(1), 16) : -1;
+    if (highEnds >= 0 && (m.index !== highEnds || cp < 0xdc00 || cp > 0xdfff)) return true;
+    if (highEnds >= 0) highEnds = -1;
+    else if (cp >= 0xd800 && cp <= 0xdbff) highEnds = m.index + m[0].length;
+    else if (cp >= 0xdc00 && cp <= 0xdfff) return true;
+  }
+  return highEnds >= 0;
 }
 
 /** An answer to a request, sent to its reply subject. */

@@ -257,6 +257,9 @@ fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_eve
         order("1", r#""""#),
         order("1", r#""orders >""#),
         order("1", "7"),
+        // A lone surrogate escape is no character; a pair is one.
+        r#"{"order_id":"\ud800","user_id":"u-1","amount_cents":1,"event_type":"created"}"#.to_owned(),
+        r#"{"order_id":"\ud83d\ude00 é \u0001","user_id":"u-1","amount_cents":1,"event_type":"created"}"#.to_owned(),
     ];
     let rust = plugin("order_processor");
     let others = [

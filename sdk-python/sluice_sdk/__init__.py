@@ -24,6 +24,7 @@ README); the WIT in ``wit/`` is the contract. Outside a component (plain
 from __future__ import annotations
 
 import json as _json
+import re as _re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
@@ -126,11 +127,37 @@ class Message:
             raise Permanent(f"payload is not UTF-8: {e}") from None
 
     def json(self) -> Any:
-        """The payload parsed as JSON; malformed JSON is a permanent failure."""
+        """The payload parsed as JSON; malformed JSON is a permanent failure
+        (as for the Rust SDK, a lone surrogate escape such as "\\ud800" is
+        malformed: it is no character)."""
+        text = self.text()
         try:
-            return _json.loads(self.text())
+            value = _json.loads(text)
         except ValueError as e:
             raise Permanent(f"payload is not valid JSON: {e}") from None
+        if "\\u" in text and _lone_surrogate(text):
+            raise Permanent("payload is not valid JSON: a lone surrogate escape")
+        return value
+
+
+_ESCAPE = _re.compile(r"\\(u[0-9a-fA-F]{4}|.)", _re.S)
+
+
+def _lone_surrogate(text: str) -> bool:
+    """True if a \\uD800-\\uDFFF escape is not one half of a pair."""
+    high_ends = None  # where a high surrogate escape ended, awaiting its low half
+    for m in _ESCAPE.finditer(text):
+        esc = m.group(1)
+        cp = int(esc[1:], 16) if esc[0] == "u" else -1
+        if high_ends is not None and (m.start() != high_ends or not 0xDC00 <= cp <= 0xDFFF):
+            return True
+        if high_ends is not None:
+            high_ends = None
+        elif 0xD800 <= cp <= 0xDBFF:
+            high_ends = m.end()
+        elif 0xDC00 <= cp <= 0xDFFF:
+            return True
+    return high_ends is not None
 
 
 @dataclass
@@ -157,7 +184,13 @@ def handler(fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
 
 def _dumps(value: Any) -> bytes:
     # Compact, key order kept: the same bytes serde_json writes.
-    return _json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = _json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # A lone surrogate (JSON allows "\ud800", UTF-8 does not): the
+        # message carrying it will never encode, so retrying cannot help.
+        raise Permanent(f"cannot encode as UTF-8 JSON: {e}") from None
 
 
 def _bytes(payload: Union[bytes, bytearray, str]) -> bytes:
