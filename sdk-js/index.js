@@ -84,7 +84,7 @@ export class Message {
   /** The body as UTF-8; anything else is a permanent failure. */
   text() {
     try {
-      return new TextDecoder("utf-8", { fatal: true }).decode(this.#raw.payload);
+      return new TextDecoder("utf-8", { fatal: true }).decode(bytes(this.#raw.payload));
     } catch (e) {
       throw new Permanent(`payload is not UTF-8: ${e.message}`);
     }
@@ -181,7 +181,14 @@ export function publish(subject, payload, headers = []) {
 
 /** Queues `value` as compact JSON for `subject`. */
 export function publishJson(subject, value, headers = []) {
-  publish(subject, JSON.stringify(value), headers);
+  let text;
+  try {
+    text = JSON.stringify(value);
+  } catch (e) {
+    // A BigInt or a cycle will never serialise: retrying cannot help.
+    throw new Permanent(`cannot encode as JSON: ${e.message}`);
+  }
+  publish(subject, text, headers);
 }
 
 /** Sends a request and waits for its answer (NATS request/reply). */

@@ -220,9 +220,12 @@ fn guest_dev_loop(lang: &str, app: &str, from: &str, to: &str, own_tests: &[&str
             .contains("plugin build failed")
     });
     publish(&admin, r#"{"id":"c"}"#);
-    wait("a message on the running version", Duration::from_secs(20), &log, || {
-        handled().contains(r#"{\"id\":\"c\",\"v\":2}"#)
-    });
+    wait(
+        "a message on the running version",
+        Duration::from_secs(20),
+        &log,
+        || handled().contains(r#"{\"id\":\"c\",\"v\":2}"#),
+    );
     assert!(reloads("ok"), "{lang}: no other swap happened");
 }
 

@@ -28,13 +28,16 @@ import re as _re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
-try:
+import sys as _sys
+
+if _sys.platform == "wasi":
     # Inside a component: the bindings componentize-py generates from wit/.
+    # (Never the test host there: its publishes would go nowhere.)
     from componentize_py_types import Err
     from wit_world import WitWorld as _World
     from wit_world.imports import host as _host
     from wit_world.imports import types as _types
-except ImportError:
+else:
     # Plain Python (a plugin's own tests): the test host of `testing`.
     from .testing import Err, _host, _types, _World
 
@@ -132,12 +135,17 @@ class Message:
         malformed: it is no character)."""
         text = self.text()
         try:
-            value = _json.loads(text)
-        except ValueError as e:
+            value = _json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:
             raise Permanent(f"payload is not valid JSON: {e}") from None
         if "\\u" in text and _lone_surrogate(text):
             raise Permanent("payload is not valid JSON: a lone surrogate escape")
         return value
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 _ESCAPE = _re.compile(r"\\(u[0-9a-fA-F]{4}|.)", _re.S)
@@ -184,7 +192,12 @@ def handler(fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
 
 def _dumps(value: Any) -> bytes:
     # Compact, key order kept: the same bytes serde_json writes.
-    text = _json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        # No NaN or Infinity: they are not JSON.
+        text = _json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        # This value will never serialise: retrying cannot help.
+        raise Permanent(f"cannot encode as JSON: {e}") from None
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -281,5 +294,5 @@ class WitWorld(_World):
             raise Err(_types.HandlerError_Permanent(str(e) or "permanent failure"))
         except Retryable as e:
             raise Err(_types.HandlerError_Retryable(str(e) or "retryable failure"))
-        except Exception as e:  # an uncaught exception: retryable, like a panic
+        except BaseException as e:  # anything else (sys.exit too): retryable, like a panic
             raise Err(_types.HandlerError_Retryable(f"{type(e).__name__}: {e}"))

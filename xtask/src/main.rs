@@ -190,6 +190,8 @@ fn js_plugins(root: &Path) -> Result<()> {
             dir.to_owned(),
             root.join("sdk-js/index.js"),
             root.join("sdk-js/build.mjs"),
+            // A new version of the build tools rebuilds every plugin.
+            root.join("sdk-js/package-lock.json"),
             root.join("wit"),
         ]
     };
@@ -289,7 +291,8 @@ fn python_plugins(root: &Path) -> Result<()> {
     let (sdk, wit) = (root.join("sdk-python"), root.join("wit"));
     std::fs::create_dir_all(plugin_dir(root))?;
     for dir in dirs {
-        let (out, stale) = plugin_output(root, &dir, &[dir.clone(), sdk.clone(), wit.clone()])?;
+        let stamp = target_dir(root).join("py/.installed");
+        let (out, stale) = plugin_output(root, &dir, &[dir.clone(), sdk.clone(), wit.clone(), stamp])?;
         if !stale {
             continue;
         }

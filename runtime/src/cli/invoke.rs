@@ -51,12 +51,17 @@ pub struct InvokeArgs {
 pub async fn run(args: InvokeArgs) -> anyhow::Result<i32> {
     if let Some(dir) = &args.cache {
         // The cache trusts only a folder of this user's that no one else
-        // can write to.
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        // can write to: a new one is made private; an existing one is used
+        // as it is (the engine compiles without the cache if it is not
+        // private, and says so).
+        if !dir.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
     }
     let engine = Engine::new(EngineSettings {
