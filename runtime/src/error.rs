@@ -21,15 +21,22 @@ pub fn cause(e: impl Into<Box<dyn Error + Send + Sync + 'static>>) -> Cause {
     Arc::from(e.into())
 }
 
-/// Writes an error and each of its sources, joined by `: `.
+/// Writes an error and each of its sources, joined by `: `. A source whose
+/// text the level above already ends with (libraries that both quote and
+/// return their cause, as lapin does) is not written twice.
 pub struct Report<'a>(pub &'a (dyn Error + 'a));
 
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut above = self.0.to_string();
+        f.write_str(&above)?;
         let mut next = self.0.source();
         while let Some(e) = next {
-            write!(f, ": {e}")?;
+            let text = e.to_string();
+            if !above.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            above = text;
             next = e.source();
         }
         Ok(())
@@ -57,5 +64,15 @@ mod tests {
         assert_eq!(e.to_string(), "outer");
         let worded = Outer(cause("worded by sluice"));
         assert_eq!(report(&worded), "outer: worded by sluice");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("IO error: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_the_level_above_already_quotes_is_written_once() {
+        let e = Outer(cause(Quoting(std::io::Error::other("connection refused"))));
+        assert_eq!(report(&e), "outer: IO error: connection refused");
     }
 }
