@@ -257,6 +257,10 @@ fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_eve
         order("1", r#""""#),
         order("1", r#""orders >""#),
         order("1", "7"),
+        order("-0", r#""created""#),
+        r#"["o-1","u-1",5,"created"]"#.to_owned(),
+        r#"["o-1","u-1",5]"#.to_owned(),
+        r#"["o-1","u-1",5,"created","more"]"#.to_owned(),
         // A lone surrogate escape is no character; a pair is one.
         r#"{"order_id":"\ud800","user_id":"u-1","amount_cents":1,"event_type":"created"}"#.to_owned(),
         r#"{"order_id":"\ud83d\ude00 é \u0001","user_id":"u-1","amount_cents":1,"event_type":"created"}"#.to_owned(),
@@ -284,4 +288,14 @@ fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_eve
     }
     // Both kinds of answer were exercised.
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    // A repeated field: Python can see it (and refuses it, as serde does);
+    // JSON.parse cannot (the README says so).
+    let repeated =
+        r#"{"order_id":"o-1","order_id":"o-2","user_id":"u-1","amount_cents":1,"event_type":"created","x":1,"x":2}"#;
+    let (r, p) = (
+        invoke_cached(&rust, cache.path(), repeated),
+        invoke_cached(&others[0].1, cache.path(), repeated),
+    );
+    assert_eq!(observable(&r), observable(&p), "Rust {r}\nPython {p}");
+    assert_eq!(r["kind"], "permanent");
 }

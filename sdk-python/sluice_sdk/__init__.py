@@ -129,13 +129,14 @@ class Message:
         except UnicodeDecodeError as e:
             raise Permanent(f"payload is not UTF-8: {e}") from None
 
-    def json(self) -> Any:
+    def json(self, **loads_options: Any) -> Any:
         """The payload parsed as JSON; malformed JSON is a permanent failure
         (as for the Rust SDK, a lone surrogate escape such as "\\ud800" is
-        malformed: it is no character)."""
+        malformed: it is no character). Keyword arguments go to
+        ``json.loads`` (``object_pairs_hook``, ``parse_int``...)."""
         text = self.text()
         try:
-            value = _json.loads(text, parse_constant=_no_constant)
+            value = _json.loads(text, **{"parse_constant": _no_constant, **loads_options})
         except (ValueError, RecursionError) as e:
             raise Permanent(f"payload is not valid JSON: {e}") from None
         if "\\u" in text and _lone_surrogate(text):
