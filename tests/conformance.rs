@@ -17,6 +17,7 @@ use sluice::dlq::{DeadLetters, Filter};
 use sluice::engine::FailureKind;
 use sluice::message::{find_header, Header, Outbound, DEDUP_HEADER};
 use sluice::pipeline::dead_letter;
+use sluice_tests::nats::url as nats_url;
 use sluice_tests::{kafka, rabbit, unique};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,10 +36,6 @@ struct Case {
     /// Where the sink publishes for the source to receive.
     input: String,
     dead_letter: String,
-}
-
-fn nats_url() -> String {
-    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 #[derive(serde::Deserialize)]

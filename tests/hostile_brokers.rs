@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use sluice_tests::daemon::Daemon;
 use sluice_tests::kafka::{self, Collected};
+use sluice_tests::nats::url as nats_url;
 use sluice_tests::rabbit::{self, Rabbit};
 use sluice_tests::{plugin, unique};
 use std::time::Duration;
@@ -17,10 +18,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn nats_url() -> String {
-    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 /// The hostile plugin's table: its harmless publishes go to `ok`.

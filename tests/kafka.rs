@@ -4,6 +4,7 @@
 
 use sluice_tests::daemon::Daemon;
 use sluice_tests::kafka::{self, brokers, committed, ends, produce, read, Input};
+use sluice_tests::nats::url as nats_url;
 use sluice_tests::{plugin, sluice_bin, unique};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -21,10 +22,6 @@ static BROKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     BROKER.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn nats_url() -> String {
-    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 /// A config with route `r` on `brokers`: the group notices a dead member

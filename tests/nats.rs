@@ -6,13 +6,10 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use serde_json::Value;
 use sluice_tests::daemon::Daemon;
+use sluice_tests::nats::url as nats_url;
 use sluice_tests::{plugin, unique, workspace};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-fn nats_url() -> String {
-    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

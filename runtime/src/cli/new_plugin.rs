@@ -66,52 +66,18 @@ pub fn run(args: NewArgs) -> anyhow::Result<i32> {
     }
     write_crate(&dir, &name, &sdk)?;
     let lib = name.replace('-', "_");
-    println!("created plugin crate {}", dir.display());
-    println!();
-    println!("  cd {}", dir.display());
-    println!("  cargo test                 # the handler's own tests");
-    println!("  sluice dev -c sluice.toml  # build, run, rebuild and swap on save");
-    println!();
-    println!("and, in another terminal, send it a message:");
-    println!();
-    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'");
-    println!();
-    println!("The component is target/wasm32-wasip2/release/{lib}.wasm.");
+    next_steps(
+        &format!("plugin crate {}", dir.display()),
+        &dir,
+        &name,
+        "cargo test",
+        &format!("The component is target/wasm32-wasip2/release/{lib}.wasm."),
+    );
     Ok(0)
 }
 
-fn is_sdk(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("name = \"sluice-sdk\""))
-}
-
-/// The `sdk` folder of a sluice checkout above the current folder or above
-/// this executable (`target/debug/sluice`).
-fn find_sdk() -> Option<PathBuf> {
-    let mut starts = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        starts.push(cwd);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        starts.push(exe);
-    }
-    starts
-        .iter()
-        .flat_map(|s| s.ancestors())
-        .map(|a| a.join("sdk"))
-        .find(|sdk| is_sdk(sdk))
-}
-
-fn write_crate(dir: &Path, name: &str, sdk: &Path) -> anyhow::Result<()> {
-    let lib = name.replace('-', "_");
-    let files = [
-        ("Cargo.toml", cargo_toml(name, sdk)),
-        ("src/lib.rs", lib_rs(name)),
-        (
-            "sluice.toml",
-            sluice_toml(name, &format!("target/wasm32-wasip2/release/{lib}.wasm")),
-        ),
-        (".gitignore", "/target\n/.sluice\n".to_owned()),
-    ];
+/// Writes `files` (paths relative to `dir`), making their folders.
+fn write_files(dir: &Path, files: Vec<(&str, String)>) -> anyhow::Result<()> {
     for (file, text) in files {
         let path = dir.join(file);
         if let Some(parent) = path.parent() {
@@ -120,6 +86,46 @@ fn write_crate(dir: &Path, name: &str, sdk: &Path) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// What to run next, for any language.
+fn next_steps(created: &str, dir: &Path, name: &str, test: &str, last: &str) {
+    println!("created {created}");
+    println!();
+    println!("  cd {}", dir.display());
+    println!("  {test}   # the handler's own tests");
+    println!("  sluice dev -c sluice.toml  # build, run, rebuild and swap on save");
+    println!();
+    println!("and, in another terminal, send it a message:");
+    println!();
+    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'");
+    println!();
+    println!("{last}");
+}
+
+fn is_sdk(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("name = \"sluice-sdk\""))
+}
+
+/// The `sdk` folder of the sluice checkout (see `dev::checkout`).
+fn find_sdk() -> Option<PathBuf> {
+    crate::daemon::dev::checkout()
+        .map(|home| home.join("sdk"))
+        .filter(|sdk| is_sdk(sdk))
+}
+
+fn write_crate(dir: &Path, name: &str, sdk: &Path) -> anyhow::Result<()> {
+    let lib = name.replace('-', "_");
+    let files = vec![
+        ("Cargo.toml", cargo_toml(name, sdk)),
+        ("src/lib.rs", lib_rs(name)),
+        (
+            "sluice.toml",
+            sluice_toml(name, &format!("target/wasm32-wasip2/release/{lib}.wasm")),
+        ),
+        (".gitignore", "/target\n/.sluice\n".to_owned()),
+    ];
+    write_files(dir, files)
 }
 
 fn cargo_toml(name: &str, sdk: &Path) -> String {
@@ -234,14 +240,10 @@ max_len = 10000
     )
 }
 
-/// The sluice checkout around the current folder or this program.
-fn find_home() -> Option<PathBuf> {
-    find_sdk().and_then(|sdk| sdk.parent().map(Path::to_path_buf))
-}
-
 /// A Python or JavaScript plugin folder: the handler, its tests, a config.
 fn guest_folder(dir: &Path, name: &str, lang: Lang) -> anyhow::Result<i32> {
-    let home = find_home().context("cannot find the sluice checkout (its sdk-python/ and sdk-js/)")?;
+    let home =
+        crate::daemon::dev::checkout().context("cannot find the sluice checkout (its sdk-python/ and sdk-js/)")?;
     let lib = name.replace('-', "_");
     let (files, test, build) = match lang {
         Lang::Python => (
@@ -265,24 +267,14 @@ fn guest_folder(dir: &Path, name: &str, lang: Lang) -> anyhow::Result<i32> {
     };
     let mut files = files;
     files.push(("sluice.toml", sluice_toml(name, &format!("{lib}.wasm"))));
-    for (file, text) in files {
-        let path = dir.join(file);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    println!("created plugin {}", dir.display());
-    println!();
-    println!("  cd {}", dir.display());
-    println!("  {test}   # the handler's own tests");
-    println!("  sluice dev -c sluice.toml  # build, run, rebuild and swap on save");
-    println!();
-    println!("and, in another terminal, send it a message:");
-    println!();
-    println!("  sluice publish {name}.hello '{{\"id\":\"1\"}}'");
-    println!();
-    println!("Building it needs {build}.");
+    write_files(dir, files)?;
+    next_steps(
+        &format!("plugin {}", dir.display()),
+        dir,
+        name,
+        &test,
+        &format!("Building it needs {build}."),
+    );
     Ok(0)
 }
 

@@ -94,9 +94,10 @@ pub fn crates(config: &Config) -> BTreeMap<PathBuf, Vec<PathBuf>> {
     out
 }
 
-/// The sluice checkout (holding `wit/`, `sdk-python/`, `sdk-js/`) around
-/// the current folder or this program, or `SLUICE_HOME`.
-fn sluice_home() -> Option<PathBuf> {
+/// The sluice checkout (holding `wit/` and the SDKs) around the current
+/// folder or this program (`target/debug/sluice`), or `SLUICE_HOME`: where
+/// `sluice new` and `sluice dev` find the SDKs and the WIT.
+pub fn checkout() -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("SLUICE_HOME") {
         return Some(PathBuf::from(home));
     }
@@ -106,7 +107,7 @@ fn sluice_home() -> Option<PathBuf> {
     starts
         .iter()
         .flat_map(|s| s.ancestors())
-        .find(|a| a.join("wit").is_dir() && a.join("sdk-python").is_dir())
+        .find(|a| a.join("wit").is_dir() && a.join("sdk").is_dir())
         .map(Path::to_path_buf)
 }
 
@@ -135,7 +136,7 @@ fn build_command(dir: &Path, outputs: &[PathBuf]) -> Result<tokio::process::Comm
         return Ok(cmd);
     }
     let home =
-        sluice_home().ok_or("cannot find the sluice checkout (wit/, sdk-python/, sdk-js/); set SLUICE_HOME to it")?;
+        checkout().ok_or("cannot find the sluice checkout (wit/, sdk-python/, sdk-js/); set SLUICE_HOME to it")?;
     let [out] = outputs else {
         return Err(format!(
             "{} builds one plugin file, not {}",

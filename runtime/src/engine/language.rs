@@ -20,18 +20,7 @@ pub fn detect(bytes: &[u8]) -> &'static str {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, _)) = needle.split_first() else {
-        return true;
-    };
-    let mut at = 0;
-    while let Some(i) = haystack[at..].iter().position(|&b| b == first) {
-        let start = at + i;
-        if haystack[start..].starts_with(needle) {
-            return true;
-        }
-        at = start + 1;
-    }
-    false
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
