@@ -339,8 +339,18 @@ lease = "3s""#
     let handled_before = rt.block_on(sluice_tests::nats::stored(&effects));
     assert!(handled_before < N as u64, "killed too late to test anything");
     d.restart();
-    d.wait_for("the queue drained", Duration::from_secs(120), || {
-        rt.block_on(rabbit.count(&format!("work-{id}"))) == 0 && route_count(&d, "in_flight") == 0
+    // Until every key's effect reached the test's own subscriber (it may
+    // lag the daemon's PubAcks under load).
+    let distinct = || {
+        collected
+            .all()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<BTreeSet<String>>()
+            .len()
+    };
+    d.wait_for("every effect seen", Duration::from_secs(120), || {
+        distinct() >= N && rt.block_on(rabbit.count(&format!("work-{id}"))) == 0 && route_count(&d, "in_flight") == 0
     });
     let all = collected.all();
     let keys: BTreeSet<&str> = all.iter().map(|(payload, _)| payload.as_str()).collect();
