@@ -84,6 +84,66 @@ fn invoke_pricing_prints_the_reply() {
     }
 }
 
+/// A component written for `wasi:messaging` only (no sluice SDK): found to
+/// be one at load time, its sends buffered and shown, its content type and
+/// metadata carried as headers, its reply kept, its error a retryable
+/// failure, and a hoard of host-held messages cut by the host's bound.
+#[test]
+fn invoke_runs_a_plain_wasi_messaging_component_unchanged() {
+    let wasm = plugin("fixture_messaging");
+    let wasm = wasm.to_str().unwrap();
+    let out = sluice(&[
+        "invoke",
+        wasm,
+        "--subject",
+        "orders.a",
+        "--payload",
+        "hi",
+        "--reply-to",
+        "_INBOX.x",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = stdout_json(&out);
+    assert_eq!(
+        json["plugin"]["world"],
+        "wasi:messaging/messaging-request-reply@0.2.0-draft"
+    );
+    assert_eq!(json["plugin"]["language"], "rust");
+    assert_eq!(
+        json["publishes"],
+        serde_json::json!([{
+            "subject": "wm.out",
+            "headers": [
+                { "name": "source-topic", "value": "orders.a" },
+                { "name": "content-type", "value": "text/plain" },
+            ],
+            "payload": "handled:hi",
+        }])
+    );
+    assert_eq!(json["reply"]["payload"], "reply:hi");
+
+    let out = sluice(&["invoke", wasm, "--payload", "hi", "--header", "mode=fail"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json = stdout_json(&out);
+    assert_eq!(
+        (json["kind"].as_str(), json["reason"].as_str()),
+        (Some("retryable"), Some("asked to fail"))
+    );
+    assert_eq!(
+        json["publishes"],
+        serde_json::json!([]),
+        "a failed handler's sends are dropped"
+    );
+
+    let out = sluice(&["invoke", wasm, "--header", "mode=hoard", "--max-memory-mb", "16"]);
+    let json = stdout_json(&out);
+    assert_eq!(json["kind"], "trap", "{json}");
+    assert!(
+        json["reason"].as_str().unwrap().contains("32 MiB of message data"),
+        "{json}"
+    );
+}
+
 #[test]
 fn invoke_refuses_a_file_that_is_not_a_component() {
     let dir = tempfile::tempdir().unwrap();

@@ -517,3 +517,74 @@ initial_backoff = "10ms"
     assert_eq!(header("sluice-error-kind").as_deref(), Some("permanent"));
     assert_eq!(header("sluice-error").as_deref(), Some("bad input"));
 }
+
+/// A plain `wasi:messaging` component on the embedded pipeline: its send
+/// reaches the queue only when `handle` returns Ok; its `error` is retried
+/// then dead-lettered by default, dead-lettered at once with
+/// `handler_error = "permanent"`.
+#[test]
+fn a_wasi_messaging_component_is_handled_retried_and_dead_lettered_by_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[brokers.embedded.queues]]
+name = "out"
+subjects = ["wm.out"]
+[plugins.wm]
+path = "{wasm}"
+publish = ["wm.out"]
+[plugins.wm-strict]
+path = "{wasm}"
+publish = ["wm.out"]
+handler_error = "permanent"
+[[routes]]
+name = "wm"
+plugin = "wm"
+source = {{ subject = "wm.in" }}
+dead_letter = {{ subject = "dlq.wm" }}
+[routes.retry]
+max_attempts = 3
+initial_backoff = "10ms"
+[[routes]]
+name = "strict"
+plugin = "wm-strict"
+source = {{ subject = "wm.strict" }}
+dead_letter = {{ subject = "dlq.strict" }}
+"#,
+        wasm = plugin("fixture_messaging").display()
+    );
+    let d = Daemon::start(dir.path(), &config);
+    d.publish("wm.in", &[("content-type", "application/json")], b"one");
+    d.publish("wm.in", &[("mode", "fail")], b"bad");
+    d.publish("wm.strict", &[("mode", "fail")], b"bad at once");
+    d.wait_for("all settled", Duration::from_secs(60), || {
+        d.route_field(0, "handled") == 1
+            && d.route_field(0, "dead_lettered") == 1
+            && d.route_field(1, "dead_lettered") == 1
+    });
+    assert_eq!(
+        d.route_field(0, "retried"),
+        2,
+        "the error was retried up to max_attempts"
+    );
+    assert_eq!(d.route_field(1, "retried"), 0, "handler_error = permanent: no retry");
+    let out = d.queue("out");
+    assert_eq!(out.len(), 1, "only the successful handle's send is delivered: {out:?}");
+    assert_eq!(out[0]["payload"], "handled:one");
+    for (queue, payload, attempts) in [("dlq.wm", "bad", "3"), ("dlq.strict", "bad at once", "1")] {
+        let dead = d.queue(queue);
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0]["payload"], payload);
+        let header = |name: &str| {
+            dead[0]["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["name"] == name)
+                .and_then(|h| h["value"].as_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(header("sluice-error").as_deref(), Some("asked to fail"));
+        assert_eq!(header("sluice-attempts").as_deref(), Some(attempts));
+    }
+}

@@ -826,3 +826,126 @@ source = {{ broker = "nats", subject = "{id}.orders.*.paid", queue_group = "g-{i
     assert!(!distinct.contains("no"), "a subject outside the pattern was handled");
     assert!(handled(&a) > 0 && handled(&b) > 0, "one instance got everything");
 }
+
+/// The same plain `wasi:messaging` component on NATS: a JetStream route
+/// (send stored only after success, `error` retried then dead-lettered), a
+/// core route answering a request with the component's `reply`, and the
+/// component's own `request` answered by a NATS service.
+#[test]
+fn a_wasi_messaging_component_runs_unchanged_on_jetstream_and_core_nats() {
+    let id = unique();
+    let (stream, out, dlq) = (format!("WM_{id}"), format!("WM_OUT_{id}"), format!("WM_DLQ_{id}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[brokers.nats]
+url = "{url}"
+[[brokers.nats.streams]]
+name = "{stream}"
+subjects = ["{id}.wm.in"]
+[[brokers.nats.streams]]
+name = "{out}"
+subjects = ["{id}.out"]
+[[brokers.nats.streams]]
+name = "{dlq}"
+subjects = ["{id}.dlq"]
+
+[plugins.wm]
+path = "{wasm}"
+publish = ["{id}.out"]
+request = ["{id}.service"]
+
+[[routes]]
+name = "js"
+plugin = "wm"
+source = {{ broker = "jetstream", stream = "{stream}", subject = "{id}.wm.in" }}
+dead_letter = {{ subject = "{id}.dlq" }}
+[routes.retry]
+max_attempts = 2
+initial_backoff = "10ms"
+
+[[routes]]
+name = "core"
+plugin = "wm"
+source = {{ broker = "nats", subject = "{id}.wm.ask" }}
+"#,
+        url = nats_url(),
+        wasm = plugin("fixture_messaging").display(),
+    );
+    let d = Daemon::start(dir.path(), &config);
+    let rt = rt();
+    let nc = rt.block_on(client());
+    let js = rt.block_on(async { jetstream::new(nc.clone()) });
+    let out_topic = format!("{id}.out");
+    let headers = |pairs: &[(&str, &str)]| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("out", out_topic.as_str());
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    };
+    // The service the component asks.
+    let mut service = rt.block_on(nc.subscribe(format!("{id}.service"))).unwrap();
+    let responder = nc.clone();
+    rt.spawn(async move {
+        while let Some(m) = service.next().await {
+            if let Some(reply) = m.reply {
+                let answer = [b"answer:".as_slice(), &m.payload].concat();
+                let _ = responder.publish(reply, answer.into()).await;
+            }
+        }
+    });
+    let service_topic = format!("{id}.service");
+    let asks = [("mode", "request"), ("service", service_topic.as_str())];
+    rt.block_on(async {
+        for (pairs, payload) in [(&[][..], "one"), (&[("mode", "fail")][..], "bad"), (&asks[..], "two")] {
+            js.publish_with_headers(format!("{id}.wm.in"), headers(pairs), payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let answer = rt
+        .block_on(nc.request_with_headers(format!("{id}.wm.ask"), headers(&[]), "q".into()))
+        .unwrap();
+    assert_eq!(&answer.payload[..], b"reply:q");
+
+    d.wait_for("the dead letter and three sends", Duration::from_secs(30), || {
+        rt.block_on(async {
+            (
+                sluice_tests::nats::stored(&dlq).await,
+                sluice_tests::nats::stored(&out).await,
+            )
+        }) == (1, 3)
+    });
+    let stored = |name: &str, n: u64| {
+        rt.block_on(async { js.get_stream(name).await.unwrap().get_raw_message(n).await.unwrap() })
+    };
+    let payloads: BTreeSet<String> = (1..=3)
+        .map(|n| String::from_utf8_lossy(&stored(&out, n).payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        BTreeSet::from(["handled:one".into(), "handled:q".into(), "answer:two".into()]),
+        "no send of the failed attempts is stored"
+    );
+    let first = stored(&out, 1);
+    assert_eq!(
+        first.headers.get("content-type").map(|v| v.as_str()),
+        Some("text/plain")
+    );
+    let dead = stored(&dlq, 1);
+    assert_eq!(&dead.payload[..], b"bad");
+    assert_eq!(
+        dead.headers.get("sluice-error").map(|v| v.as_str()),
+        Some("asked to fail")
+    );
+    assert_eq!(dead.headers.get("sluice-attempts").map(|v| v.as_str()), Some("2"));
+    rt.block_on(async {
+        for s in [&stream, &out, &dlq] {
+            let _ = js.delete_stream(s).await;
+        }
+    });
+}

@@ -193,6 +193,11 @@ pub struct PluginConfig {
     /// The plugin's source crate, rebuilt on change by `sluice dev`. When
     /// unset, `sluice dev` looks for the crate that builds `path`.
     pub source: Option<PathBuf>,
+    /// For a `wasi:messaging` component: whether an `error` returned by its
+    /// handler is retried (`retryable`) or dead-lettered at once
+    /// (`permanent`).
+    #[serde(default)]
+    pub handler_error: crate::engine::HandlerErrorPolicy,
 }
 
 fn default_memory_mb() -> u64 {

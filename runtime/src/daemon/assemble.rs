@@ -141,6 +141,7 @@ pub fn plugin_spec(
         settings: plugin.settings(),
         requester,
         protected_subjects,
+        handler_error: plugin.handler_error,
     }
 }
 

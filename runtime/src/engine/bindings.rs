@@ -1,4 +1,5 @@
-//! Host-side bindings for the `sluice:plugin/handler` world.
+//! Host-side bindings for the worlds a plugin may be built for: sluice's own
+//! `sluice:plugin/handler` and the proposal's `wasi:messaging`.
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -6,3 +7,19 @@ wasmtime::component::bindgen!({
     imports: { default: async },
     exports: { default: async },
 });
+
+/// `wasi:messaging@0.2.0-draft`: the request-reply world imports everything
+/// the core world does, so one linker serves both.
+pub mod messaging {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "wasi:messaging/messaging-request-reply",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "wasi:messaging/types.client": crate::engine::messaging::Client,
+            "wasi:messaging/types.message": crate::engine::messaging::HeldMessage,
+            "wasi:messaging/request-reply.request-options": crate::engine::messaging::RequestOptions,
+        },
+    });
+}

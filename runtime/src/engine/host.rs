@@ -82,6 +82,8 @@ pub struct HostState {
     pub(crate) cut: super::outcome::Cut,
     /// When the current message's time is up; waiting host calls stop here.
     pub(crate) deadline: std::time::Instant,
+    /// State of the `wasi:messaging` interface (unused by sluice plugins).
+    pub(crate) messaging: super::messaging::MessagingState,
 }
 
 impl HostState {
@@ -108,6 +110,7 @@ impl HostState {
             invalid_publish: None,
             cut: Default::default(),
             deadline: std::time::Instant::now(),
+            messaging: Default::default(),
         }
     }
 
@@ -123,6 +126,11 @@ impl HostState {
         self.cut = Default::default();
         self.limiter.hit = false;
         self.stderr.clear();
+        self.messaging.reset();
+    }
+
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 
     pub fn take_publishes(&mut self) -> Vec<Outbound> {
@@ -239,6 +247,70 @@ fn one_log_line(text: &str, cut: &mut super::outcome::Cut) -> String {
     out
 }
 
+impl HostState {
+    /// Checks a publish and queues it until the handler has returned Ok:
+    /// the one path of every send, whatever interface the plugin uses.
+    pub(crate) fn queue_publish(
+        &mut self,
+        subject: String,
+        mut headers: Vec<Header>,
+        payload: Vec<u8>,
+    ) -> Result<(), types::HostError> {
+        if let Err(why) = headers::check_subject(&subject) {
+            return Err(self.refuse_publish(why));
+        }
+        check_allowed(&self.plugin, &self.plugin.publish_allow, &subject, "publish")?;
+        self.cut.reserved_headers += u32::try_from(headers::strip_reserved(&mut headers)).unwrap_or(u32::MAX);
+        let header_bytes = match headers::check_plugin_headers(&headers) {
+            Ok(n) => n,
+            Err(e) => return Err(self.refuse_publish(format!("publish to {:?}: {e}", headers::shown(&subject)))),
+        };
+        let size = payload.len().saturating_add(header_bytes).saturating_add(subject.len());
+        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes.saturating_add(size) > MAX_PUBLISH_BYTES {
+            return Err(self.refuse_publish(format!(
+                "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
+                MAX_PUBLISH_BYTES >> 20
+            )));
+        }
+        self.publish_bytes += size;
+        self.publishes.push(Outbound {
+            subject,
+            headers,
+            payload,
+        });
+        Ok(())
+    }
+
+    /// Sends a request at once and waits for its answer, never past the
+    /// message's deadline (`timeout_ms` none: until the deadline).
+    pub(crate) async fn send_request(
+        &mut self,
+        subject: String,
+        payload: Vec<u8>,
+        timeout_ms: Option<u32>,
+    ) -> Result<Vec<u8>, types::HostError> {
+        headers::check_subject(&subject).map_err(types::HostError::Failed)?;
+        check_allowed(&self.plugin, &self.plugin.request_allow, &subject, "request")?;
+        let Some(requester) = self.plugin.requester.clone() else {
+            return Err(types::HostError::Failed(
+                "no broker with request/reply is configured".into(),
+            ));
+        };
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = timeout_ms.map_or(left, |ms| Duration::from_millis(u64::from(ms)).min(left));
+        if timeout.is_zero() {
+            return Err(types::HostError::Timeout);
+        }
+        requester
+            .request(&subject, payload, timeout)
+            .await
+            .map_err(|e| match e {
+                RequestError::Timeout => types::HostError::Timeout,
+                RequestError::Failed(cause) => types::HostError::Failed(crate::error::report(&*cause)),
+            })
+    }
+}
+
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
@@ -276,30 +348,7 @@ impl host::Host for HostState {
         headers: Vec<types::Header>,
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
-        if let Err(why) = headers::check_subject(&subject) {
-            return Err(self.refuse_publish(why));
-        }
-        check_allowed(&self.plugin, &self.plugin.publish_allow, &subject, "publish")?;
-        let mut headers = headers_from_wit(headers);
-        self.cut.reserved_headers += u32::try_from(headers::strip_reserved(&mut headers)).unwrap_or(u32::MAX);
-        let header_bytes = match headers::check_plugin_headers(&headers) {
-            Ok(n) => n,
-            Err(e) => return Err(self.refuse_publish(format!("publish to {:?}: {e}", headers::shown(&subject)))),
-        };
-        let size = payload.len().saturating_add(header_bytes).saturating_add(subject.len());
-        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes.saturating_add(size) > MAX_PUBLISH_BYTES {
-            return Err(self.refuse_publish(format!(
-                "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
-                MAX_PUBLISH_BYTES >> 20
-            )));
-        }
-        self.publish_bytes += size;
-        self.publishes.push(Outbound {
-            subject,
-            headers,
-            payload,
-        });
-        Ok(())
+        self.queue_publish(subject, headers_from_wit(headers), payload)
     }
 
     async fn request(
@@ -308,26 +357,7 @@ impl host::Host for HostState {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Vec<u8>, types::HostError> {
-        headers::check_subject(&subject).map_err(types::HostError::Failed)?;
-        check_allowed(&self.plugin, &self.plugin.request_allow, &subject, "request")?;
-        let Some(requester) = self.plugin.requester.clone() else {
-            return Err(types::HostError::Failed(
-                "no broker with request/reply is configured".into(),
-            ));
-        };
-        // Never past the message's own deadline.
-        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
-        let timeout = Duration::from_millis(u64::from(timeout_ms)).min(left);
-        if timeout.is_zero() {
-            return Err(types::HostError::Timeout);
-        }
-        requester
-            .request(&subject, payload, timeout)
-            .await
-            .map_err(|e| match e {
-                RequestError::Timeout => types::HostError::Timeout,
-                RequestError::Failed(cause) => types::HostError::Failed(crate::error::report(&*cause)),
-            })
+        self.send_request(subject, payload, Some(timeout_ms)).await
     }
 
     async fn config(&mut self, key: String) -> Option<String> {

@@ -5,6 +5,7 @@ mod bindings;
 mod cache;
 mod host;
 mod language;
+mod messaging;
 mod outcome;
 mod plugin;
 mod slot;
@@ -13,7 +14,7 @@ mod stderr;
 use crate::error::{cause, Cause};
 pub use host::{HostState, PluginContext, RequestError, Requester};
 pub use outcome::{bounded, Cut, FailureKind, Invocation, Outcome, Reply, MAX_REASON_BYTES};
-pub use plugin::{Plugin, PluginError, PluginSpec};
+pub use plugin::{HandlerErrorPolicy, Plugin, PluginError, PluginSpec};
 pub use slot::PluginSlot;
 
 use std::path::PathBuf;
@@ -98,6 +99,11 @@ impl Engine {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| EngineError(cause(e)))?;
         bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| EngineError(cause(e)))?;
+        bindings::messaging::MessagingRequestReply::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| EngineError(cause(e)))?;
 
         let ticker = EpochTicker::start(wasmtime.clone());
         Ok(Self {

@@ -1,8 +1,10 @@
 //! A loaded plugin version: checked, compiled, pre-instantiated; runs one
 //! message per call in a fresh or a reused instance.
 
+use super::bindings::messaging::MessagingRequestReplyPre;
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
+use super::messaging::HeldMessage;
 use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
 use super::Isolation;
 use super::{cache, Engine, YIELD_EVERY_TICKS};
@@ -34,6 +36,20 @@ pub struct PluginSpec {
     /// Subjects the allow-lists reach only by naming them (dead-letter and
     /// retry subjects of the routes).
     pub protected_subjects: Vec<String>,
+    /// What an `error` returned by a `wasi:messaging` handler means (the
+    /// proposal has no retryable/permanent distinction).
+    pub handler_error: HandlerErrorPolicy,
+}
+
+/// How a `wasi:messaging` handler's `error` is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerErrorPolicy {
+    /// Retried with the route's backoff, then dead-lettered.
+    #[default]
+    Retryable,
+    /// Dead-lettered at once.
+    Permanent,
 }
 
 impl PluginSpec {
@@ -52,6 +68,7 @@ impl PluginSpec {
             settings: BTreeMap::new(),
             requester: None,
             protected_subjects: Vec::new(),
+            handler_error: HandlerErrorPolicy::default(),
         }
     }
 }
@@ -76,7 +93,7 @@ pub enum PluginError {
         #[source]
         cause: Cause,
     },
-    #[error("plugin `{name}`: {} does not export `handle`, so it is not built against the sluice:plugin/handler world (it exports: {exports})", path.display())]
+    #[error("plugin `{name}`: {} exports neither `handle` (world sluice:plugin/handler) nor `{MESSAGING_HANDLER}` (a wasi:messaging world); it exports: {exports}", path.display())]
     MissingExport {
         name: String,
         path: PathBuf,
@@ -108,8 +125,69 @@ pub enum PluginError {
 /// A warm instance kept between messages in `reuse` mode.
 struct Warm {
     store: Store<HostState>,
-    handler: super::bindings::Handler,
+    handler: Handler,
     uses: u32,
+}
+
+/// The world a component was built for, as found when it was loaded.
+#[derive(Clone)]
+enum Pre {
+    Sluice(HandlerPre<HostState>),
+    Messaging {
+        pre: MessagingRequestReplyPre<HostState>,
+        world: &'static str,
+        on_error: HandlerErrorPolicy,
+    },
+}
+
+/// An instance of either world.
+enum Handler {
+    Sluice(super::bindings::Handler),
+    Messaging(super::bindings::messaging::MessagingRequestReply, HandlerErrorPolicy),
+}
+
+/// What a handler call returns, in sluice's terms whatever the world.
+type HandleResult = wasmtime::Result<Result<Option<types::Reply>, types::HandlerError>>;
+
+impl Pre {
+    async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Handler> {
+        Ok(match self {
+            Pre::Sluice(pre) => Handler::Sluice(pre.instantiate_async(store).await?),
+            Pre::Messaging { pre, on_error, .. } => Handler::Messaging(pre.instantiate_async(store).await?, *on_error),
+        })
+    }
+
+    fn world(&self) -> &'static str {
+        match self {
+            Pre::Sluice(_) => WORLD,
+            Pre::Messaging { world, .. } => world,
+        }
+    }
+}
+
+impl Handler {
+    async fn handle(&self, store: &mut Store<HostState>, route: &str, msg: &Message) -> HandleResult {
+        match self {
+            Handler::Sluice(h) => h.call_handle(store, &to_wit(route, msg)).await,
+            Handler::Messaging(h, on_error) => {
+                let delivered = store.data_mut().hold(HeldMessage::delivered(msg))?;
+                let result = h
+                    .wasi_messaging_incoming_handler()
+                    .call_handle(&mut *store, delivered)
+                    .await?;
+                Ok(match result {
+                    Ok(()) => Ok(store.data_mut().messaging.reply.take()),
+                    Err(e) => {
+                        let why = super::messaging::describe(&e);
+                        Err(match on_error {
+                            HandlerErrorPolicy::Retryable => types::HandlerError::Retryable(why),
+                            HandlerErrorPolicy::Permanent => types::HandlerError::Permanent(why),
+                        })
+                    }
+                })
+            }
+        }
+    }
 }
 
 /// A loaded, runnable plugin version.
@@ -123,7 +201,7 @@ pub struct Plugin {
     fuel: Option<u64>,
     reuse_max: u32,
     engine: Engine,
-    pre: HandlerPre<HostState>,
+    pre: Pre,
     ctx: Arc<PluginContext>,
     warm: Mutex<Vec<Warm>>,
     imports: Vec<String>,
@@ -153,8 +231,11 @@ fn patterns(name: &str, list: &'static str, items: &[String]) -> Result<Vec<Subj
         .collect()
 }
 
-/// The world every plugin is built for (checked when it is loaded).
+/// sluice's own world.
 const WORLD: &str = "sluice:plugin/handler@0.1.0";
+/// What a component built for a `wasi:messaging` world exports.
+const MESSAGING_HANDLER: &str = "wasi:messaging/incoming-handler@0.2.0-draft";
+const MESSAGING_REQUEST_REPLY: &str = "wasi:messaging/request-reply@0.2.0-draft";
 
 impl Plugin {
     pub(super) fn load(engine: &Engine, spec: PluginSpec) -> Result<Self, PluginError> {
@@ -195,28 +276,41 @@ impl Plugin {
 
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(wasmtime).map(|(n, _)| n.to_owned()).collect();
-        let has_handle = ty
+        let exports: Vec<(String, bool)> = ty
             .exports(wasmtime)
-            .any(|(n, item)| n == "handle" && matches!(item.ty, ComponentItem::ComponentFunc(_)));
-        if !has_handle {
-            let exports: Vec<String> = ty.exports(wasmtime).map(|(n, _)| n.to_owned()).collect();
-            return Err(PluginError::MissingExport {
-                name,
-                path,
-                exports: if exports.is_empty() {
-                    "nothing".into()
-                } else {
-                    exports.join(", ")
-                },
-            });
-        }
+            .map(|(n, item)| (n.to_owned(), matches!(item.ty, ComponentItem::ComponentFunc(_))))
+            .collect();
         let other_world = |e: wasmtime::Error| PluginError::OtherWorld {
             name: name.clone(),
             path: path.clone(),
             cause: cause(e),
         };
         let instance_pre = engine.linker.instantiate_pre(&component).map_err(other_world)?;
-        let pre = HandlerPre::new(instance_pre).map_err(other_world)?;
+        let pre = if exports.iter().any(|(n, func)| n == "handle" && *func) {
+            Pre::Sluice(HandlerPre::new(instance_pre).map_err(other_world)?)
+        } else if exports.iter().any(|(n, _)| n == MESSAGING_HANDLER) {
+            let world = if imports.iter().any(|i| i == MESSAGING_REQUEST_REPLY) {
+                "wasi:messaging/messaging-request-reply@0.2.0-draft"
+            } else {
+                "wasi:messaging/messaging-core@0.2.0-draft"
+            };
+            Pre::Messaging {
+                pre: MessagingRequestReplyPre::new(instance_pre).map_err(other_world)?,
+                world,
+                on_error: spec.handler_error,
+            }
+        } else {
+            let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(PluginError::MissingExport {
+                name,
+                path,
+                exports: if names.is_empty() {
+                    "nothing".into()
+                } else {
+                    names.join(", ")
+                },
+            });
+        };
 
         let ctx = Arc::new(PluginContext {
             name: name.clone(),
@@ -267,7 +361,7 @@ impl Plugin {
     }
     /// The WIT world it was built for.
     pub fn world(&self) -> &'static str {
-        WORLD
+        self.pre.world()
     }
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -302,8 +396,7 @@ impl Plugin {
         let mut store = self.new_store();
         self.arm(&mut store);
         let deadline = store.data().deadline;
-        let Ok(instantiated) = tokio::time::timeout_at(deadline.into(), self.pre.instantiate_async(&mut store)).await
-        else {
+        let Ok(instantiated) = tokio::time::timeout_at(deadline.into(), self.pre.instantiate(&mut store)).await else {
             return Err(self.timed_out());
         };
         match instantiated {
@@ -354,10 +447,9 @@ impl Plugin {
     /// Runs the handler on `msg` delivered by `route`.
     pub async fn invoke(&self, route: &str, msg: &Message) -> Invocation {
         let started = Instant::now();
-        let wit_msg = to_wit(route, msg);
         let (outcome, publishes, cut) = match self.spec_isolation {
-            Isolation::Fresh => self.invoke_fresh(route, msg, &wit_msg).await,
-            Isolation::Reuse => self.invoke_reused(route, msg, &wit_msg).await,
+            Isolation::Fresh => self.invoke_fresh(route, msg).await,
+            Isolation::Reuse => self.invoke_reused(route, msg).await,
         };
         // Publishes of a failed handler are dropped: no half-done effects.
         let publishes = if matches!(outcome, Outcome::Ok { .. }) {
@@ -373,19 +465,14 @@ impl Plugin {
         }
     }
 
-    async fn invoke_fresh(
-        &self,
-        route: &str,
-        msg: &Message,
-        wit_msg: &types::Message,
-    ) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
+    async fn invoke_fresh(&self, route: &str, msg: &Message) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
         let mut store = self.new_store();
         store.data_mut().reset(route, &msg.id);
         self.arm(&mut store);
         let deadline = store.data().deadline;
         let call = async {
-            let handler = self.pre.instantiate_async(&mut store).await?;
-            handler.call_handle(&mut store, wit_msg).await
+            let handler = self.pre.instantiate(&mut store).await?;
+            handler.handle(&mut store, route, msg).await
         };
         // The epoch deadline stops a busy guest; the timer stops one that
         // waits (a WASI sleep or poll, a host call): the whole invocation is
@@ -398,12 +485,7 @@ impl Plugin {
         (outcome, publishes, store.data().cut)
     }
 
-    async fn invoke_reused(
-        &self,
-        route: &str,
-        msg: &Message,
-        wit_msg: &types::Message,
-    ) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
+    async fn invoke_reused(&self, route: &str, msg: &Message) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
         let warm = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None);
         let mut warm = match warm {
             Some(w) => w,
@@ -415,7 +497,7 @@ impl Plugin {
         warm.store.data_mut().reset(route, &msg.id);
         self.arm(&mut warm.store);
         let deadline = warm.store.data().deadline;
-        let call = warm.handler.call_handle(&mut warm.store, wit_msg);
+        let call = warm.handler.handle(&mut warm.store, route, msg);
         // Timed out while waiting: the instance is dropped, never reused.
         let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
             return (self.timed_out(), Vec::new(), warm.store.data().cut);
@@ -435,11 +517,7 @@ impl Plugin {
         (outcome, publishes, cut)
     }
 
-    fn classify(
-        &self,
-        result: Result<wasmtime::Result<Result<Option<types::Reply>, types::HandlerError>>, std::convert::Infallible>,
-        state: &mut HostState,
-    ) -> Outcome {
+    fn classify(&self, result: Result<HandleResult, std::convert::Infallible>, state: &mut HostState) -> Outcome {
         // A refused publish fails the message whatever the handler made of
         // the refusal: running it again would fail the same way.
         if let (Some(why), Ok(Ok(_))) = (&state.invalid_publish, &result) {
