@@ -144,6 +144,29 @@ fn invoke_runs_a_plain_wasi_messaging_component_unchanged() {
     );
 }
 
+/// A `wasmcloud:messaging` component: its publish buffered, its publish to
+/// the request's `reply-to` made the reply.
+#[test]
+fn invoke_runs_a_plain_wasmcloud_messaging_component_unchanged() {
+    let wasm = plugin("fixture_wasmcloud");
+    let out = sluice(&[
+        "invoke",
+        wasm.to_str().unwrap(),
+        "--payload",
+        "hi",
+        "--reply-to",
+        "_INBOX.x",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = stdout_json(&out);
+    assert_eq!(json["plugin"]["world"], "wasmcloud:messaging/handler@0.2.0");
+    assert_eq!(
+        json["publishes"],
+        serde_json::json!([{ "subject": "wc.out", "headers": [], "payload": "handled:hi" }])
+    );
+    assert_eq!(json["reply"]["payload"], "reply:hi");
+}
+
 #[test]
 fn invoke_refuses_a_file_that_is_not_a_component() {
     let dir = tempfile::tempdir().unwrap();

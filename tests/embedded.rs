@@ -518,12 +518,12 @@ initial_backoff = "10ms"
     assert_eq!(header("sluice-error").as_deref(), Some("bad input"));
 }
 
-/// A plain `wasi:messaging` component on the embedded pipeline: its send
-/// reaches the queue only when `handle` returns Ok; its `error` is retried
-/// then dead-lettered by default, dead-lettered at once with
-/// `handler_error = "permanent"`.
+/// Plain `wasi:messaging` and `wasmcloud:messaging` components on the
+/// embedded pipeline: a send reaches the queue only when the handler returns
+/// Ok; an error is retried then dead-lettered by default, dead-lettered at
+/// once with `handler_error = "permanent"`.
 #[test]
-fn a_wasi_messaging_component_is_handled_retried_and_dead_lettered_by_the_pipeline() {
+fn wasi_and_wasmcloud_messaging_components_are_handled_retried_and_dead_lettered_by_the_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
@@ -550,17 +550,37 @@ name = "strict"
 plugin = "wm-strict"
 source = {{ subject = "wm.strict" }}
 dead_letter = {{ subject = "dlq.strict" }}
+
+[[brokers.embedded.queues]]
+name = "wc-out"
+subjects = ["wc.out"]
+[plugins.wc]
+path = "{wasmcloud}"
+publish = ["wc.out"]
+[[routes]]
+name = "wc"
+plugin = "wc"
+source = {{ subject = "wc.in" }}
+dead_letter = {{ subject = "dlq.wc" }}
+[routes.retry]
+max_attempts = 2
+initial_backoff = "10ms"
 "#,
-        wasm = plugin("fixture_messaging").display()
+        wasm = plugin("fixture_messaging").display(),
+        wasmcloud = plugin("fixture_wasmcloud").display(),
     );
     let d = Daemon::start(dir.path(), &config);
     d.publish("wm.in", &[("content-type", "application/json")], b"one");
     d.publish("wm.in", &[("mode", "fail")], b"bad");
     d.publish("wm.strict", &[("mode", "fail")], b"bad at once");
+    d.publish("wc.in", &[], b"two");
+    d.publish("wc.in", &[], b"fail");
     d.wait_for("all settled", Duration::from_secs(60), || {
         d.route_field(0, "handled") == 1
             && d.route_field(0, "dead_lettered") == 1
             && d.route_field(1, "dead_lettered") == 1
+            && d.route_field(2, "handled") == 1
+            && d.route_field(2, "dead_lettered") == 1
     });
     assert_eq!(
         d.route_field(0, "retried"),
@@ -571,7 +591,18 @@ dead_letter = {{ subject = "dlq.strict" }}
     let out = d.queue("out");
     assert_eq!(out.len(), 1, "only the successful handle's send is delivered: {out:?}");
     assert_eq!(out[0]["payload"], "handled:one");
-    for (queue, payload, attempts) in [("dlq.wm", "bad", "3"), ("dlq.strict", "bad at once", "1")] {
+    let out = d.queue("wc-out");
+    assert_eq!(
+        out.len(),
+        1,
+        "only the successful handler's publish is delivered: {out:?}"
+    );
+    assert_eq!(out[0]["payload"], "handled:two");
+    for (queue, payload, attempts) in [
+        ("dlq.wm", "bad", "3"),
+        ("dlq.strict", "bad at once", "1"),
+        ("dlq.wc", "fail", "2"),
+    ] {
         let dead = d.queue(queue);
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0]["payload"], payload);

@@ -23,3 +23,13 @@ pub mod messaging {
         },
     });
 }
+
+/// `wasmcloud:messaging@0.2.0` handlers.
+pub mod wasmcloud {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "wasmcloud:messaging/handler-component",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}

@@ -92,6 +92,8 @@ pub struct MessagingState {
     held_bytes: usize,
     /// The reply set by `reply`, sent when `handle` returns Ok.
     pub(crate) reply: Option<sluice_types::Reply>,
+    /// The reply subject of the message being handled.
+    pub(crate) reply_to: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,32 @@ struct TooMuchHeld;
 impl MessagingState {
     pub(crate) fn reset(&mut self) {
         self.reply = None;
+        self.reply_to = None;
+    }
+
+    pub(crate) fn is_reply_subject(&self, subject: &str) -> bool {
+        self.reply_to.as_deref() == Some(subject)
+    }
+
+    /// Keeps the one reply of this message; refuses a second.
+    pub(crate) fn set_reply(&mut self, headers: Vec<Header>, payload: Vec<u8>) -> Result<(), String> {
+        if self.reply_to.is_none() {
+            return Err("the message has no reply subject (only a delivered request can be replied to)".into());
+        }
+        if self.reply.is_some() {
+            return Err("sluice sends one reply per message; this one already has a reply".into());
+        }
+        self.reply = Some(sluice_types::Reply {
+            headers: headers
+                .into_iter()
+                .map(|h| sluice_types::Header {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            payload,
+        });
+        Ok(())
     }
 }
 
@@ -317,21 +345,6 @@ impl request_reply::Host for HostState {
                 "the message has no reply subject (only a delivered request can be replied to)".into(),
             )));
         }
-        if self.messaging.reply.is_some() {
-            return Ok(Err(types::Error::Other(
-                "sluice sends one reply per message; this one already has a reply".into(),
-            )));
-        }
-        self.messaging.reply = Some(sluice_types::Reply {
-            headers: headers
-                .into_iter()
-                .map(|h| sluice_types::Header {
-                    name: h.name,
-                    value: h.value,
-                })
-                .collect(),
-            payload,
-        });
-        Ok(Ok(()))
+        Ok(self.messaging.set_reply(headers, payload).map_err(types::Error::Other))
     }
 }

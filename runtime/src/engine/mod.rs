@@ -10,6 +10,7 @@ mod outcome;
 mod plugin;
 mod slot;
 mod stderr;
+mod wasmcloud;
 
 use crate::error::{cause, Cause};
 pub use host::{HostState, PluginContext, RequestError, Requester};
@@ -104,6 +105,8 @@ impl Engine {
             |s| s,
         )
         .map_err(|e| EngineError(cause(e)))?;
+        bindings::wasmcloud::HandlerComponent::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| EngineError(cause(e)))?;
 
         let ticker = EpochTicker::start(wasmtime.clone());
         Ok(Self {

@@ -2,6 +2,7 @@
 //! message per call in a fresh or a reused instance.
 
 use super::bindings::messaging::MessagingRequestReplyPre;
+use super::bindings::wasmcloud::HandlerComponentPre;
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
 use super::messaging::HeldMessage;
@@ -93,7 +94,7 @@ pub enum PluginError {
         #[source]
         cause: Cause,
     },
-    #[error("plugin `{name}`: {} exports neither `handle` (world sluice:plugin/handler) nor `{MESSAGING_HANDLER}` (a wasi:messaging world); it exports: {exports}", path.display())]
+    #[error("plugin `{name}`: {} exports neither `handle` (world sluice:plugin/handler) nor `{MESSAGING_HANDLER}` (a wasi:messaging world) nor `{WASMCLOUD_HANDLER}`; it exports: {exports}", path.display())]
     MissingExport {
         name: String,
         path: PathBuf,
@@ -138,12 +139,14 @@ enum Pre {
         world: &'static str,
         on_error: HandlerErrorPolicy,
     },
+    WasmCloud(HandlerComponentPre<HostState>, HandlerErrorPolicy),
 }
 
 /// An instance of either world.
 enum Handler {
     Sluice(super::bindings::Handler),
     Messaging(super::bindings::messaging::MessagingRequestReply, HandlerErrorPolicy),
+    WasmCloud(super::bindings::wasmcloud::HandlerComponent, HandlerErrorPolicy),
 }
 
 /// What a handler call returns, in sluice's terms whatever the world.
@@ -154,6 +157,7 @@ impl Pre {
         Ok(match self {
             Pre::Sluice(pre) => Handler::Sluice(pre.instantiate_async(store).await?),
             Pre::Messaging { pre, on_error, .. } => Handler::Messaging(pre.instantiate_async(store).await?, *on_error),
+            Pre::WasmCloud(pre, on_error) => Handler::WasmCloud(pre.instantiate_async(store).await?, *on_error),
         })
     }
 
@@ -161,32 +165,43 @@ impl Pre {
         match self {
             Pre::Sluice(_) => WORLD,
             Pre::Messaging { world, .. } => world,
+            Pre::WasmCloud(..) => WASMCLOUD_HANDLER,
         }
     }
 }
 
 impl Handler {
     async fn handle(&self, store: &mut Store<HostState>, route: &str, msg: &Message) -> HandleResult {
-        match self {
-            Handler::Sluice(h) => h.call_handle(store, &to_wit(route, msg)).await,
+        let (result, on_error) = match self {
+            Handler::Sluice(h) => return h.call_handle(store, &to_wit(route, msg)).await,
             Handler::Messaging(h, on_error) => {
+                store.data_mut().messaging.reply_to.clone_from(&msg.reply_to);
                 let delivered = store.data_mut().hold(HeldMessage::delivered(msg))?;
                 let result = h
                     .wasi_messaging_incoming_handler()
                     .call_handle(&mut *store, delivered)
                     .await?;
-                Ok(match result {
-                    Ok(()) => Ok(store.data_mut().messaging.reply.take()),
-                    Err(e) => {
-                        let why = super::messaging::describe(&e);
-                        Err(match on_error {
-                            HandlerErrorPolicy::Retryable => types::HandlerError::Retryable(why),
-                            HandlerErrorPolicy::Permanent => types::HandlerError::Permanent(why),
-                        })
-                    }
-                })
+                (result.map_err(|e| super::messaging::describe(&e)), on_error)
             }
-        }
+            Handler::WasmCloud(h, on_error) => {
+                store.data_mut().messaging.reply_to.clone_from(&msg.reply_to);
+                let delivered = super::wasmcloud::delivered(msg);
+                let result = h
+                    .wasmcloud_messaging_handler()
+                    .call_handle_message(&mut *store, &delivered)
+                    .await?;
+                (result, on_error)
+            }
+        };
+        // Neither interface tells a retryable error from a permanent one:
+        // the plugin's `handler_error` does.
+        Ok(match result {
+            Ok(()) => Ok(store.data_mut().messaging.reply.take()),
+            Err(why) => Err(match on_error {
+                HandlerErrorPolicy::Retryable => types::HandlerError::Retryable(why),
+                HandlerErrorPolicy::Permanent => types::HandlerError::Permanent(why),
+            }),
+        })
     }
 }
 
@@ -236,6 +251,8 @@ const WORLD: &str = "sluice:plugin/handler@0.1.0";
 /// What a component built for a `wasi:messaging` world exports.
 const MESSAGING_HANDLER: &str = "wasi:messaging/incoming-handler@0.2.0-draft";
 const MESSAGING_REQUEST_REPLY: &str = "wasi:messaging/request-reply@0.2.0-draft";
+/// What a wasmCloud messaging component exports.
+const WASMCLOUD_HANDLER: &str = "wasmcloud:messaging/handler@0.2.0";
 
 impl Plugin {
     pub(super) fn load(engine: &Engine, spec: PluginSpec) -> Result<Self, PluginError> {
@@ -299,6 +316,11 @@ impl Plugin {
                 world,
                 on_error: spec.handler_error,
             }
+        } else if exports.iter().any(|(n, _)| n == WASMCLOUD_HANDLER) {
+            Pre::WasmCloud(
+                HandlerComponentPre::new(instance_pre).map_err(other_world)?,
+                spec.handler_error,
+            )
         } else {
             let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
             return Err(PluginError::MissingExport {
