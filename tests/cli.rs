@@ -114,8 +114,8 @@ fn invoke_runs_a_plain_wasi_messaging_component_unchanged() {
         serde_json::json!([{
             "subject": "wm.out",
             "headers": [
-                { "name": "source-topic", "value": "orders.a" },
                 { "name": "content-type", "value": "text/plain" },
+                { "name": "source-topic", "value": "orders.a" },
             ],
             "payload": "handled:hi",
         }])

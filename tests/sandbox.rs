@@ -162,9 +162,37 @@ fn bad_wasm_files_are_refused_with_the_reason() {
     let err = check("core.wasm", b"\0asm\x01\0\0\0", "core WebAssembly module");
     assert!(matches!(err, PluginError::CoreModule { .. }));
     // The smallest component: magic + component version/layer, no exports.
-    let err = check("empty.wasm", b"\0asm\x0d\0\x01\0", "does not export `handle`");
+    let err = check("empty.wasm", b"\0asm\x0d\0\x01\0", "exports neither `handle`");
     assert!(matches!(err, PluginError::MissingExport { .. }));
     let mut truncated = std::fs::read(plugin("noop")).unwrap();
     truncated.truncate(truncated.len() / 2);
     check("truncated.wasm", &truncated, "not a valid component");
+}
+
+/// A `wasi:messaging` component attacking the host: metadata past the
+/// bound trap; a reply through a handle kept from an earlier message (reuse
+/// mode) is refused, even when the current message is a request.
+#[tokio::test]
+async fn a_wasi_messaging_component_cannot_exceed_metadata_bounds_or_reply_through_a_stale_message() {
+    let engine = engine();
+    let p = load(&engine, "fixture_messaging", Isolation::Reuse, Duration::from_secs(5));
+    let with_mode = |mode: &str, reply_to: Option<&str>| Message {
+        headers: vec![Header::new("mode", mode)],
+        reply_to: reply_to.map(str::to_owned),
+        ..msg(b"x")
+    };
+    let (kind, reason) = failure(&p.invoke("r", &with_mode("entries", None)).await.outcome);
+    assert_eq!(kind, FailureKind::Trap);
+    assert!(reason.contains("at most 256 metadata entries"), "{reason}");
+
+    let kept = p.invoke("r", &with_mode("keep", Some("_INBOX.first"))).await;
+    assert!(
+        matches!(kept.outcome, Outcome::Ok { reply: None }),
+        "{:?}",
+        kept.outcome
+    );
+    let stale = p.invoke("r", &with_mode("stale-reply", Some("_INBOX.second"))).await;
+    let (kind, reason) = failure(&stale.outcome);
+    assert_eq!(kind, FailureKind::Retryable);
+    assert_eq!(reason, "only the message being handled can be replied to");
 }

@@ -12,7 +12,8 @@
 use super::bindings::messaging::wasi::messaging::{producer, request_reply, types};
 use super::bindings::sluice::plugin::types as sluice_types;
 use super::host::HostState;
-use crate::message::{find_header, Header, Message};
+use crate::headers::MAX_HEADERS;
+use crate::message::{Header, Message};
 use wasmtime::component::Resource;
 
 /// Messages one store may hold at once, and their bytes in all.
@@ -33,48 +34,61 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// A message held by the host for a component.
+/// A message held by the host for a component. Its content type is its
+/// `content-type` metadata entry (any case): one place, so what the
+/// component reads is what is sent.
 #[derive(Debug, Default)]
 pub struct HeldMessage {
     topic: Option<String>,
-    content_type: Option<String>,
     data: Vec<u8>,
     metadata: Vec<(String, String)>,
-    /// Where a reply goes: set only on a delivered message with one.
-    reply_to: Option<String>,
+    /// Counted against the store's bounds: every message but the delivered
+    /// one until the component changes it.
+    counted: bool,
+}
+
+/// Host memory a held message costs beyond its bytes, and each metadata
+/// entry: counted so that a million empty entries are not free.
+const MESSAGE_COST: usize = std::mem::size_of::<HeldMessage>();
+const ENTRY_COST: usize = std::mem::size_of::<(String, String)>();
+
+fn is_content_type(key: &str) -> bool {
+    key.eq_ignore_ascii_case("content-type")
 }
 
 impl HeldMessage {
     fn size(&self) -> usize {
-        let meta: usize = self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-        self.data.len()
-            + meta
-            + self.topic.as_ref().map_or(0, String::len)
-            + self.content_type.as_ref().map_or(0, String::len)
-            + self.reply_to.as_ref().map_or(0, String::len)
+        let meta: usize = self.metadata.iter().map(|(k, v)| k.len() + v.len() + ENTRY_COST).sum();
+        MESSAGE_COST + self.data.len() + meta + self.topic.as_ref().map_or(0, String::len)
     }
 
     /// The delivered message as a component sees it: metadata are its
-    /// headers, the content type its `content-type` header.
+    /// headers. Not counted against the bounds (a broker's message may be
+    /// larger than what a component may create), until changed.
     pub fn delivered(msg: &Message) -> Self {
         Self {
             topic: Some(msg.subject.clone()),
-            content_type: find_header(&msg.headers, "content-type").map(str::to_owned),
             data: msg.payload.clone(),
             metadata: msg.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
-            reply_to: msg.reply_to.clone(),
+            counted: false,
         }
     }
 
-    /// Headers to send: the metadata, plus the content type as a
-    /// `content-type` header when the metadata do not carry one.
+    fn content_type(&self) -> Option<String> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| is_content_type(k))
+            .map(|(_, v)| v.clone())
+    }
+
+    fn set_content_type(&mut self, value: String) {
+        self.metadata.retain(|(k, _)| !is_content_type(k));
+        self.metadata.push(("content-type".into(), value));
+    }
+
+    /// Headers and payload to send.
     fn into_outbound(self) -> (Vec<Header>, Vec<u8>) {
-        let mut headers: Vec<Header> = self.metadata.into_iter().map(|(k, v)| Header::new(k, v)).collect();
-        if let Some(ct) = self.content_type {
-            if find_header(&headers, "content-type").is_none() {
-                headers.push(Header::new("content-type", ct));
-            }
-        }
+        let headers = self.metadata.into_iter().map(|(k, v)| Header::new(k, v)).collect();
         (headers, self.data)
     }
 }
@@ -94,16 +108,24 @@ pub struct MessagingState {
     pub(crate) reply: Option<sluice_types::Reply>,
     /// The reply subject of the message being handled.
     pub(crate) reply_to: Option<String>,
+    /// The table slot of the delivered message: the only one `reply`
+    /// answers (a handle kept from an earlier message is not it).
+    delivered: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("the component holds more than {MAX_HELD_MESSAGES} messages or {} MiB of message data in the host", MAX_HELD_BYTES >> 20)]
 struct TooMuchHeld;
 
+#[derive(Debug, thiserror::Error)]
+#[error("a message may have at most {MAX_HEADERS} metadata entries")]
+struct TooManyEntries;
+
 impl MessagingState {
     pub(crate) fn reset(&mut self) {
         self.reply = None;
         self.reply_to = None;
+        self.delivered = None;
     }
 
     pub(crate) fn is_reply_subject(&self, subject: &str) -> bool {
@@ -133,8 +155,9 @@ impl MessagingState {
 }
 
 impl HostState {
-    /// Puts a message in the resource table, within the bounds.
-    pub(crate) fn hold(&mut self, msg: HeldMessage) -> wasmtime::Result<Resource<HeldMessage>> {
+    /// Puts a message the component made in the resource table, within the
+    /// bounds.
+    fn hold(&mut self, mut msg: HeldMessage) -> wasmtime::Result<Resource<HeldMessage>> {
         let size = msg.size();
         let m = &mut self.messaging;
         if m.held >= MAX_HELD_MESSAGES || m.held_bytes.saturating_add(size) > MAX_HELD_BYTES {
@@ -142,25 +165,44 @@ impl HostState {
         }
         m.held += 1;
         m.held_bytes += size;
+        msg.counted = true;
         Ok(self.table().push(msg)?)
+    }
+
+    /// Puts the delivered message in the resource table, uncounted, and
+    /// remembers it as the one a reply answers.
+    pub(crate) fn hold_delivered(&mut self, msg: &Message) -> wasmtime::Result<Resource<HeldMessage>> {
+        let res = self.table().push(HeldMessage::delivered(msg))?;
+        self.messaging.delivered = Some(res.rep());
+        Ok(res)
     }
 
     fn release(&mut self, res: Resource<HeldMessage>) -> wasmtime::Result<HeldMessage> {
         let msg = self.table().delete(res)?;
-        self.messaging.held = self.messaging.held.saturating_sub(1);
-        self.messaging.held_bytes = self.messaging.held_bytes.saturating_sub(msg.size());
+        if msg.counted {
+            self.messaging.held = self.messaging.held.saturating_sub(1);
+            self.messaging.held_bytes = self.messaging.held_bytes.saturating_sub(msg.size());
+        }
         Ok(msg)
     }
 
-    /// Changes a held message, keeping the byte count true and bounded.
+    /// Changes a held message, keeping the byte count true and bounded (a
+    /// delivered message is counted from its first change on).
     fn update(&mut self, res: &Resource<HeldMessage>, change: impl FnOnce(&mut HeldMessage)) -> wasmtime::Result<()> {
         let msg = self.table().get_mut(res)?;
-        let before = msg.size();
+        let (before, newly_counted) = if msg.counted { (msg.size(), false) } else { (0, true) };
+        msg.counted = true;
         change(msg);
-        let after = msg.size();
+        let (after, entries) = (msg.size(), msg.metadata.len());
         let m = &mut self.messaging;
+        if newly_counted {
+            m.held += 1;
+        }
         m.held_bytes = m.held_bytes.saturating_sub(before).saturating_add(after);
-        if m.held_bytes > MAX_HELD_BYTES {
+        if entries > MAX_HEADERS {
+            return Err(wasmtime::Error::new(TooManyEntries));
+        }
+        if m.held > MAX_HELD_MESSAGES || m.held_bytes > MAX_HELD_BYTES {
             return Err(wasmtime::Error::new(TooMuchHeld));
         }
         Ok(())
@@ -226,11 +268,11 @@ impl types::HostMessage for HostState {
     }
 
     async fn content_type(&mut self, msg: Resource<HeldMessage>) -> wasmtime::Result<Option<String>> {
-        Ok(self.table().get(&msg)?.content_type.clone())
+        Ok(self.table().get(&msg)?.content_type())
     }
 
     async fn set_content_type(&mut self, msg: Resource<HeldMessage>, content_type: String) -> wasmtime::Result<()> {
-        self.update(&msg, |m| m.content_type = Some(content_type))
+        self.update(&msg, |m| m.set_content_type(content_type))
     }
 
     async fn data(&mut self, msg: Resource<HeldMessage>) -> wasmtime::Result<Vec<u8>> {
@@ -338,11 +380,11 @@ impl request_reply::Host for HostState {
         reply_to: Resource<HeldMessage>,
         msg: Resource<HeldMessage>,
     ) -> wasmtime::Result<Result<(), types::Error>> {
-        let has_reply_subject = self.table().get(&reply_to)?.reply_to.is_some();
+        let is_delivered = self.messaging.delivered == Some(reply_to.rep());
         let (headers, payload) = self.release(msg)?.into_outbound();
-        if !has_reply_subject {
+        if !is_delivered {
             return Ok(Err(types::Error::Other(
-                "the message has no reply subject (only a delivered request can be replied to)".into(),
+                "only the message being handled can be replied to".into(),
             )));
         }
         Ok(self.messaging.set_reply(headers, payload).map_err(types::Error::Other))

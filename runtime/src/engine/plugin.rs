@@ -5,7 +5,6 @@ use super::bindings::messaging::MessagingRequestReplyPre;
 use super::bindings::wasmcloud::HandlerComponentPre;
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
-use super::messaging::HeldMessage;
 use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
 use super::Isolation;
 use super::{cache, Engine, YIELD_EVERY_TICKS};
@@ -176,7 +175,7 @@ impl Handler {
             Handler::Sluice(h) => return h.call_handle(store, &to_wit(route, msg)).await,
             Handler::Messaging(h, on_error) => {
                 store.data_mut().messaging.reply_to.clone_from(&msg.reply_to);
-                let delivered = store.data_mut().hold(HeldMessage::delivered(msg))?;
+                let delivered = store.data_mut().hold_delivered(msg)?;
                 let result = h
                     .wasi_messaging_incoming_handler()
                     .call_handle(&mut *store, delivered)
