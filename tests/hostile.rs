@@ -426,3 +426,77 @@ fn durations_too_large_for_the_clock_are_config_errors() {
     assert!(err.contains("plugins.p.timeout"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A bulk publish is all or nothing: a malformed line, a bad header, a bad
+/// subject or too many lines is refused with its line number and nothing is
+/// stored; a good file goes in whole (its duplicates dropped), through the
+/// API and through `sluice publish --file`.
+#[test]
+fn a_bulk_publish_is_stored_whole_or_refused_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "[[brokers.embedded.queues]]\nname = \"bulk\"\nsubjects = [\"bulk.>\"]\n",
+    );
+    let post = |body: &str| {
+        let mut r = agent()
+            .post(format!("http://{}/v1/publish", d.admin))
+            .header("content-type", "application/x-ndjson")
+            .send(body)
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap())
+    };
+    let good = r#"{"subject":"bulk.a","payload":"one"}"#;
+    for (body, line) in [
+        (format!("{good}\n{{\"subject\":\"bulk.b\",\"payload\":"), "line 2"),
+        (
+            format!("{good}\n\n{{\"subject\":\"bulk.b\",\"headers\":[{{\"name\":\"bad name\",\"value\":\"x\"}}]}}"),
+            "line 3",
+        ),
+        (format!("{good}\n{{\"subject\":\"bulk..b\"}}"), "line 2"),
+        (format!("{good}\n{{\"subject\":\"bulk.b\",\"extra\":1}}"), "line 2"),
+        (format!("{good}\n").repeat(10_001), "more than 10000 messages"),
+        ("\n \n".to_owned(), "no message"),
+    ] {
+        let (status, answer) = post(&body);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains(line), "{line}: {answer}");
+    }
+    assert!(d.queue("bulk").is_empty(), "a refused bulk publish stores nothing");
+
+    let file = dir.path().join("messages.ndjson");
+    let lines = [
+        r#"{"subject":"bulk.a","payload":"one","headers":[{"name":"Nats-Msg-Id","value":"m-1"}]}"#,
+        r#"{"subject":"bulk.b","payload":{"base64":"//4="}}"#,
+        r#"{"subject":"bulk.a","payload":"one again","headers":[{"name":"Nats-Msg-Id","value":"m-1"}]}"#,
+    ];
+    std::fs::write(&file, lines.join("\r\n")).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["publish", "--admin", &d.admin, "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer, serde_json::json!({ "messages": 3, "duplicates": 1 }));
+    let stored = d.queue("bulk");
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0]["payload"], "one");
+    assert_eq!(stored[1]["payload"], serde_json::json!({ "base64": "//4=" }));
+
+    // The CLI names the line in the file and sends nothing.
+    std::fs::write(&file, format!("{}\nnot json\n", lines[1])).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["publish", "--admin", &d.admin, "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.queue("bulk").len(), 2);
+}

@@ -122,10 +122,12 @@ impl Access {
                 .unwrap_or_default()
                 .trim()
                 .to_ascii_lowercase();
-            if essence != "application/json" && essence != "application/octet-stream" {
+            // None of these is a type a cross-site form may send.
+            if !["application/json", "application/octet-stream", "application/x-ndjson"].contains(&essence.as_str()) {
                 return Err((
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "a POST needs Content-Type: application/json or application/octet-stream".into(),
+                    "a POST needs Content-Type: application/json, application/x-ndjson or application/octet-stream"
+                        .into(),
                 ));
             }
         }

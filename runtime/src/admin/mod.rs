@@ -76,6 +76,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/publish", post(publish_bulk))
         .route("/v1/publish/{subject}", post(publish))
         .route("/v1/queues", get(queues))
         .route("/v1/queues/{name}/messages", get(queue_messages))
@@ -287,6 +288,71 @@ async fn publish(
         Ok(report) => Json(serde_json::json!({
             "subject": subject,
             "queues": report.queues,
+            "duplicates": report.duplicates,
+        }))
+        .into_response(),
+        Err(PublishError::Subject(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(PublishError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, crate::error::report(&e)),
+    }
+}
+
+/// Most messages one bulk publish may carry (the body is bounded too).
+pub const MAX_BULK_MESSAGES: usize = 10_000;
+
+/// One line of a bulk publish: the shape the queue listings print, so a
+/// listing can be published again.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkLine {
+    subject: String,
+    #[serde(default)]
+    headers: Vec<Header>,
+    #[serde(default, with = "crate::message::payload_text")]
+    payload: Vec<u8>,
+}
+
+/// Parses an NDJSON body into messages, all or none: the first bad line is
+/// named by its number.
+pub(crate) fn bulk_messages(body: &[u8]) -> Result<Vec<Outbound>, String> {
+    let mut messages = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if messages.len() == MAX_BULK_MESSAGES {
+            return Err(format!("more than {MAX_BULK_MESSAGES} messages in one request"));
+        }
+        let m: BulkLine = serde_json::from_slice(line).map_err(|e| format!("line {n}: {e}"))?;
+        crate::subject::validate_subject(&m.subject).map_err(|e| format!("line {n}: {e}"))?;
+        for h in &m.headers {
+            crate::headers::check_name(&h.name).map_err(|e| format!("line {n}: {e}"))?;
+            crate::headers::check_value(&h.name, &h.value).map_err(|e| format!("line {n}: {e}"))?;
+        }
+        messages.push(Outbound {
+            subject: m.subject,
+            headers: m.headers,
+            payload: m.payload,
+        });
+    }
+    if messages.is_empty() {
+        return Err("no message: the body is one JSON object per line".into());
+    }
+    Ok(messages)
+}
+
+/// `POST /v1/publish` with NDJSON: every message in one durable commit, or
+/// none when a line is malformed.
+async fn publish_bulk(State(state): State<Arc<AdminState>>, body: Bytes) -> Response {
+    let messages = match bulk_messages(&body) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let count = messages.len();
+    match state.broker.publish(messages).await {
+        Ok(report) => Json(serde_json::json!({
+            "messages": count,
             "duplicates": report.duplicates,
         }))
         .into_response(),
