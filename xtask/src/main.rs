@@ -378,7 +378,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         cargo()
             .args([
                 "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats", "--bench",
-                "rabbitmq", "--bench", "kafka", "--bench", "hot_swap",
+                "embedded", "--bench", "rabbitmq", "--bench", "kafka", "--bench", "hot_swap",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),

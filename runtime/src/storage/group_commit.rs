@@ -42,6 +42,19 @@ impl GroupCommit {
         R: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<R, StorageError> + Send + 'static,
     {
+        self.enqueue(job)?.await
+    }
+
+    /// Queues `job` now (before this returns, so a `close` after it still
+    /// commits it) and gives a future of its committed result.
+    pub fn enqueue<R, F>(
+        &self,
+        job: F,
+    ) -> Result<impl std::future::Future<Output = Result<R, StorageError>> + Send + 'static, StorageError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, StorageError> + Send + 'static,
+    {
         let (done, wait) = oneshot::channel();
         let work: Work = Box::new(move |txn| {
             let result = job(txn);
@@ -49,14 +62,12 @@ impl GroupCommit {
                 let _ = done.send(commit.and(result));
             })
         });
-        {
-            let jobs = self.jobs.lock().map_err(|_| StorageError::Closed)?;
-            jobs.as_ref()
-                .ok_or(StorageError::Closed)?
-                .send(work)
-                .map_err(|_| StorageError::Closed)?;
-        }
-        wait.await.map_err(|_| StorageError::Closed)?
+        let jobs = self.jobs.lock().map_err(|_| StorageError::Closed)?;
+        jobs.as_ref()
+            .ok_or(StorageError::Closed)?
+            .send(work)
+            .map_err(|_| StorageError::Closed)?;
+        Ok(async move { wait.await.map_err(|_| StorageError::Closed)? })
     }
 
     /// Stops accepting jobs, lets queued ones commit and waits for the

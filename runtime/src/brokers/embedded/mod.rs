@@ -53,6 +53,8 @@ pub struct QueueInfo {
     pub subjects: Vec<String>,
     pub messages: usize,
     pub in_flight: usize,
+    /// Handled and acknowledged, the removal not yet committed.
+    pub settling: usize,
     pub delayed: usize,
 }
 
@@ -160,6 +162,7 @@ impl EmbeddedBroker {
                     subjects: bindings.patterns_of(&name),
                     messages: q.map_or(0, |q| q.len()),
                     in_flight: q.map_or(0, |q| q.in_flight()),
+                    settling: q.map_or(0, |q| q.settling()),
                     delayed: q.map_or(0, |q| q.delayed(now)),
                     name,
                 }

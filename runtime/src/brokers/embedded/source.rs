@@ -124,12 +124,45 @@ impl Delivery for EmbeddedDelivery {
         origin(&self.message.subject, &self.queue, self.seq)
     }
 
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+    /// Queued for the next group commit and answered at once: the
+    /// message's outcome (its publishes, its dead letter) is already
+    /// durable, so the worker need not wait for an fsync to take the next
+    /// message. Until the removal commits the message stays in flight; if it
+    /// never does (the store fails, the process dies) it is delivered again.
+    /// A graceful shutdown commits every queued removal.
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.settled = true;
         let op = Op::Remove {
             queue: self.queue.clone(),
             seq: self.seq,
         };
-        self.settle(op)
+        let committed = match self.store.enqueue(op) {
+            Ok(committed) => committed,
+            Err(e) => {
+                self.store.release(&self.queue, self.seq);
+                return Box::pin(std::future::ready(Err(e.into())));
+            }
+        };
+        let (store, queue, seq) = (self.store.clone(), self.queue.clone(), self.seq);
+        let Ok(permit) = store.settle_permits.clone().try_acquire_owned() else {
+            // Too many removals in the air: wait for this one.
+            return Box::pin(async move {
+                let result = committed.await;
+                if result.is_err() {
+                    store.release(&queue, seq);
+                }
+                result.map(|_| ()).map_err(Into::into)
+            });
+        };
+        store.settling(&queue, seq);
+        tokio::spawn(async move {
+            if let Err(e) = committed.await {
+                store.release(&queue, seq);
+                crate::brokers::events::failed(NAME, "ack", &e, "; the message will be delivered again");
+            }
+            drop(permit);
+        });
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {

@@ -70,15 +70,21 @@ impl Stored {
 pub struct QueueIndex {
     ready: BTreeSet<(u64, u64)>,
     in_flight: HashSet<u64>,
+    /// Handled, their removal queued for the next commit.
+    settling: HashSet<u64>,
     pub notify: Arc<Notify>,
 }
 
 impl QueueIndex {
     pub fn len(&self) -> usize {
-        self.ready.len() + self.in_flight.len()
+        self.ready.len() + self.in_flight.len() + self.settling.len()
     }
+    /// Taken by a consumer and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+    pub fn settling(&self) -> usize {
+        self.settling.len()
     }
     /// Messages whose redelivery time is still ahead.
     pub fn delayed(&self, now: u64) -> usize {
@@ -127,9 +133,15 @@ pub struct OpReport {
 
 type Index = Arc<Mutex<HashMap<String, QueueIndex>>>;
 
+/// Acks whose commit is not awaited, at most, across the broker.
+const MAX_SETTLING: usize = 1024;
+
 pub struct Store {
     db: Arc<Database>,
     writer: GroupCommit,
+    /// Removals queued without waiting for their commit, bounded: past the
+    /// bound an ack waits for its commit (backpressure on a slow disk).
+    pub(super) settle_permits: Arc<tokio::sync::Semaphore>,
     pub(super) index: Index,
     pub(super) bindings: Arc<RwLock<Bindings>>,
     duplicate_window: Duration,
@@ -164,6 +176,7 @@ impl Store {
         Ok(Arc::new(Self {
             db,
             writer,
+            settle_permits: Arc::new(tokio::sync::Semaphore::new(MAX_SETTLING)),
             index: Arc::new(Mutex::new(index)),
             bindings: Arc::new(RwLock::new(Bindings::default())),
             duplicate_window,
@@ -172,16 +185,28 @@ impl Store {
 
     /// Commits `op` (group commit) and updates the index.
     pub async fn submit(&self, op: Op) -> Result<OpReport, StoreError> {
+        self.enqueue(op)?.await
+    }
+
+    /// Queues `op` for the next commit now; the future ends once it is
+    /// committed and the index updated.
+    pub fn enqueue(
+        &self,
+        op: Op,
+    ) -> Result<impl std::future::Future<Output = Result<OpReport, StoreError>> + Send + 'static, StoreError> {
         let bindings = self.bindings.clone();
         let index = self.index.clone();
         let window = self.duplicate_window;
-        let (report, effects) = self
+        let committed = self
             .writer
-            .run(move |txn| Ok(apply_op(txn, op, &bindings, &index, window)))
-            .await?;
-        let report = report?;
-        apply_effects(&self.index, effects);
-        Ok(report)
+            .enqueue(move |txn| Ok(apply_op(txn, op, &bindings, &index, window)))?;
+        let index = self.index.clone();
+        Ok(async move {
+            let (report, effects) = committed.await?;
+            let report = report?;
+            apply_effects(&index, effects);
+            Ok(report)
+        })
     }
 
     /// Stops accepting writes; queued ones still commit.
@@ -230,10 +255,21 @@ impl Store {
     }
 
     /// Hands an unsettled in-flight message back (delivery dropped).
-    pub fn release(&self, queue: &str, seq: u64) {
+    /// Marks a taken message as handled, its removal queued.
+    pub fn settling(&self, queue: &str, seq: u64) {
         if let Ok(mut index) = self.index.lock() {
             if let Some(q) = index.get_mut(queue) {
                 if q.in_flight.remove(&seq) {
+                    q.settling.insert(seq);
+                }
+            }
+        }
+    }
+
+    pub fn release(&self, queue: &str, seq: u64) {
+        if let Ok(mut index) = self.index.lock() {
+            if let Some(q) = index.get_mut(queue) {
+                if q.in_flight.remove(&seq) || q.settling.remove(&seq) {
                     q.ready.insert((0, seq));
                     q.notify.notify_waiters();
                 }
@@ -504,7 +540,7 @@ fn apply_effects(index: &Index, effects: Vec<Effect>) {
             }
             Effect::Remove { queue, seq, not_before } => {
                 if let Some(q) = index.get_mut(&queue) {
-                    if !q.in_flight.remove(&seq) {
+                    if !q.in_flight.remove(&seq) && !q.settling.remove(&seq) {
                         q.ready.remove(&(not_before, seq));
                         // A released message was re-queued at time 0.
                         q.ready.remove(&(0, seq));
@@ -514,6 +550,7 @@ fn apply_effects(index: &Index, effects: Vec<Effect>) {
             Effect::Reschedule { queue, seq, not_before } => {
                 let q = index.entry(queue.clone()).or_default();
                 q.in_flight.remove(&seq);
+                q.settling.remove(&seq);
                 q.ready.insert((not_before, seq));
                 touched.insert(queue);
             }
