@@ -1,0 +1,317 @@
+//! Added latency at half load: messages are published to a JetStream stream
+//! at a fixed rate (half the maximum sluice reached on the same path in this
+//! run, or `SLUICE_BENCH_RATE`), and each is republished to a core NATS
+//! subject by the consumer; the time from publish to the republished copy
+//! arriving gives p50 / p99 / p99.9. Consumers: a native async-nats pull
+//! consumer that republishes then acks, and sluice with the `fixture_stamp`
+//! plugin (which publishes its payload) in both isolation modes.
+//!
+//! Needs nats-server with JetStream (`SLUICE_NATS_URL`, default
+//! 127.0.0.1:4222). Run: `cargo xtask bench` or
+//! `cargo bench -p sluice --bench latency`.
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, plugin_file};
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures_util::StreamExt;
+use sluice::brokers::nats::{ConsumerSettings, NatsBroker, NatsConfig};
+use sluice::brokers::{Sink, Source};
+use sluice::config::Isolation;
+use sluice::engine::{Engine, EngineSettings, PluginSpec};
+use sluice::pipeline::Route;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+fn url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The consumer under test, started on `stream` / `input`, republishing to
+/// `output`; stopped by the token.
+enum Consumer {
+    Native,
+    Sluice(Isolation),
+}
+
+impl Consumer {
+    fn name(&self) -> String {
+        match self {
+            Consumer::Native => "native".into(),
+            Consumer::Sluice(iso) => format!("sluice {}", iso.as_str()),
+        }
+    }
+}
+
+struct Setup {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    broker: NatsBroker,
+    engine: Engine,
+    tag: String,
+}
+
+impl Setup {
+    async fn stream(&self, name: &str, subject: &str) {
+        let _ = self.js.delete_stream(name).await;
+        self.js
+            .create_stream(jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subject.to_owned()],
+                ..Default::default()
+            })
+            .await
+            .expect("stream");
+    }
+
+    /// Starts `consumer`; returns the stop token and its tasks.
+    async fn start(
+        &self,
+        consumer: &Consumer,
+        stream: &str,
+        input: &str,
+        output: &str,
+    ) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
+        let stop = CancellationToken::new();
+        match consumer {
+            Consumer::Native => {
+                let c = self
+                    .js
+                    .get_stream(stream)
+                    .await
+                    .expect("stream")
+                    .create_consumer(pull::Config {
+                        durable_name: Some("native".into()),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("consumer");
+                let (client, output, token) = (self.client.clone(), output.to_owned(), stop.clone());
+                let task = tokio::spawn(async move {
+                    let mut messages = c.messages().await.expect("messages");
+                    loop {
+                        let m = tokio::select! {
+                            _ = token.cancelled() => return,
+                            m = messages.next() => m,
+                        };
+                        let Some(Ok(m)) = m else { return };
+                        client
+                            .publish(output.clone(), m.payload.clone())
+                            .await
+                            .expect("publish");
+                        m.ack().await.expect("ack");
+                    }
+                });
+                (stop, vec![task])
+            }
+            Consumer::Sluice(iso) => {
+                let settings = ConsumerSettings {
+                    stream: stream.to_owned(),
+                    durable: format!("sluice-{}", iso.as_str()),
+                    filter_subject: input.to_owned(),
+                    ack_wait: Duration::from_secs(30),
+                    max_deliver: -1,
+                    max_ack_pending: 10_000,
+                };
+                let source: Arc<dyn Source> =
+                    Arc::new(self.broker.jetstream_source(&settings).await.expect("consumer"));
+                let mut spec = PluginSpec::new("stamp", plugin_file("fixture_stamp.wasm"));
+                spec.isolation = *iso;
+                spec.publish_allow = vec![">".into()];
+                spec.settings.insert("to".into(), output.to_owned());
+                let plugin = Arc::new(self.engine.load(spec).expect("load fixture_stamp"));
+                let mut route = Route::new(
+                    "latency",
+                    source,
+                    "jetstream",
+                    Arc::new(self.broker.clone()) as Arc<dyn Sink>,
+                    plugin,
+                );
+                route.concurrency = env_or("SLUICE_BENCH_CONCURRENCY", 16);
+                let route = Arc::new(route);
+                let workers = route.spawn(&stop);
+                (stop, workers)
+            }
+        }
+    }
+
+    /// Messages per second `consumer` drains from a prefilled stream.
+    async fn max_rate(&self, consumer: &Consumer, n: usize) -> f64 {
+        let (stream, input, output) = (
+            format!("LAT_MAX_{}", self.tag),
+            format!("{}.max.in", self.tag),
+            format!("{}.max.out", self.tag),
+        );
+        self.stream(&stream, &input).await;
+        let mut acks = Vec::new();
+        for _ in 0..n {
+            acks.push(self.js.publish(input.clone(), "0".into()).await.expect("publish"));
+            if acks.len() == 500 {
+                for a in acks.drain(..) {
+                    a.await.expect("puback");
+                }
+            }
+        }
+        for a in acks {
+            a.await.expect("puback");
+        }
+        let mut out = self.client.subscribe(output.clone()).await.expect("subscribe");
+        self.client.flush().await.expect("flush");
+        let started = Instant::now();
+        let (stop, tasks) = self.start(consumer, &stream, &input, &output).await;
+        for _ in 0..n {
+            out.next().await.expect("output");
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = self.js.delete_stream(&stream).await;
+        rate
+    }
+
+    /// Latencies (ns) of `rate` msg/s for `seconds`.
+    async fn latencies(&self, consumer: &Consumer, rate: f64, seconds: f64) -> Vec<u64> {
+        let name = consumer.name().replace(' ', "_");
+        let (stream, input, output) = (
+            format!("LAT_{}_{name}", self.tag),
+            format!("{}.{name}.in", self.tag),
+            format!("{}.{name}.out", self.tag),
+        );
+        self.stream(&stream, &input).await;
+        let mut out = self.client.subscribe(output.clone()).await.expect("subscribe");
+        self.client.flush().await.expect("flush");
+        let (stop, tasks) = self.start(consumer, &stream, &input, &output).await;
+        let n = (rate * seconds) as usize;
+        let publisher = {
+            let (js, input) = (self.js.clone(), input.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut pending = Vec::new();
+                for i in 0..n {
+                    // Sent on schedule (no burst to catch up after a stall).
+                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    pending.push(
+                        js.publish(input.clone(), now_ns().to_string().into())
+                            .await
+                            .expect("publish"),
+                    );
+                    if pending.len() == 256 {
+                        for a in pending.drain(..) {
+                            a.await.expect("puback");
+                        }
+                    }
+                }
+                for a in pending {
+                    a.await.expect("puback");
+                }
+            })
+        };
+        let mut latencies = Vec::with_capacity(n);
+        while latencies.len() < n {
+            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), out.next()).await else {
+                eprintln!("{}: {} of {n} arrived", consumer.name(), latencies.len());
+                break;
+            };
+            let sent: u64 = std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            latencies.push(now_ns().saturating_sub(sent));
+        }
+        let _ = publisher.await;
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = self.js.delete_stream(&stream).await;
+        latencies.sort_unstable();
+        latencies
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+fn main() {
+    if !plugin_file("fixture_stamp.wasm").is_file() {
+        eprintln!("fixture_stamp.wasm is missing: run `cargo xtask plugins`");
+        std::process::exit(2);
+    }
+    let seconds: f64 = env_or("SLUICE_BENCH_SECONDS", 5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let config: NatsConfig = toml::from_str(&format!("url = \"{}\"", url())).expect("config");
+        let broker = match NatsBroker::connect(&config).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{e}: the latency bench needs nats-server with JetStream");
+                std::process::exit(2);
+            }
+        };
+        let client = async_nats::connect(url()).await.expect("connect");
+        let setup = Setup {
+            js: jetstream::new(client.clone()),
+            client,
+            broker,
+            engine: Engine::new(EngineSettings {
+                max_instances: 64,
+                ..Default::default()
+            })
+            .expect("engine"),
+            tag: format!("l{}", std::process::id()),
+        };
+        let rate = match std::env::var("SLUICE_BENCH_RATE").ok().and_then(|r| r.parse::<f64>().ok()) {
+            Some(r) => r,
+            None => setup.max_rate(&Consumer::Sluice(Isolation::Fresh), 20_000).await / 2.0,
+        };
+        println!(
+            "JetStream publish -> consumer -> core NATS republish, {rate:.0} msg/s for {seconds} s (half of sluice fresh's maximum unless SLUICE_BENCH_RATE)"
+        );
+        println!(
+            "{:<16} {:>9} {:>9} {:>9}   {:>22}",
+            "consumer", "p50 ms", "p99 ms", "p99.9 ms", "added p50 / p99 / p99.9"
+        );
+        let mut native = [0.0; 3];
+        for consumer in [
+            Consumer::Native,
+            Consumer::Sluice(Isolation::Fresh),
+            Consumer::Sluice(Isolation::Reuse),
+        ] {
+            let l = setup.latencies(&consumer, rate, seconds).await;
+            let p = [percentile(&l, 0.5), percentile(&l, 0.99), percentile(&l, 0.999)];
+            if matches!(consumer, Consumer::Native) {
+                native = p;
+            }
+            println!(
+                "{:<16} {:>9.3} {:>9.3} {:>9.3}   {:>6.3} / {:.3} / {:.3}",
+                consumer.name(),
+                p[0],
+                p[1],
+                p[2],
+                p[0] - native[0],
+                p[1] - native[1],
+                p[2] - native[2]
+            );
+        }
+        println!("bar: added p99 <= 1 ms at half load");
+    });
+}
