@@ -198,6 +198,8 @@ proptest! {
                         match op {
                             Op::Ack => {
                                 delivery.ack().await.expect("ack");
+                                // The deletion is queued for the next commit.
+                                broker.sync().await.expect("sync");
                                 let at = model.iter().position(|p| *p == payload).expect("in model");
                                 model.remove(at);
                             }

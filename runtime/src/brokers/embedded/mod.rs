@@ -170,6 +170,12 @@ impl EmbeddedBroker {
             .collect()
     }
 
+    /// Returns once every write queued so far (queued acks included) is
+    /// committed.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.store.sync().await
+    }
+
     /// Stops accepting writes (pending ones complete).
     pub fn close(&self) {
         self.store.close();

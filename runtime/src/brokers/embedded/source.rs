@@ -155,9 +155,14 @@ impl Delivery for EmbeddedDelivery {
             });
         };
         store.settling(&queue, seq);
+        // Weak: a pending deletion must not keep the file open after the
+        // broker is closed and dropped (its commit is queued already).
+        let store = Arc::downgrade(&store);
         tokio::spawn(async move {
             if let Err(e) = committed.await {
-                store.release(&queue, seq);
+                if let Some(store) = store.upgrade() {
+                    store.release(&queue, seq);
+                }
                 crate::brokers::events::failed(NAME, "ack", &e, "; the message will be delivered again");
             }
             drop(permit);

@@ -209,6 +209,12 @@ impl Store {
         })
     }
 
+    /// Returns once every write queued before it is committed (acks are
+    /// queued without waiting for their commit).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.writer.run(|_| Ok(())).await?)
+    }
+
     /// Stops accepting writes; queued ones still commit.
     pub fn close(&self) {
         self.writer.close();
