@@ -457,6 +457,13 @@ fn a_bulk_publish_is_stored_whole_or_refused_naming_the_line() {
         (format!("{good}\n{{\"subject\":\"bulk..b\"}}"), "line 2"),
         (format!("{good}\n{{\"subject\":\"bulk.b\",\"extra\":1}}"), "line 2"),
         (format!("{good}\n").repeat(10_001), "more than 10000 messages"),
+        (
+            format!(
+                "{good}\n{{\"subject\":\"bulk.b\",\"headers\":[{}]}}",
+                vec![r#"{"name":"h","value":"v"}"#; 300].join(",")
+            ),
+            "line 2: more than 256 headers",
+        ),
         ("\n \n".to_owned(), "no message"),
     ] {
         let (status, answer) = post(&body);
@@ -485,6 +492,20 @@ fn a_bulk_publish_is_stored_whole_or_refused_naming_the_line() {
     assert_eq!(stored[0]["payload"], "one");
     assert_eq!(stored[1]["payload"], serde_json::json!({ "base64": "//4=" }));
 
+    // A file larger than one request goes in several commits.
+    std::fs::write(
+        &file,
+        format!("{}\n", r#"{"subject":"bulk.c","payload":"x"}"#).repeat(10_001),
+    )
+    .unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["publish", "--admin", &d.admin, "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.queue_len("bulk"), 10_003);
+
     // The CLI names the line in the file and sends nothing.
     std::fs::write(&file, format!("{}\nnot json\n", lines[1])).unwrap();
     let out = Command::new(sluice_bin())
@@ -498,5 +519,5 @@ fn a_bulk_publish_is_stored_whole_or_refused_naming_the_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(d.queue("bulk").len(), 2);
+    assert_eq!(d.queue_len("bulk"), 10_003);
 }

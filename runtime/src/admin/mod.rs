@@ -312,8 +312,8 @@ struct BulkLine {
 }
 
 /// Parses an NDJSON body into messages, all or none: the first bad line is
-/// named by its number.
-pub(crate) fn bulk_messages(body: &[u8]) -> Result<Vec<Outbound>, String> {
+/// named by its number. At most `limit` messages.
+pub(crate) fn bulk_messages(body: &[u8], limit: usize) -> Result<Vec<Outbound>, String> {
     let mut messages = Vec::new();
     for (i, line) in body.split(|b| *b == b'\n').enumerate() {
         let n = i + 1;
@@ -321,15 +321,20 @@ pub(crate) fn bulk_messages(body: &[u8]) -> Result<Vec<Outbound>, String> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if messages.len() == MAX_BULK_MESSAGES {
-            return Err(format!("more than {MAX_BULK_MESSAGES} messages in one request"));
+        if messages.len() == limit {
+            return Err(format!("more than {limit} messages in one request"));
+        }
+        if line.len() >= access::MAX_BODY {
+            return Err(format!(
+                "line {n}: longer than a request may be ({} MiB)",
+                access::MAX_BODY >> 20
+            ));
         }
         let m: BulkLine = serde_json::from_slice(line).map_err(|e| format!("line {n}: {e}"))?;
         crate::subject::validate_subject(&m.subject).map_err(|e| format!("line {n}: {e}"))?;
-        for h in &m.headers {
-            crate::headers::check_name(&h.name).map_err(|e| format!("line {n}: {e}"))?;
-            crate::headers::check_value(&h.name, &h.value).map_err(|e| format!("line {n}: {e}"))?;
-        }
+        // The plugins' bounds (count, bytes, what a broker can carry);
+        // reserved names are allowed: an operator may set `Nats-Msg-Id`.
+        crate::headers::check_plugin_headers(&m.headers).map_err(|e| format!("line {n}: {e}"))?;
         messages.push(Outbound {
             subject: m.subject,
             headers: m.headers,
@@ -345,7 +350,7 @@ pub(crate) fn bulk_messages(body: &[u8]) -> Result<Vec<Outbound>, String> {
 /// `POST /v1/publish` with NDJSON: every message in one durable commit, or
 /// none when a line is malformed.
 async fn publish_bulk(State(state): State<Arc<AdminState>>, body: Bytes) -> Response {
-    let messages = match bulk_messages(&body) {
+    let messages = match bulk_messages(&body, MAX_BULK_MESSAGES) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };

@@ -8,7 +8,8 @@
 //! # The contract every adapter keeps (checked by the conformance suite)
 //!
 //! - A [`Delivery`] is settled at most once: [`Delivery::ack`] is final (no
-//!   redelivery), [`Delivery::retry`] delivers it again no earlier than
+//!   redelivery, unless a crash, a lost connection or a failed commit keeps
+//!   the broker from recording it: an ack may return before it is durable), [`Delivery::retry`] delivers it again no earlier than
 //!   asked with the attempt count one higher, [`Delivery::dead_lettered`]
 //!   drops it once its copy is confirmed elsewhere, and dropping it
 //!   unsettled hands it back for redelivery. A broker that cannot keep one

@@ -46,7 +46,7 @@ fn run_file(client: &AdminClient, file: &str) -> anyhow::Result<i32> {
     let body = read_payload(&format!("@{file}"))?;
     // Checked whole first, so a bad line is named by its number in the
     // file and nothing is sent.
-    let count = crate::admin::bulk_messages(&body)
+    let count = crate::admin::bulk_messages(&body, usize::MAX)
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
         .len();
     let (mut sent, mut duplicates) = (0usize, 0u64);

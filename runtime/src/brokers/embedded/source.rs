@@ -1,6 +1,6 @@
 //! Consuming one queue of the embedded broker.
 
-use super::store::{Op, Store};
+use super::store::{Op, Store, StoreError};
 use super::NAME;
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
 use crate::message::{now_ms, Message};
@@ -49,8 +49,11 @@ impl EmbeddedSource {
                             },
                         })
                     }
-                    // Removed meanwhile (trimmed): nothing to deliver.
-                    Ok(None) => continue,
+                    // Removed meanwhile (trimmed, moved): nothing to deliver.
+                    Ok(None) => {
+                        self.store.forget(&self.queue, seq);
+                        continue;
+                    }
                     Err(e) => {
                         self.store.release(&self.queue, seq);
                         return Err(e.into());
@@ -147,11 +150,13 @@ impl Delivery for EmbeddedDelivery {
         let Ok(permit) = store.settle_permits.clone().try_acquire_owned() else {
             // Too many removals in the air: wait for this one.
             return Box::pin(async move {
-                let result = committed.await;
-                if result.is_err() {
-                    store.release(&queue, seq);
+                match committed.await {
+                    Ok(_) | Err(StoreError::Gone { .. }) => Ok(()),
+                    Err(e) => {
+                        store.release(&queue, seq);
+                        Err(e.into())
+                    }
                 }
-                result.map(|_| ()).map_err(Into::into)
             });
         };
         store.settling(&queue, seq);
@@ -159,11 +164,16 @@ impl Delivery for EmbeddedDelivery {
         // broker is closed and dropped (its commit is queued already).
         let store = Arc::downgrade(&store);
         tokio::spawn(async move {
-            if let Err(e) = committed.await {
-                if let Some(store) = store.upgrade() {
-                    store.release(&queue, seq);
+            match committed.await {
+                // Removed by someone else meanwhile (trimmed, replayed):
+                // gone is what an ack wants.
+                Ok(_) | Err(StoreError::Gone { .. }) => {}
+                Err(e) => {
+                    if let Some(store) = store.upgrade() {
+                        store.release(&queue, seq);
+                    }
+                    crate::brokers::events::failed(NAME, "ack", &e, "; the message will be delivered again");
                 }
-                crate::brokers::events::failed(NAME, "ack", &e, "; the message will be delivered again");
             }
             drop(permit);
         });

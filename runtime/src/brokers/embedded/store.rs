@@ -272,6 +272,16 @@ impl Store {
         }
     }
 
+    /// Drops a taken seq whose message is gone (trimmed or moved meanwhile).
+    pub fn forget(&self, queue: &str, seq: u64) {
+        if let Ok(mut index) = self.index.lock() {
+            if let Some(q) = index.get_mut(queue) {
+                q.in_flight.remove(&seq);
+                q.settling.remove(&seq);
+            }
+        }
+    }
+
     pub fn release(&self, queue: &str, seq: u64) {
         if let Ok(mut index) = self.index.lock() {
             if let Some(q) = index.get_mut(queue) {
@@ -494,7 +504,10 @@ fn trim(
     let (indexed, in_flight) = match index.lock() {
         Ok(index) => index
             .get(queue)
-            .map(|q| (q.len() as i64, q.in_flight.clone()))
+            // Settling messages are on their way out (their removal may be
+            // committed already, its effect not yet applied): counting them
+            // would trim unhandled messages for them.
+            .map(|q| ((q.ready.len() + q.in_flight.len()) as i64, q.in_flight.clone()))
             .unwrap_or_default(),
         Err(_) => return Ok(()),
     };
