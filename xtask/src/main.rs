@@ -3,7 +3,7 @@
 //! - `run`: adds the wasm32-wasip2 target if missing, builds the example
 //!   plugins and the daemon, and runs it on `config/sluice.toml`.
 //! - `test`: everything the tests need, then the whole suite.
-//! - `bench`: the dispatch benchmark (release).
+//! - `bench`: every benchmark in `runtime/benches` (release).
 //! - `plugins`: only builds the plugins.
 
 mod services;
