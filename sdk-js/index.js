@@ -17,7 +17,7 @@
 // is for a Rust plugin. Publishes are buffered by the host and sent only
 // when the handler returns. The WIT in wit/ is the contract.
 
-import * as host from "sluice:plugin/host@0.1.0";
+import * as host from "sluice:plugin/host@0.1.1";
 
 const encoder = new TextEncoder();
 

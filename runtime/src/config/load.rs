@@ -192,10 +192,17 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
         validate_source(config, route, &key)?;
         if let Some(idem) = &route.idempotency {
             let timeout = config.plugins.get(&route.plugin).map(|p| p.timeout).unwrap_or_default();
+            // A batch's deadline is the timeout times its size, capped.
+            let timeout = match &route.batch {
+                Some(b) => timeout
+                    .saturating_mul(b.max_messages)
+                    .min(crate::engine::MAX_BATCH_TIMEOUT.max(timeout)),
+                None => timeout,
+            };
             if idem.lease <= timeout {
                 return Err((
                     key("idempotency.lease"),
-                    format!("must be longer than the plugin's timeout ({timeout:?}), or a slow handler would lose its lease"),
+                    format!("must be longer than the plugin's timeout ({timeout:?}, per batch with `batch`), or a slow handler would lose its lease"),
                 ));
             }
             if idem.store == GateStore::Redis && config.stores.redis_url.is_none() {
@@ -258,6 +265,20 @@ fn validate_route(route: &RouteConfig, key: &dyn Fn(&str) -> String) -> Result<(
     }
     if route.concurrency == 0 || route.concurrency > 10_000 {
         return Err((key("concurrency"), "must be between 1 and 10000".into()));
+    }
+    if let Some(batch) = &route.batch {
+        if batch.max_messages == 0 || batch.max_messages > 10_000 {
+            return Err((key("batch.max_messages"), "must be between 1 and 10000".into()));
+        }
+        if batch.max_wait > std::time::Duration::from_secs(10) {
+            return Err((
+                key("batch.max_wait"),
+                "must be at most 10s (messages wait this long before their batch starts)".into(),
+            ));
+        }
+        if batch.max_bytes == 0 {
+            return Err((key("batch.max_bytes"), "must be at least 1".into()));
+        }
     }
     let retry = &route.retry;
     if retry.max_attempts == 0 {

@@ -382,6 +382,45 @@ pub struct RouteConfig {
     pub dead_letter: Option<DeadLetterConfig>,
     /// The broker the handler's publishes go to. Default: the source's.
     pub publish_broker: Option<BrokerKind>,
+    /// Hand the plugin several messages per call (`handle-batch`, or one
+    /// instance calling `handle` for each); none: one message per call.
+    pub batch: Option<BatchConfig>,
+}
+
+/// `batch = { max_messages = 64, max_wait = "5ms", max_bytes = 1048576 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most messages in one batch.
+    #[serde(default = "default_batch_messages")]
+    pub max_messages: u32,
+    /// How long a batch waits for more messages once its first is in.
+    #[serde(default = "default_batch_wait", with = "crate::de::duration")]
+    pub max_wait: Duration,
+    /// Most payload bytes in one batch (a message larger than this makes a
+    /// batch of its own).
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_batch_messages() -> u32 {
+    64
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_batch_bytes() -> u64 {
+    4 << 20
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: default_batch_messages(),
+            max_wait: default_batch_wait(),
+            max_bytes: default_batch_bytes(),
+        }
+    }
 }
 
 fn one() -> u32 {

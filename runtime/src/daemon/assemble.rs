@@ -259,6 +259,7 @@ pub async fn build_route(
         concurrency: r.concurrency,
         ordering: r.ordering(),
         ordering_key,
+        batch: r.batch,
         gate,
         reserved_replies,
         liveness: Arc::default(),

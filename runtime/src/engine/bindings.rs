@@ -8,6 +8,21 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
+/// `sluice:plugin/batch-handler`: the same interfaces as `handler` (mapped to
+/// its types, so one host implementation serves both) plus `handle-batch`.
+pub mod batch {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "sluice:plugin/batch-handler",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "sluice:plugin/types": crate::engine::bindings::sluice::plugin::types,
+            "sluice:plugin/host": crate::engine::bindings::sluice::plugin::host,
+        },
+    });
+}
+
 /// `wasi:messaging@0.2.0-draft`: the request-reply world imports everything
 /// the core world does, so one linker serves both.
 pub mod messaging {

@@ -18,6 +18,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 /// exhaust host memory.
 const MAX_PUBLISHES: usize = 1_000;
 pub(crate) const MAX_PUBLISH_BYTES: usize = 16 << 20;
+/// The same for a whole batch: the per-message count times its size, up to
+/// this many, and this many bytes in all.
+const MAX_BATCH_PUBLISHES: usize = 100_000;
+pub(crate) const MAX_BATCH_PUBLISH_BYTES: usize = 64 << 20;
 /// Log lines one message may write, and the length of each; the rest is cut
 /// (and counted), so a plugin cannot flood the host's log.
 const MAX_LOG_LINES: u32 = 100;
@@ -74,10 +78,17 @@ pub struct HostState {
     pub(crate) route: String,
     pub(crate) message_id: String,
     pub(crate) publishes: Vec<Outbound>,
+    /// In `handle-batch`: the item each of `publishes` belongs to.
+    publish_items: Vec<u32>,
     publish_bytes: usize,
-    /// The first publish the host refused as malformed: the message then
-    /// fails as `invalid-publish`, whatever the handler returns.
+    /// The first publish the host refused as malformed: the message (in a
+    /// batch, every message) then fails as `invalid-publish`, whatever the
+    /// handler returns.
     pub(crate) invalid_publish: Option<String>,
+    /// In `handle-batch`: the first refused publish of each item.
+    pub(crate) invalid_items: Vec<(u32, String)>,
+    /// In `handle-batch`: how many messages the batch holds.
+    pub(crate) batch: Option<u32>,
     /// Plugin output cut by the host's bounds during this message.
     pub(crate) cut: super::outcome::Cut,
     /// When the current message's time is up; waiting host calls stop here.
@@ -106,8 +117,11 @@ impl HostState {
             route: String::new(),
             message_id: String::new(),
             publishes: Vec::new(),
+            publish_items: Vec::new(),
             publish_bytes: 0,
             invalid_publish: None,
+            invalid_items: Vec::new(),
+            batch: None,
             cut: Default::default(),
             deadline: std::time::Instant::now(),
             messaging: Default::default(),
@@ -121,8 +135,11 @@ impl HostState {
         self.message_id.clear();
         self.message_id.push_str(message_id);
         self.publishes.clear();
+        self.publish_items.clear();
         self.publish_bytes = 0;
         self.invalid_publish = None;
+        self.invalid_items.clear();
+        self.batch = None;
         self.cut = Default::default();
         self.limiter.hit = false;
         self.stderr.clear();
@@ -135,7 +152,21 @@ impl HostState {
 
     pub fn take_publishes(&mut self) -> Vec<Outbound> {
         self.publish_bytes = 0;
+        self.publish_items.clear();
         std::mem::take(&mut self.publishes)
+    }
+
+    /// A batch's publishes, grouped by the item they belong to.
+    pub fn take_item_publishes(&mut self, items: usize) -> Vec<Vec<Outbound>> {
+        let mut grouped: Vec<Vec<Outbound>> = (0..items).map(|_| Vec::new()).collect();
+        let owners = std::mem::take(&mut self.publish_items);
+        for (item, outbound) in owners.into_iter().zip(self.take_publishes()) {
+            // Checked against the batch size when queued.
+            if let Some(group) = grouped.get_mut(item as usize) {
+                group.push(outbound);
+            }
+        }
+        grouped
     }
 
     /// What the plugin wrote to stderr before it trapped: the panic message
@@ -213,17 +244,45 @@ fn check_allowed(
 impl HostState {
     /// Notes a malformed publish (the message will fail as
     /// `invalid-publish`) and tells the guest why.
-    fn refuse_publish(&mut self, why: String) -> types::HostError {
-        if self.invalid_publish.is_none() {
-            self.invalid_publish = Some(why.clone());
+    fn refuse_publish(&mut self, item: Option<u32>, why: String) -> types::HostError {
+        match item {
+            Some(item) if self.batch.is_some() => {
+                if !self.invalid_items.iter().any(|(i, _)| *i == item) {
+                    self.invalid_items.push((item, why.clone()));
+                }
+            }
+            _ => {
+                if self.invalid_publish.is_none() {
+                    self.invalid_publish = Some(why.clone());
+                }
+            }
         }
         types::HostError::Failed(why)
     }
 
-    /// Bytes queued so far (publishes), for the reply's share of the bound.
-    pub(crate) fn publish_bytes(&self) -> usize {
-        self.publish_bytes
+    /// Counts a reply's bytes against the call's bound; false if over.
+    pub(crate) fn admit_reply(&mut self, bytes: usize) -> bool {
+        let total = self.publish_bytes.saturating_add(bytes);
+        if total > self.publish_limits().1 {
+            return false;
+        }
+        if self.batch.is_some() {
+            self.publish_bytes = total;
+        }
+        true
     }
+
+    /// How many publishes, and bytes, the current call may queue.
+    pub(crate) fn publish_limits(&self) -> (usize, usize) {
+        match self.batch {
+            None => (MAX_PUBLISHES, MAX_PUBLISH_BYTES),
+            Some(n) => (
+                MAX_PUBLISHES.saturating_mul(n as usize).min(MAX_BATCH_PUBLISHES),
+                MAX_BATCH_PUBLISH_BYTES,
+            ),
+        }
+    }
+
 }
 
 /// A plugin's log text as one bounded line: control characters escaped, so
@@ -253,26 +312,64 @@ impl HostState {
     pub(crate) fn queue_publish(
         &mut self,
         subject: String,
+        headers: Vec<Header>,
+        payload: Vec<u8>,
+    ) -> Result<(), types::HostError> {
+        if self.batch.is_some() {
+            // An effect nobody owns could be neither sent with one item nor
+            // dropped with another: the batch fails as a whole.
+            return Err(self.refuse_publish(
+                None,
+                "`publish` inside `handle-batch`: a batch handler publishes with `publish-item`, on behalf of one message"
+                    .into(),
+            ));
+        }
+        self.queue_item_publish(None, subject, headers, payload)
+    }
+
+    /// Queues a publish for item `item` of the batch (none: the message of a
+    /// single `handle`, which is item 0 of a batch of one).
+    pub(crate) fn queue_item_publish(
+        &mut self,
+        item: Option<u32>,
+        subject: String,
         mut headers: Vec<Header>,
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
+        let items = self.batch.unwrap_or(1);
+        if let Some(i) = item.filter(|i| *i >= items) {
+            return Err(self.refuse_publish(
+                None,
+                format!("publish-item for item {i} of a batch of {items}"),
+            ));
+        }
         if let Err(why) = headers::check_subject(&subject) {
-            return Err(self.refuse_publish(why));
+            return Err(self.refuse_publish(item, why));
         }
         check_allowed(&self.plugin, &self.plugin.publish_allow, &subject, "publish")?;
         self.cut.reserved_headers += u32::try_from(headers::strip_reserved(&mut headers)).unwrap_or(u32::MAX);
         let header_bytes = match headers::check_plugin_headers(&headers) {
             Ok(n) => n,
-            Err(e) => return Err(self.refuse_publish(format!("publish to {:?}: {e}", headers::shown(&subject)))),
+            Err(e) => {
+                return Err(self.refuse_publish(item, format!("publish to {:?}: {e}", headers::shown(&subject))))
+            }
         };
         let size = payload.len().saturating_add(header_bytes).saturating_add(subject.len());
-        if self.publishes.len() >= MAX_PUBLISHES || self.publish_bytes.saturating_add(size) > MAX_PUBLISH_BYTES {
-            return Err(self.refuse_publish(format!(
-                "a handler may queue at most {MAX_PUBLISHES} publishes of {} MiB in all",
-                MAX_PUBLISH_BYTES >> 20
-            )));
+        let (max_count, max_bytes) = self.publish_limits();
+        if self.publishes.len() >= max_count || self.publish_bytes.saturating_add(size) > max_bytes {
+            // The bound is the call's, not the item's: the whole call fails.
+            return Err(self.refuse_publish(
+                None,
+                format!(
+                    "a handler may queue at most {max_count} publishes of {} MiB in all",
+                    max_bytes >> 20
+                ),
+            ));
         }
         self.publish_bytes += size;
+        if self.batch.is_some() {
+            self.publish_items.push(item.unwrap_or(0));
+        }
         self.publishes.push(Outbound {
             subject,
             headers,
@@ -349,6 +446,16 @@ impl host::Host for HostState {
         payload: Vec<u8>,
     ) -> Result<(), types::HostError> {
         self.queue_publish(subject, headers_from_wit(headers), payload)
+    }
+
+    async fn publish_item(
+        &mut self,
+        item: u32,
+        subject: String,
+        headers: Vec<types::Header>,
+        payload: Vec<u8>,
+    ) -> Result<(), types::HostError> {
+        self.queue_item_publish(Some(item), subject, headers_from_wit(headers), payload)
     }
 
     async fn request(

@@ -14,8 +14,10 @@ mod wasmcloud;
 
 use crate::error::{cause, Cause};
 pub use host::{HostState, PluginContext, RequestError, Requester};
-pub use outcome::{bounded, Cut, FailureKind, Invocation, Outcome, Reply, MAX_REASON_BYTES};
-pub use plugin::{HandlerErrorPolicy, Plugin, PluginError, PluginSpec};
+pub use outcome::{
+    bounded, BatchInvocation, Cut, FailureKind, Invocation, ItemInvocation, Outcome, Reply, MAX_REASON_BYTES,
+};
+pub use plugin::{HandlerErrorPolicy, Plugin, PluginError, PluginSpec, MAX_BATCH_TIMEOUT};
 pub use slot::PluginSlot;
 
 use std::path::PathBuf;

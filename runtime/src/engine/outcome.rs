@@ -130,3 +130,33 @@ pub struct Invocation {
 fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u128(d.as_micros())
 }
+
+/// What one message of a batch produced: its outcome, and its publishes
+/// (empty unless the outcome is Ok).
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemInvocation {
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub publishes: Vec<Outbound>,
+}
+
+/// The result of running a batch: one item per message, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchInvocation {
+    pub items: Vec<ItemInvocation>,
+    /// What the host cut of the plugin's output, over the whole batch.
+    #[serde(skip_serializing_if = "Cut::is_empty")]
+    pub cut: Cut,
+    #[serde(serialize_with = "as_micros", rename = "duration_us")]
+    pub duration: Duration,
+}
+
+impl Cut {
+    /// Adds another call's cuts to these.
+    pub fn add(&mut self, other: Cut) {
+        self.logged = self.logged.saturating_add(other.logged);
+        self.log_lines = self.log_lines.saturating_add(other.log_lines);
+        self.log_bytes = self.log_bytes.saturating_add(other.log_bytes);
+        self.reserved_headers = self.reserved_headers.saturating_add(other.reserved_headers);
+    }
+}

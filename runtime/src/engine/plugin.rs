@@ -3,9 +3,10 @@
 
 use super::bindings::messaging::MessagingRequestReplyPre;
 use super::bindings::wasmcloud::HandlerComponentPre;
+use super::bindings::batch::BatchHandlerPre;
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
-use super::outcome::{Cut, FailureKind, Invocation, Outcome, Reply};
+use super::outcome::{BatchInvocation, Cut, FailureKind, Invocation, ItemInvocation, Outcome, Reply};
 use super::Isolation;
 use super::{cache, Engine, YIELD_EVERY_TICKS};
 use crate::error::{cause, Cause};
@@ -132,7 +133,9 @@ struct Warm {
 /// The world a component was built for, as found when it was loaded.
 #[derive(Clone)]
 enum Pre {
-    Sluice(HandlerPre<HostState>),
+    Sluice(HandlerPre<HostState>, &'static str),
+    /// Exports `handle-batch` as well as `handle`.
+    SluiceBatch(BatchHandlerPre<HostState>, &'static str),
     Messaging {
         pre: MessagingRequestReplyPre<HostState>,
         world: &'static str,
@@ -144,6 +147,7 @@ enum Pre {
 /// An instance of either world.
 enum Handler {
     Sluice(super::bindings::Handler),
+    SluiceBatch(super::bindings::batch::BatchHandler),
     Messaging(super::bindings::messaging::MessagingRequestReply, HandlerErrorPolicy),
     WasmCloud(super::bindings::wasmcloud::HandlerComponent, HandlerErrorPolicy),
 }
@@ -154,7 +158,8 @@ type HandleResult = wasmtime::Result<Result<Option<types::Reply>, types::Handler
 impl Pre {
     async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Handler> {
         Ok(match self {
-            Pre::Sluice(pre) => Handler::Sluice(pre.instantiate_async(store).await?),
+            Pre::Sluice(pre, _) => Handler::Sluice(pre.instantiate_async(store).await?),
+            Pre::SluiceBatch(pre, _) => Handler::SluiceBatch(pre.instantiate_async(store).await?),
             Pre::Messaging { pre, on_error, .. } => Handler::Messaging(pre.instantiate_async(store).await?, *on_error),
             Pre::WasmCloud(pre, on_error) => Handler::WasmCloud(pre.instantiate_async(store).await?, *on_error),
         })
@@ -162,7 +167,7 @@ impl Pre {
 
     fn world(&self) -> &'static str {
         match self {
-            Pre::Sluice(_) => WORLD,
+            Pre::Sluice(_, world) | Pre::SluiceBatch(_, world) => world,
             Pre::Messaging { world, .. } => world,
             Pre::WasmCloud(..) => WASMCLOUD_HANDLER,
         }
@@ -173,6 +178,7 @@ impl Handler {
     async fn handle(&self, store: &mut Store<HostState>, route: &str, msg: &Message) -> HandleResult {
         let (result, on_error) = match self {
             Handler::Sluice(h) => return h.call_handle(store, &to_wit(route, msg)).await,
+            Handler::SluiceBatch(h) => return h.call_handle(store, &to_wit(route, msg)).await,
             Handler::Messaging(h, on_error) => {
                 store.data_mut().messaging.reply_to.clone_from(&msg.reply_to);
                 let delivered = store.data_mut().hold_delivered(msg)?;
@@ -245,8 +251,40 @@ fn patterns(name: &str, list: &'static str, items: &[String]) -> Result<Vec<Subj
         .collect()
 }
 
-/// sluice's own world.
-const WORLD: &str = "sluice:plugin/handler@0.1.0";
+/// sluice's own worlds, by the version of the package a plugin imports.
+const WORLDS: [(&str, &str, &str); 2] = [
+    (
+        "@0.1.0",
+        "sluice:plugin/handler@0.1.0",
+        "sluice:plugin/batch-handler@0.1.0",
+    ),
+    (
+        "@0.1.1",
+        "sluice:plugin/handler@0.1.1",
+        "sluice:plugin/batch-handler@0.1.1",
+    ),
+];
+/// Longest batch deadline, whatever the batch size: the idempotency lease
+/// and the broker's redelivery timers must outlast it.
+pub const MAX_BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The world a sluice plugin was built for, from the version of the
+/// `sluice:plugin` interfaces it imports (the newest if it imports none).
+fn sluice_world(imports: &[String], batch: bool) -> &'static str {
+    let built_for = WORLDS
+        .iter()
+        .find(|(version, ..)| {
+            imports
+                .iter()
+                .any(|i| i.starts_with("sluice:plugin/") && i.ends_with(version))
+        })
+        .unwrap_or(&WORLDS[WORLDS.len() - 1]);
+    if batch {
+        built_for.2
+    } else {
+        built_for.1
+    }
+}
 /// What a component built for a `wasi:messaging` world exports.
 const MESSAGING_HANDLER: &str = "wasi:messaging/incoming-handler@0.2.0-draft";
 const MESSAGING_REQUEST_REPLY: &str = "wasi:messaging/request-reply@0.2.0-draft";
@@ -302,8 +340,13 @@ impl Plugin {
             cause: cause(e),
         };
         let instance_pre = engine.linker.instantiate_pre(&component).map_err(other_world)?;
-        let pre = if exports.iter().any(|(n, func)| n == "handle" && *func) {
-            Pre::Sluice(HandlerPre::new(instance_pre).map_err(other_world)?)
+        let exports_func = |name: &str| exports.iter().any(|(n, func)| n == name && *func);
+        let pre = if exports_func("handle-batch") && exports_func("handle") {
+            let world = sluice_world(&imports, true);
+            Pre::SluiceBatch(BatchHandlerPre::new(instance_pre).map_err(other_world)?, world)
+        } else if exports_func("handle") {
+            let world = sluice_world(&imports, false);
+            Pre::Sluice(HandlerPre::new(instance_pre).map_err(other_world)?, world)
         } else if exports.iter().any(|(n, _)| n == MESSAGING_HANDLER) {
             let world = if imports.iter().any(|i| i == MESSAGING_REQUEST_REPLY) {
                 "wasi:messaging/messaging-request-reply@0.2.0-draft"
@@ -453,10 +496,15 @@ impl Plugin {
 
     /// Arms the deadline for one message.
     fn arm(&self, store: &mut Store<HostState>) {
+        self.arm_for(store, self.timeout);
+    }
+
+    /// Arms a deadline `timeout` from now.
+    fn arm_for(&self, store: &mut Store<HostState>, timeout: Duration) {
         let now = Instant::now();
         // A timeout too large for the clock means: no deadline in practice.
         store.data_mut().deadline = now
-            .checked_add(self.timeout)
+            .checked_add(timeout)
             .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         store.set_epoch_deadline(YIELD_EVERY_TICKS);
         if self.engine.settings.fuel {
@@ -507,21 +555,195 @@ impl Plugin {
     }
 
     async fn invoke_reused(&self, route: &str, msg: &Message) -> (Outcome, Vec<crate::message::Outbound>, Cut) {
-        let warm = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None);
-        let mut warm = match warm {
-            Some(w) => w,
-            None => match self.new_warm().await {
-                Ok(w) => w,
-                Err(outcome) => return (outcome, Vec::new(), Cut::default()),
-            },
+        let warm = match self.take_warm().await {
+            Ok(w) => w,
+            Err(outcome) => return (outcome, Vec::new(), Cut::default()),
         };
+        let (outcome, publishes, cut, kept) = self.call_once(warm, route, msg).await;
+        if let Some(warm) = kept {
+            self.give_back(warm);
+        }
+        (outcome, publishes, cut)
+    }
+
+    /// Whether the component exports `handle-batch`.
+    pub fn handles_batches(&self) -> bool {
+        matches!(self.pre, Pre::SluiceBatch(..))
+    }
+
+    /// The deadline of a batch of `n`: the timeout per message times `n`,
+    /// capped at [`MAX_BATCH_TIMEOUT`] (never below one message's timeout).
+    pub fn batch_timeout(&self, n: usize) -> Duration {
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        self.timeout
+            .saturating_mul(n)
+            .min(MAX_BATCH_TIMEOUT.max(self.timeout))
+    }
+
+    /// Runs the handler on a batch: one instance for the whole batch (in
+    /// `fresh` mode too: fresh isolates batches, not messages), one outcome
+    /// per message, in order. A component with `handle-batch` gets the batch
+    /// in one call; any other is called once per message on that instance,
+    /// and a trap or timeout costs only the message it happened on (the
+    /// next message gets a new instance).
+    pub async fn invoke_batch(&self, route: &str, msgs: &[&Message]) -> BatchInvocation {
+        let started = Instant::now();
+        let (items, cut) = if self.handles_batches() && msgs.len() > 1 {
+            self.run_batch_export(route, msgs).await
+        } else {
+            self.run_each(route, msgs).await
+        };
+        let items = items
+            .into_iter()
+            .map(|(outcome, publishes)| ItemInvocation {
+                // Publishes of a failed message are dropped with it.
+                publishes: if matches!(outcome, Outcome::Ok { .. }) {
+                    publishes
+                } else {
+                    Vec::new()
+                },
+                outcome,
+            })
+            .collect();
+        BatchInvocation {
+            items,
+            cut,
+            duration: started.elapsed(),
+        }
+    }
+
+    /// An instance for the next call: a warm one in `reuse` mode, else new.
+    async fn take_warm(&self) -> Result<Warm, Outcome> {
+        if self.spec_isolation == Isolation::Reuse {
+            if let Some(warm) = self.warm.lock().map(|mut w| w.pop()).unwrap_or(None) {
+                return Ok(warm);
+            }
+        }
+        self.new_warm().await
+    }
+
+    /// Hands an instance back after a batch: kept in `reuse` mode.
+    fn give_back(&self, warm: Warm) {
+        if self.spec_isolation == Isolation::Reuse && warm.uses < self.reuse_max {
+            if let Ok(mut pool) = self.warm.lock() {
+                pool.push(warm);
+            }
+        }
+    }
+
+    /// `handle-batch` in one call.
+    async fn run_batch_export(&self, route: &str, msgs: &[&Message]) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
+        let n = msgs.len();
+        let all = |outcome: Outcome| (0..n).map(|_| (outcome.clone(), Vec::new())).collect::<Vec<_>>();
+        let mut warm = match self.take_warm().await {
+            Ok(w) => w,
+            Err(outcome) => return (all(outcome), Cut::default()),
+        };
+        let first = msgs.first().map_or("", |m| m.id.as_str());
+        warm.store.data_mut().reset(route, &format!("{first} (batch of {n})"));
+        warm.store.data_mut().batch = Some(u32::try_from(n).unwrap_or(u32::MAX));
+        let timeout = self.batch_timeout(n);
+        self.arm_for(&mut warm.store, timeout);
+        let deadline = warm.store.data().deadline;
+        let batch: Vec<types::Message> = msgs.iter().map(|m| to_wit(route, m)).collect();
+        let Handler::SluiceBatch(handler) = &warm.handler else {
+            return self.run_each(route, msgs).await;
+        };
+        let call = handler.call_handle_batch(&mut warm.store, &batch);
+        // Timed out while waiting: the instance is dropped, never reused.
+        let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
+            let outcome = Outcome::failed(
+                FailureKind::Timeout,
+                format!("the batch of {n} exceeded its deadline of {} ms", timeout.as_millis()),
+            );
+            return (all(outcome), warm.store.data().cut);
+        };
+        warm.uses += 1;
+        let (items, healthy) = match result {
+            Ok(results) if results.len() != n => (
+                all(Outcome::failed(
+                    FailureKind::Trap,
+                    format!("handle-batch returned {} outcomes for {n} messages", results.len()),
+                )),
+                true,
+            ),
+            Ok(results) => {
+                let state = warm.store.data_mut();
+                let mut outcomes: Vec<Outcome> = Vec::with_capacity(n);
+                for (i, result) in results.into_iter().enumerate() {
+                    let refused = state
+                        .invalid_items
+                        .iter()
+                        .find(|(item, _)| *item as usize == i)
+                        .map(|(_, why)| why.clone());
+                    outcomes.push(match refused {
+                        Some(why) if matches!(result, Ok(_)) => Outcome::failed(FailureKind::InvalidPublish, why),
+                        _ => self.classify(Ok(Ok(result)), state),
+                    });
+                }
+                let mut publishes = state.take_item_publishes(n);
+                let items = outcomes
+                    .into_iter()
+                    .zip(publishes.iter_mut())
+                    .map(|(outcome, p)| (outcome, std::mem::take(p)))
+                    .collect();
+                (items, true)
+            }
+            Err(e) => {
+                let outcome = self.classify(Ok(Err(e)), warm.store.data_mut());
+                let healthy = !matches!(&outcome, Outcome::Failed { kind, .. } if kind.is_host_detected());
+                (all(outcome), healthy)
+            }
+        };
+        let cut = warm.store.data().cut;
+        if healthy {
+            self.give_back(warm);
+        }
+        (items, cut)
+    }
+
+    /// `handle` once per message, on one instance while it stays healthy.
+    async fn run_each(&self, route: &str, msgs: &[&Message]) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
+        let mut items = Vec::with_capacity(msgs.len());
+        let mut cut = Cut::default();
+        let mut current: Option<Warm> = None;
+        for msg in msgs {
+            let warm = match current.take() {
+                Some(w) => w,
+                None => match self.take_warm().await {
+                    Ok(w) => w,
+                    Err(outcome) => {
+                        items.push((outcome, Vec::new()));
+                        continue;
+                    }
+                },
+            };
+            let (outcome, publishes, call_cut, kept) = self.call_once(warm, route, msg).await;
+            cut.add(call_cut);
+            items.push((outcome, publishes));
+            current = kept;
+        }
+        if let Some(warm) = current {
+            self.give_back(warm);
+        }
+        (items, cut)
+    }
+
+    /// One `handle` call on `warm`; the instance back if it may be used
+    /// again (healthy, under `reuse_max_messages`).
+    async fn call_once(
+        &self,
+        mut warm: Warm,
+        route: &str,
+        msg: &Message,
+    ) -> (Outcome, Vec<crate::message::Outbound>, Cut, Option<Warm>) {
         warm.store.data_mut().reset(route, &msg.id);
         self.arm(&mut warm.store);
         let deadline = warm.store.data().deadline;
         let call = warm.handler.handle(&mut warm.store, route, msg);
         // Timed out while waiting: the instance is dropped, never reused.
         let Ok(result) = tokio::time::timeout_at(deadline.into(), call).await else {
-            return (self.timed_out(), Vec::new(), warm.store.data().cut);
+            return (self.timed_out(), Vec::new(), warm.store.data().cut, None);
         };
         let outcome = self.classify(Ok(result), warm.store.data_mut());
         let cut = warm.store.data().cut;
@@ -530,12 +752,8 @@ impl Plugin {
         // After a trap, a limit hit or a timeout the instance's state is
         // suspect (and wasmtime will not re-enter a trapped instance).
         let healthy = !matches!(&outcome, Outcome::Failed { kind, .. } if kind.is_host_detected());
-        if healthy && warm.uses < self.reuse_max {
-            if let Ok(mut pool) = self.warm.lock() {
-                pool.push(warm);
-            }
-        }
-        (outcome, publishes, cut)
+        let kept = (healthy && warm.uses < self.reuse_max).then_some(warm);
+        (outcome, publishes, cut, kept)
     }
 
     fn classify(&self, result: Result<HandleResult, std::convert::Infallible>, state: &mut HostState) -> Outcome {
@@ -560,12 +778,12 @@ impl Plugin {
                 if let Err(e) = crate::headers::check_plugin_headers(&headers) {
                     return Outcome::failed(FailureKind::InvalidPublish, format!("reply: {e}"));
                 }
-                if r.payload.len().saturating_add(state.publish_bytes()) > super::host::MAX_PUBLISH_BYTES {
+                if !state.admit_reply(r.payload.len()) {
                     return Outcome::failed(
                         FailureKind::InvalidPublish,
                         format!(
                             "reply and publishes exceed {} MiB in all",
-                            super::host::MAX_PUBLISH_BYTES >> 20
+                            state.publish_limits().1 >> 20
                         ),
                     );
                 }

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub failures: Family<RouteFailure, Counter>,
     pub in_flight: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
+    /// Messages per batch, on routes with `batch`.
+    pub batch_size: Family<RouteLabel, Histogram>,
     pub settle_errors: Family<RouteLabel, Counter>,
     /// Broker operations that failed, by broker and operation.
     pub broker_errors: Family<BrokerErrorLabel, Counter>,
@@ -112,6 +114,11 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadResult, Counter>,
     pub plugin_info: Family<PluginVersion, Gauge>,
     encode_lock: Mutex<()>,
+}
+
+fn batch_size_histogram() -> Histogram {
+    // 1 .. 8192
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14))
 }
 
 fn duration_histogram() -> Histogram {
@@ -136,6 +143,13 @@ impl Metrics {
         let handler_duration =
             Family::<RouteLabel, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
         let settle_errors = Family::<RouteLabel, Counter>::default();
+        let batch_size =
+            Family::<RouteLabel, Histogram>::new_with_constructor(batch_size_histogram as fn() -> Histogram);
+        registry.register(
+            "batch_size",
+            "Messages per batch handed to the plugin, by route (routes with `batch`)",
+            batch_size.clone(),
+        );
         registry.register("messages", "Messages settled, by route and outcome", messages.clone());
         registry.register(
             "handler_failures",
@@ -145,7 +159,7 @@ impl Metrics {
         registry.register("in_flight", "Messages being handled now, by route", in_flight.clone());
         registry.register(
             "handler_duration_seconds",
-            "Time spent in the handler per message, by route",
+            "Time spent in the handler per message (per batch on routes with `batch`), by route",
             handler_duration.clone(),
         );
         registry.register(
@@ -205,6 +219,7 @@ impl Metrics {
             failures,
             in_flight,
             handler_duration,
+            batch_size,
             settle_errors,
             broker_errors,
             panics,

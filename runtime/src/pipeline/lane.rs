@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Pause after a source error before asking again.
-const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
+pub(super) const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// Deliveries waiting per ordering lane beyond the one being handled.
 const LANE_BUFFER: usize = 1;
 
@@ -29,13 +29,13 @@ enum LaneSender {
     Unbounded(mpsc::UnboundedSender<Box<dyn Delivery>>),
 }
 
-enum LaneReceiver {
+pub(super) enum LaneReceiver {
     Bounded(mpsc::Receiver<Box<dyn Delivery>>),
     Unbounded(mpsc::UnboundedReceiver<Box<dyn Delivery>>),
 }
 
 impl LaneReceiver {
-    async fn recv(&mut self) -> Option<Box<dyn Delivery>> {
+    pub(super) async fn recv(&mut self) -> Option<Box<dyn Delivery>> {
         match self {
             Self::Bounded(rx) => rx.recv().await,
             Self::Unbounded(rx) => rx.recv().await,
@@ -53,7 +53,10 @@ impl Route {
         let alive = || WorkerAlive::new(&self.liveness);
         match self.ordering {
             RouteOrdering::None => (0..self.concurrency)
-                .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), alive())))
+                .map(|_| match self.batch {
+                    Some(batch) => tokio::spawn(self.clone().batch_worker(batch, shutdown.clone(), alive())),
+                    None => tokio::spawn(self.clone().worker(shutdown.clone(), alive())),
+                })
                 .collect(),
             RouteOrdering::Key | RouteOrdering::Partition => {
                 let lanes = self.concurrency as usize;
@@ -67,11 +70,16 @@ impl Route {
                         let (tx, rx) = mpsc::unbounded_channel();
                         (LaneSender::Unbounded(tx), LaneReceiver::Unbounded(rx))
                     } else {
-                        let (tx, rx) = mpsc::channel(LANE_BUFFER);
+                        // A lane gathers its batches from its queue.
+                        let buffer = self.batch.map_or(LANE_BUFFER, |b| (b.max_messages as usize).max(LANE_BUFFER));
+                        let (tx, rx) = mpsc::channel(buffer);
                         (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
                     };
                     senders.push(tx);
-                    handles.push(tokio::spawn(self.clone().lane(rx, shutdown.clone(), alive())));
+                    handles.push(match self.batch {
+                        Some(batch) => tokio::spawn(self.clone().batch_lane(batch, rx, shutdown.clone(), alive())),
+                        None => tokio::spawn(self.clone().lane(rx, shutdown.clone(), alive())),
+                    });
                 }
                 handles.push(tokio::spawn(self.clone().dispatch(senders, shutdown.clone(), alive())));
                 handles

@@ -9,6 +9,7 @@
 //! dead-lettered copy confirmed. Any failure on that path leaves the message
 //! unacked, so the broker delivers it again.
 
+mod batch;
 pub mod dead_letter;
 mod gate;
 mod invoke;
@@ -64,6 +65,8 @@ pub struct Route {
     pub ordering: RouteOrdering,
     /// Where the ordering key comes from (with `ordering = "key"`).
     pub ordering_key: KeySource,
+    /// Several messages per plugin call; none: one.
+    pub batch: Option<crate::config::BatchConfig>,
     pub gate: Option<Gate>,
     /// Subjects a producer's reply address may not name: every route's
     /// dead-letter subject and input (a reply there would inject work).
@@ -104,6 +107,7 @@ impl Route {
             concurrency: 1,
             ordering: RouteOrdering::None,
             ordering_key: KeySource::MessageKey,
+            batch: None,
             gate: None,
             reserved_replies: Arc::new(Vec::new()),
             liveness: Arc::default(),
@@ -215,33 +219,9 @@ impl Route {
         traceparent: Option<&str>,
         shutdown: &CancellationToken,
     ) -> (Verdict, Option<Lease>) {
-        let lease = match &self.gate {
-            None => None,
-            Some(gate) => {
-                let key = gate.key_of(&self.name, message);
-                loop {
-                    match gate.admit(key.clone()).await {
-                        Admission::Run(lease) => break lease,
-                        Admission::Duplicate => {
-                            tracing::debug!(key = ?key, "duplicate: already handled");
-                            return (Verdict::Ack(MessageOutcome::Duplicate), None);
-                        }
-                        Admission::Busy(wait) if mode == RetryMode::Broker => {
-                            return (Verdict::RetryAfter(wait), None);
-                        }
-                        Admission::Busy(wait) => {
-                            if !sleep_unless(shutdown, wait).await {
-                                return (Verdict::HandBack(MessageOutcome::Interrupted), None);
-                            }
-                        }
-                        Admission::StoreFailed(e) => {
-                            tracing::error!("{}; the message will be redelivered", Report(&e));
-                            self.status.set_error(report(&e));
-                            return (Verdict::RetryAfter(SETTLE_RETRY_DELAY), None);
-                        }
-                    }
-                }
-            }
+        let lease = match self.admit(message, mode, shutdown).await {
+            Ok(lease) => lease,
+            Err(verdict) => return (verdict, None),
         };
         let gate_key = lease.as_ref().map(|l| l.key().to_owned());
         // This message runs on the version current now, to the end, even if
@@ -258,6 +238,7 @@ impl Route {
                 traceparent: traceparent.map(str::to_owned),
             }))
         };
+        // (A batch builds the same verdict per item: `batch::Item::dead_letter`.)
         // A reply address is the producer's choice: refused before the
         // handler runs; no reply is sent there.
         if let Some(why) = message.reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
@@ -294,16 +275,7 @@ impl Route {
                 }
                 Outcome::Failed { kind, reason } => (kind, reason),
             };
-            let mut decision = self.policy.decide_failure(kind, &reason, msg.attempt);
-            // A requester is waiting: answer with the error now rather than
-            // retry behind its back until it times out.
-            if msg.reply_to.is_some() && matches!(decision, FailureDecision::Retry(_)) {
-                decision = FailureDecision::DeadLetter {
-                    kind,
-                    reason: reason.clone(),
-                };
-            }
-            match decision {
+            match self.decide(&msg, kind, &reason) {
                 FailureDecision::Retry(delay) => {
                     tracing::warn!(kind = %kind, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
                     if mode == RetryMode::Broker {
@@ -323,6 +295,54 @@ impl Route {
                 }
             }
         }
+    }
+
+    /// The gate's word on `message`: run it (holding its key's lease, if
+    /// it has a key), or the verdict that ends its handling now.
+    async fn admit(
+        &self,
+        message: &Message,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Lease>, Verdict> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        let key = gate.key_of(&self.name, message);
+        loop {
+            match gate.admit(key.clone()).await {
+                Admission::Run(lease) => return Ok(lease),
+                Admission::Duplicate => {
+                    tracing::debug!(key = ?key, "duplicate: already handled");
+                    return Err(Verdict::Ack(MessageOutcome::Duplicate));
+                }
+                Admission::Busy(wait) if mode == RetryMode::Broker => return Err(Verdict::RetryAfter(wait)),
+                Admission::Busy(wait) => {
+                    if !sleep_unless(shutdown, wait).await {
+                        return Err(Verdict::HandBack(MessageOutcome::Interrupted));
+                    }
+                }
+                Admission::StoreFailed(e) => {
+                    tracing::error!("{}; the message will be redelivered", Report(&e));
+                    self.status.set_error(report(&e));
+                    return Err(Verdict::RetryAfter(SETTLE_RETRY_DELAY));
+                }
+            }
+        }
+    }
+
+    /// What the policy makes of a failed attempt on `msg`.
+    fn decide(&self, msg: &Message, kind: FailureKind, reason: &str) -> FailureDecision {
+        let decision = self.policy.decide_failure(kind, reason, msg.attempt);
+        // A requester is waiting: answer with the error now rather than
+        // retry behind its back until it times out.
+        if msg.reply_to.is_some() && matches!(decision, FailureDecision::Retry(_)) {
+            return FailureDecision::DeadLetter {
+                kind,
+                reason: reason.to_owned(),
+            };
+        }
+        decision
     }
 
     fn series(&self) -> &RouteMetrics {
@@ -345,7 +365,11 @@ impl Route {
         if let Outcome::Failed { kind, reason } = &invocation.outcome {
             self.note_failure(*kind, reason);
         }
-        let cut = invocation.cut;
+        self.count_cut(invocation.cut);
+    }
+
+    /// Counts plugin output the host cut to its bounds.
+    fn count_cut(&self, cut: crate::engine::Cut) {
         for (what, n) in [
             ("log_lines", cut.log_lines),
             ("log_bytes", cut.log_bytes),

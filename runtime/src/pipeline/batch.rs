@@ -1,0 +1,514 @@
+//! Batches (`batch = { max_messages, max_wait, max_bytes }`): a worker, or
+//! an ordered lane, gathers deliveries, runs them through one plugin
+//! instance and settles each by its own outcome — an Ok item is acked even
+//! if its neighbours failed, a failed one is retried or dead-lettered alone,
+//! and a failed item's publishes are dropped while the others' are sent.
+//!
+//! On an ordered route a failed item holds back the later items of its key
+//! (or partition): their results are dropped unsent and they run again after
+//! it, in order; other keys proceed.
+
+use super::gate::Lease;
+use super::policy::FailureDecision;
+use super::settle::{DeadLetter, Verdict};
+use super::status::WorkerAlive;
+use super::{sleep_unless, trace, RetryMode, Route};
+use crate::brokers::{BrokerError, Delivery};
+use crate::config::{BatchConfig, Ordering as RouteOrdering};
+use crate::engine::{BatchInvocation, FailureKind, Outcome, Plugin};
+use crate::error::Report;
+use crate::message::{Message, Outbound};
+use crate::metrics::{MessageOutcome, RouteLabel};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Deliveries gathered for the next batch.
+struct Gathering {
+    deliveries: Vec<Box<dyn Delivery>>,
+    bytes: u64,
+    /// When the batch goes, full or not.
+    deadline: Instant,
+    config: BatchConfig,
+}
+
+impl Gathering {
+    fn new(config: BatchConfig, first: Box<dyn Delivery>) -> Self {
+        let bytes = first.message().payload.len() as u64;
+        let mut deliveries = Vec::with_capacity(config.max_messages as usize);
+        deliveries.push(first);
+        Self {
+            deliveries,
+            bytes,
+            deadline: Instant::now() + config.max_wait,
+            config,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.deliveries.len() >= self.config.max_messages as usize || self.bytes >= self.config.max_bytes
+    }
+
+    /// Adds `delivery`, or gives it back when it would take the batch past
+    /// its byte bound (it starts the next batch).
+    fn push(&mut self, delivery: Box<dyn Delivery>) -> Option<Box<dyn Delivery>> {
+        let size = delivery.message().payload.len() as u64;
+        if self.bytes.saturating_add(size) > self.config.max_bytes {
+            return Some(delivery);
+        }
+        self.bytes += size;
+        self.deliveries.push(delivery);
+        None
+    }
+}
+
+/// What waiting for the next delivery gave.
+enum Next {
+    Delivery(Box<dyn Delivery>),
+    TimedOut,
+    Stop,
+}
+
+type PendingNext<'a> = Option<BoxFuture<'a, Result<Box<dyn Delivery>, BrokerError>>>;
+
+/// One message of a batch while it is handled.
+struct Item {
+    delivery: Box<dyn Delivery>,
+    lease: Option<Lease>,
+    /// The message as attempted next, once an in-place retry raised its
+    /// attempt number.
+    retried: Option<Message>,
+    /// Ordered routes: its key (or partition).
+    key: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Item {
+    fn message(&self) -> &Message {
+        self.retried.as_ref().unwrap_or_else(|| self.delivery.message())
+    }
+
+    fn gate_key(&self) -> Option<String> {
+        self.lease.as_ref().map(|l| l.key().to_owned())
+    }
+
+    fn dead_letter(self, kind: FailureKind, reason: String, answer_requester: bool, plugin: &Arc<Plugin>) -> Finished {
+        let gate_key = self.gate_key();
+        let msg = self.message().clone();
+        let verdict = Verdict::DeadLetter(Box::new(DeadLetter {
+            kind,
+            reason,
+            answer_requester,
+            msg,
+            gate_key,
+            plugin: plugin.clone(),
+            traceparent: self.traceparent,
+        }));
+        (self.delivery, verdict, self.lease)
+    }
+
+    fn finish(self, verdict: Verdict) -> Finished {
+        (self.delivery, verdict, self.lease)
+    }
+}
+
+/// A delivery whose handling is over, and what to do with it.
+type Finished = (Box<dyn Delivery>, Verdict, Option<Lease>);
+
+/// What became of an item in one round.
+enum Step {
+    /// Handled: its publishes and reply, to send.
+    Handled(Vec<Outbound>),
+    Retry(Duration),
+    DeadLetter(FailureKind, String),
+    /// Ran after an earlier item of its key failed: its result is dropped
+    /// and it runs again after that item.
+    HeldBack,
+}
+
+impl Route {
+    /// Unordered, with batches: gather, handle, settle, repeat.
+    pub(super) async fn batch_worker(
+        self: Arc<Self>,
+        config: BatchConfig,
+        shutdown: CancellationToken,
+        _alive: WorkerAlive,
+    ) {
+        // A wait for the next delivery outlives a batch's deadline: a
+        // source's `next` is never dropped half-way (it may hold a message).
+        let mut pending: PendingNext<'_> = None;
+        let mut carried: Option<Box<dyn Delivery>> = None;
+        loop {
+            let first = match carried.take() {
+                Some(d) => d,
+                None => match self.next_from_source(&mut pending, None, &shutdown).await {
+                    Next::Delivery(d) => d,
+                    Next::TimedOut | Next::Stop => return,
+                },
+            };
+            let mut batch = Gathering::new(config, first);
+            while !batch.full() {
+                match self.next_from_source(&mut pending, Some(batch.deadline), &shutdown).await {
+                    Next::Delivery(d) => {
+                        if let Some(over) = batch.push(d) {
+                            carried = Some(over);
+                            break;
+                        }
+                    }
+                    Next::TimedOut => break,
+                    // Gathered but not started: dropped, i.e. handed back.
+                    Next::Stop => return,
+                }
+            }
+            self.process_batch(batch.deliveries, RetryMode::Broker, &shutdown).await;
+        }
+    }
+
+    /// Ordered, with batches: a lane gathers from its queue.
+    pub(super) async fn batch_lane(
+        self: Arc<Self>,
+        config: BatchConfig,
+        mut rx: super::lane::LaneReceiver,
+        shutdown: CancellationToken,
+        _alive: WorkerAlive,
+    ) {
+        let mut carried: Option<Box<dyn Delivery>> = None;
+        loop {
+            let first = match carried.take() {
+                Some(d) => d,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    d = rx.recv() => match d { Some(d) => d, None => return },
+                },
+            };
+            let mut batch = Gathering::new(config, first);
+            while !batch.full() {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(batch.deadline.into()) => break,
+                    d = rx.recv() => match d { Some(d) => d, None => break },
+                };
+                if let Some(over) = batch.push(next) {
+                    carried = Some(over);
+                    break;
+                }
+            }
+            self.process_batch(batch.deliveries, RetryMode::InPlace, &shutdown).await;
+        }
+    }
+
+    /// The next delivery, waiting until `deadline` at most (none: as long
+    /// as it takes). A wait cut by the deadline stays in `pending`.
+    async fn next_from_source<'a>(
+        &'a self,
+        pending: &mut PendingNext<'a>,
+        deadline: Option<Instant>,
+        shutdown: &CancellationToken,
+    ) -> Next {
+        loop {
+            let next = pending.get_or_insert_with(|| self.source.next());
+            let far = Instant::now() + Duration::from_secs(24 * 3600);
+            let until = deadline.unwrap_or(far);
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Next::Stop,
+                result = next => result,
+                _ = tokio::time::sleep_until(until.into()), if deadline.is_some() => return Next::TimedOut,
+            };
+            *pending = None;
+            match result {
+                Ok(delivery) => return Next::Delivery(delivery),
+                Err(BrokerError::Closed { .. }) => return Next::Stop,
+                Err(e) => {
+                    self.broker_error(super::settle::BrokerOp::Receive, &e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Next::Stop,
+                        _ = tokio::time::sleep(super::lane::SOURCE_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a batch through gate, plugin, policy and settle.
+    pub(super) async fn process_batch(
+        &self,
+        deliveries: Vec<Box<dyn Delivery>>,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) {
+        let n = deliveries.len();
+        let span = tracing::info_span!(
+            "batch",
+            route = %self.name,
+            size = n,
+            // Debug-formatted: a producer's id cannot forge a log line.
+            first = ?deliveries.first().map(|d| d.message().id.clone()).unwrap_or_default(),
+        );
+        async {
+            self.metrics
+                .batch_size
+                .get_or_create(&RouteLabel {
+                    route: self.name.clone(),
+                })
+                .observe(n as f64);
+            let gauge = &self.series().in_flight;
+            let n_gauge = i64::try_from(n).unwrap_or(i64::MAX);
+            gauge.inc_by(n_gauge);
+            // A panic in the host hands back whatever was not settled yet
+            // (dropped deliveries are redelivered); the worker lives on.
+            if let Err(panic) = AssertUnwindSafe(self.run_batch(deliveries, mode, shutdown))
+                .catch_unwind()
+                .await
+            {
+                self.caught_panic("handling a batch", panic.as_ref());
+            }
+            gauge.dec_by(n_gauge);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_batch(&self, deliveries: Vec<Box<dyn Delivery>>, mode: RetryMode, shutdown: &CancellationToken) {
+        // The batch runs on the version current now, to the end.
+        let plugin = self.plugin.current();
+        let mut finished: Vec<Finished> = Vec::new();
+        let mut items: Vec<Item> = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            if !delivery.begin() {
+                finished.push((delivery, Verdict::HandBack(MessageOutcome::Interrupted), None));
+                continue;
+            }
+            let traceparent = trace::handler_span(delivery.message()).map(|t| t.traceparent);
+            let lease = match self.admit(delivery.message(), mode, shutdown).await {
+                Ok(lease) => lease,
+                Err(verdict) => {
+                    finished.push((delivery, verdict, None));
+                    continue;
+                }
+            };
+            let key = (mode == RetryMode::InPlace).then(|| self.hold_key(&*delivery));
+            let item = Item {
+                delivery,
+                lease,
+                retried: None,
+                key,
+                traceparent,
+            };
+            // A reply address is the producer's choice: refused before the
+            // handler runs.
+            if let Some(why) = item.message().reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
+                tracing::warn!("refusing the message: {why}");
+                self.note_failure(FailureKind::InvalidPublish, &why);
+                finished.push(item.dead_letter(FailureKind::InvalidPublish, why, false, &plugin));
+                continue;
+            }
+            items.push(item);
+        }
+        self.settle_all(std::mem::take(&mut finished)).await;
+
+        while !items.is_empty() {
+            let run = {
+                let msgs: Vec<&Message> = items.iter().map(Item::message).collect();
+                self.invoke_batch(&plugin, &msgs).await
+            };
+            let mut steps = self.steps(&items, run);
+            for (i, kind, reason) in self.send_handled(&steps).await {
+                if let (Some(item), Some(step)) = (items.get(i), steps.get_mut(i)) {
+                    *step = self.failed_step(item.message(), kind, &reason);
+                }
+            }
+            let mut again = Vec::new();
+            let mut wait = Duration::ZERO;
+            for (mut item, step) in items.into_iter().zip(steps) {
+                match step {
+                    Step::Handled(_) => finished.push(item.finish(Verdict::Ack(MessageOutcome::Ok))),
+                    Step::DeadLetter(kind, reason) => finished.push(item.dead_letter(kind, reason, true, &plugin)),
+                    Step::Retry(delay) if mode == RetryMode::Broker => {
+                        finished.push(item.finish(Verdict::RetryAfter(delay)));
+                    }
+                    Step::Retry(delay) => {
+                        // In place: counted as it happens; the final outcome
+                        // is counted when the item settles.
+                        self.count(MessageOutcome::Retry);
+                        wait = wait.max(delay);
+                        let mut next = item.message().clone();
+                        next.attempt = next.attempt.saturating_add(1);
+                        item.retried = Some(next);
+                        again.push(item);
+                    }
+                    Step::HeldBack => again.push(item),
+                }
+            }
+            // Settled now: other keys do not wait for this key's retries.
+            self.settle_all(std::mem::take(&mut finished)).await;
+            items = again;
+            if !items.is_empty() && !sleep_unless(shutdown, wait).await {
+                let interrupted = items
+                    .into_iter()
+                    .map(|item| item.finish(Verdict::HandBack(MessageOutcome::Interrupted)))
+                    .collect();
+                self.settle_all(interrupted).await;
+                return;
+            }
+        }
+    }
+
+    /// The unit of order on this route: a failed item holds back the later
+    /// items that share it.
+    fn hold_key(&self, delivery: &dyn Delivery) -> String {
+        match (self.ordering, delivery.partition()) {
+            (RouteOrdering::Partition, partition) => partition.map(|p| p.to_string()).unwrap_or_default(),
+            _ => {
+                let msg = delivery.message();
+                self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone())
+            }
+        }
+    }
+
+    /// Settles each finished delivery (at once: they are independent) and
+    /// counts its outcome.
+    async fn settle_all(&self, finished: Vec<Finished>) {
+        if finished.is_empty() {
+            return;
+        }
+        let settles = finished
+            .into_iter()
+            .map(|(delivery, verdict, lease)| self.settle(delivery, verdict, lease));
+        for outcome in futures_util::future::join_all(settles).await {
+            self.count(outcome);
+        }
+    }
+
+    /// Runs the plugin on a batch; a host panic fails every item as a trap.
+    async fn invoke_batch(&self, plugin: &Plugin, msgs: &[&Message]) -> BatchInvocation {
+        let started = Instant::now();
+        let run = match AssertUnwindSafe(plugin.invoke_batch(&self.name, msgs)).catch_unwind().await {
+            Ok(run) => run,
+            Err(panic) => {
+                let why = self.caught_panic("running the handler", panic.as_ref());
+                BatchInvocation {
+                    items: Vec::new(),
+                    cut: Default::default(),
+                    duration: started.elapsed(),
+                }
+                .padded(msgs.len(), &why)
+            }
+        };
+        let run = run.padded(msgs.len(), "the plugin returned no outcome for this message");
+        self.series().duration.observe(run.duration.as_secs_f64());
+        self.count_cut(run.cut);
+        for item in &run.items {
+            if let Outcome::Failed { kind, reason } = &item.outcome {
+                self.note_failure(*kind, reason);
+            }
+        }
+        run
+    }
+
+    /// Each item's step in this round, from its outcome.
+    fn steps(&self, items: &[Item], run: BatchInvocation) -> Vec<Step> {
+        let mut steps = Vec::with_capacity(items.len());
+        let mut held: HashSet<&str> = HashSet::new();
+        for (item, result) in items.iter().zip(run.items) {
+            if item.key.as_deref().is_some_and(|k| held.contains(k)) {
+                steps.push(Step::HeldBack);
+                continue;
+            }
+            let msg = item.message();
+            let step = match result.outcome {
+                Outcome::Ok { reply } => Step::Handled(self.outbound(
+                    msg,
+                    item.gate_key().as_deref(),
+                    item.traceparent.as_deref(),
+                    result.publishes,
+                    reply,
+                )),
+                Outcome::Failed { kind, reason } => self.failed_step(msg, kind, &reason),
+            };
+            if let (Step::Retry(_), Some(key)) = (&step, item.key.as_deref()) {
+                held.insert(key);
+            }
+            steps.push(step);
+        }
+        steps
+    }
+
+    /// Sends the handled items' publishes, in one call when it goes through.
+    /// A refusal (one message no broker can carry) is narrowed down item by
+    /// item so it fails only its own; any other error fails every item sent.
+    /// Returns the items whose publishing failed, with the failure.
+    async fn send_handled(&self, steps: &[Step]) -> Vec<(usize, FailureKind, String)> {
+        let outbound: Vec<Outbound> = steps
+            .iter()
+            .flat_map(|s| match s {
+                Step::Handled(out) => out.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let failed = match self.send(&*self.sink, outbound).await {
+            Ok(_) => return Vec::new(),
+            Err(BrokerError::Refused { .. }) => {
+                let mut failed = Vec::new();
+                for (i, step) in steps.iter().enumerate() {
+                    if let Step::Handled(out) = step {
+                        if let Err(e) = self.send(&*self.sink, out.clone()).await {
+                            failed.push((i, e));
+                        }
+                    }
+                }
+                failed
+            }
+            Err(e) => steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s, Step::Handled(_)))
+                .map(|(i, _)| (i, e.clone()))
+                .collect(),
+        };
+        failed
+            .into_iter()
+            .map(|(i, e)| {
+                let kind = if matches!(e, BrokerError::Refused { .. }) {
+                    FailureKind::InvalidPublish
+                } else {
+                    FailureKind::Retryable
+                };
+                self.broker_error(super::settle::BrokerOp::Publish, &e);
+                let reason = format!("publishing the handler's messages: {}", Report(&e));
+                self.note_failure(kind, &reason);
+                (i, kind, reason)
+            })
+            .collect()
+    }
+
+    fn failed_step(&self, msg: &Message, kind: FailureKind, reason: &str) -> Step {
+        match self.decide(msg, kind, reason) {
+            FailureDecision::Retry(delay) => {
+                tracing::warn!(kind = %kind, id = ?msg.id, retry_in_ms = delay.as_millis() as u64, "handler failed: {reason}");
+                Step::Retry(delay)
+            }
+            FailureDecision::DeadLetter { kind, reason } => Step::DeadLetter(kind, reason),
+        }
+    }
+}
+
+impl BatchInvocation {
+    /// One item per message: any missing is a trap with reason `why`.
+    fn padded(mut self, n: usize, why: &str) -> Self {
+        while self.items.len() < n {
+            self.items.push(crate::engine::ItemInvocation {
+                outcome: Outcome::failed(FailureKind::Trap, why),
+                publishes: Vec::new(),
+            });
+        }
+        self
+    }
+}
