@@ -18,6 +18,7 @@
 //! Build it with `cargo build --target wasm32-wasip2 --release`; the `.wasm`
 //! in `target/wasm32-wasip2/release/` is the component sluice loads.
 
+pub mod batch;
 mod message;
 mod outcome;
 #[cfg(not(target_arch = "wasm32"))]
@@ -39,6 +40,23 @@ pub mod bindings {
     });
 }
 
+/// Generated bindings for the `sluice:plugin/batch-handler` world (its
+/// interfaces are the ones above). Not a stable API.
+#[doc(hidden)]
+pub mod batch_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "batch-handler",
+        default_bindings_module: "::sluice_sdk::batch_bindings",
+        pub_export_macro: true,
+        export_macro_name: "__export_batch_handler",
+        with: {
+            "sluice:plugin/types@0.1.1": crate::bindings::sluice::plugin::types,
+            "sluice:plugin/host@0.1.1": crate::bindings::sluice::plugin::host,
+        },
+    });
+}
+
 // In a component the host provides these; in a native `cargo test`, the
 // test host of [`testing`] does.
 #[cfg(target_arch = "wasm32")]
@@ -47,6 +65,54 @@ use bindings::sluice::plugin::types::{Header, HostError};
 use std::time::Duration;
 #[cfg(not(target_arch = "wasm32"))]
 use testing::host;
+
+/// Marks the function that handles batches of messages (a route's `batch`
+/// setting). The function takes a `Vec<Message>` and returns one outcome per
+/// message, in order: `Vec<Result<(), Error>>` (or `Result<Reply, Error>`,
+/// `Result<Option<Reply>, Error>`). On a route without `batch` it is called
+/// with a batch of one.
+///
+/// ```ignore
+/// sluice_sdk::batch_handler!(handle);
+///
+/// fn handle(batch: Vec<Message>) -> Vec<Result<(), Error>> {
+///     sluice_sdk::batch::each(batch, |msg| {
+///         let order: serde_json::Value = msg.json()?;
+///         sluice_sdk::publish_json("orders.seen", &order) // belongs to `msg`
+///     })
+/// }
+/// ```
+#[macro_export]
+macro_rules! batch_handler {
+    ($handler:path) => {
+        #[doc(hidden)]
+        struct __SluiceBatchHandler;
+
+        impl $crate::batch_bindings::Guest for __SluiceBatchHandler {
+            fn handle(
+                msg: $crate::bindings::Message,
+            ) -> ::core::result::Result<
+                ::core::option::Option<$crate::bindings::Reply>,
+                $crate::bindings::HandlerError,
+            > {
+                $crate::batch::run_one($handler, msg)
+            }
+
+            fn handle_batch(
+                msgs: ::std::vec::Vec<$crate::bindings::Message>,
+            ) -> ::std::vec::Vec<
+                ::core::result::Result<
+                    ::core::option::Option<$crate::bindings::Reply>,
+                    $crate::bindings::HandlerError,
+                >,
+            > {
+                $crate::batch::run($handler, msgs)
+            }
+        }
+
+        $crate::batch_bindings::__export_batch_handler!(__SluiceBatchHandler with_types_in $crate::batch_bindings);
+    };
+}
 
 /// Marks the function that handles each message.
 ///
@@ -103,9 +169,27 @@ pub fn publish_json<T: serde::Serialize>(subject: &str, value: &T) -> Result<(),
     publish(subject, body)
 }
 
-/// Queues a message with headers. Sent only if the handler returns Ok.
+/// Queues a message with headers. Sent only if the handler returns Ok (in
+/// a batch, inside [`batch::each`]: if that message's outcome is Ok).
 pub fn publish_with_headers(subject: &str, headers: &[(&str, &str)], payload: impl AsRef<[u8]>) -> Result<(), Error> {
-    host::publish(subject, &headers_to_wit(headers), payload.as_ref()).map_err(host_error)
+    let headers = headers_to_wit(headers);
+    match batch::current() {
+        Some(item) => host::publish_item(item, subject, &headers, payload.as_ref()),
+        None => host::publish(subject, &headers, payload.as_ref()),
+    }
+    .map_err(host_error)
+}
+
+/// Queues a message on behalf of `msg` of a batch: sent only if `msg`'s
+/// outcome is Ok. For batch handlers that work on the whole batch at once
+/// rather than through [`batch::each`].
+pub fn publish_for(
+    msg: &Message,
+    subject: &str,
+    headers: &[(&str, &str)],
+    payload: impl AsRef<[u8]>,
+) -> Result<(), Error> {
+    host::publish_item(msg.item(), subject, &headers_to_wit(headers), payload.as_ref()).map_err(host_error)
 }
 
 /// Sends a request and waits for its answer (NATS request/reply).

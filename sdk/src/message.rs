@@ -6,6 +6,8 @@ use crate::Error;
 #[derive(Debug, Clone)]
 pub struct Message {
     raw: bindings::Message,
+    /// Its index in the batch it came in (0 outside batches).
+    item: u32,
 }
 
 impl Message {
@@ -24,6 +26,7 @@ impl Message {
                 timestamp_ms: 0,
                 reply_to: None,
             },
+            item: 0,
         }
     }
 
@@ -50,7 +53,31 @@ impl Message {
 
     #[doc(hidden)]
     pub fn from_raw(raw: bindings::Message) -> Self {
-        Self { raw }
+        Self { raw, item: 0 }
+    }
+
+    /// A batch of messages for unit tests of a batch handler: each one's
+    /// index is its place in `messages`.
+    pub fn batch(messages: Vec<Message>) -> Vec<Message> {
+        messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| Self {
+                raw: m.raw,
+                item: u32::try_from(i).unwrap_or(u32::MAX),
+            })
+            .collect()
+    }
+
+    #[doc(hidden)]
+    pub fn from_raw_batch(raw: Vec<bindings::Message>) -> Vec<Self> {
+        Self::batch(raw.into_iter().map(Self::from_raw).collect())
+    }
+
+    /// Its index in the batch it came in (0 outside batches): what its
+    /// publishes are attributed to.
+    pub fn item(&self) -> u32 {
+        self.item
     }
 
     /// The broker-native id (stream sequence, `topic/partition/offset`, ...).

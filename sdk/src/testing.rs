@@ -69,6 +69,10 @@ pub(crate) mod host {
         Ok(())
     }
 
+    pub fn publish_item(_item: u32, subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
+        publish(subject, headers, payload)
+    }
+
     pub fn request(subject: &str, _payload: &[u8], _timeout_ms: u32) -> Result<Vec<u8>, HostError> {
         HOST.with(|h| h.borrow().answers.get(subject).cloned())
             .ok_or(HostError::Timeout)

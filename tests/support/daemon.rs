@@ -210,13 +210,14 @@ impl Daemon {
         }
     }
 
-    /// The length of an embedded queue (0 if unknown).
+    /// The length of an embedded queue. A queue the daemon does not list
+    /// fails the test: a misnamed queue must not read as empty.
     pub fn queue_len(&self, name: &str) -> u64 {
         let all = self.get_json("/v1/queues");
         all.as_array()
             .and_then(|qs| qs.iter().find(|q| q["name"] == name))
             .and_then(|q| q["messages"].as_u64())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no embedded queue `{name}` in {all}"))
     }
 
     pub fn metrics(&self) -> String {

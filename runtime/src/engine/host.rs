@@ -282,7 +282,6 @@ impl HostState {
             ),
         }
     }
-
 }
 
 /// A plugin's log text as one bounded line: control characters escaped, so
@@ -338,10 +337,7 @@ impl HostState {
     ) -> Result<(), types::HostError> {
         let items = self.batch.unwrap_or(1);
         if let Some(i) = item.filter(|i| *i >= items) {
-            return Err(self.refuse_publish(
-                None,
-                format!("publish-item for item {i} of a batch of {items}"),
-            ));
+            return Err(self.refuse_publish(None, format!("publish-item for item {i} of a batch of {items}")));
         }
         if let Err(why) = headers::check_subject(&subject) {
             return Err(self.refuse_publish(item, why));
@@ -350,9 +346,7 @@ impl HostState {
         self.cut.reserved_headers += u32::try_from(headers::strip_reserved(&mut headers)).unwrap_or(u32::MAX);
         let header_bytes = match headers::check_plugin_headers(&headers) {
             Ok(n) => n,
-            Err(e) => {
-                return Err(self.refuse_publish(item, format!("publish to {:?}: {e}", headers::shown(&subject))))
-            }
+            Err(e) => return Err(self.refuse_publish(item, format!("publish to {:?}: {e}", headers::shown(&subject)))),
         };
         let size = payload.len().saturating_add(header_bytes).saturating_add(subject.len());
         let (max_count, max_bytes) = self.publish_limits();

@@ -1,9 +1,9 @@
 //! A loaded plugin version: checked, compiled, pre-instantiated; runs one
 //! message per call in a fresh or a reused instance.
 
+use super::bindings::batch::BatchHandlerPre;
 use super::bindings::messaging::MessagingRequestReplyPre;
 use super::bindings::wasmcloud::HandlerComponentPre;
-use super::bindings::batch::BatchHandlerPre;
 use super::bindings::{sluice::plugin::types, HandlerPre};
 use super::host::{HostState, PluginContext, Requester};
 use super::outcome::{BatchInvocation, Cut, FailureKind, Invocation, ItemInvocation, Outcome, Reply};
@@ -575,9 +575,7 @@ impl Plugin {
     /// capped at [`MAX_BATCH_TIMEOUT`] (never below one message's timeout).
     pub fn batch_timeout(&self, n: usize) -> Duration {
         let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-        self.timeout
-            .saturating_mul(n)
-            .min(MAX_BATCH_TIMEOUT.max(self.timeout))
+        self.timeout.saturating_mul(n).min(MAX_BATCH_TIMEOUT.max(self.timeout))
     }
 
     /// Runs the handler on a batch: one instance for the whole batch (in
@@ -593,6 +591,23 @@ impl Plugin {
         } else {
             self.run_each(route, msgs).await
         };
+        Self::batch_invocation(items, cut, started)
+    }
+
+    /// Runs `handle` on each message alone (one instance while it stays
+    /// healthy): how the messages of a batch that failed as a whole are
+    /// told apart, so one poison message does not fail its neighbours.
+    pub async fn invoke_each(&self, route: &str, msgs: &[&Message]) -> BatchInvocation {
+        let started = Instant::now();
+        let (items, cut) = self.run_each(route, msgs).await;
+        Self::batch_invocation(items, cut, started)
+    }
+
+    fn batch_invocation(
+        items: Vec<(Outcome, Vec<crate::message::Outbound>)>,
+        cut: Cut,
+        started: Instant,
+    ) -> BatchInvocation {
         let items = items
             .into_iter()
             .map(|(outcome, publishes)| ItemInvocation {
@@ -632,7 +647,11 @@ impl Plugin {
     }
 
     /// `handle-batch` in one call.
-    async fn run_batch_export(&self, route: &str, msgs: &[&Message]) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
+    async fn run_batch_export(
+        &self,
+        route: &str,
+        msgs: &[&Message],
+    ) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
         let n = msgs.len();
         let all = |outcome: Outcome| (0..n).map(|_| (outcome.clone(), Vec::new())).collect::<Vec<_>>();
         let mut warm = match self.take_warm().await {
@@ -677,7 +696,7 @@ impl Plugin {
                         .find(|(item, _)| *item as usize == i)
                         .map(|(_, why)| why.clone());
                     outcomes.push(match refused {
-                        Some(why) if matches!(result, Ok(_)) => Outcome::failed(FailureKind::InvalidPublish, why),
+                        Some(why) if result.is_ok() => Outcome::failed(FailureKind::InvalidPublish, why),
                         _ => self.classify(Ok(Ok(result)), state),
                     });
                 }

@@ -153,7 +153,10 @@ impl Route {
             };
             let mut batch = Gathering::new(config, first);
             while !batch.full() {
-                match self.next_from_source(&mut pending, Some(batch.deadline), &shutdown).await {
+                match self
+                    .next_from_source(&mut pending, Some(batch.deadline), &shutdown)
+                    .await
+                {
                     Next::Delivery(d) => {
                         if let Some(over) = batch.push(d) {
                             carried = Some(over);
@@ -200,7 +203,8 @@ impl Route {
                     break;
                 }
             }
-            self.process_batch(batch.deliveries, RetryMode::InPlace, &shutdown).await;
+            self.process_batch(batch.deliveries, RetryMode::InPlace, &shutdown)
+                .await;
         }
     }
 
@@ -315,10 +319,23 @@ impl Route {
         self.settle_all(std::mem::take(&mut finished)).await;
 
         while !items.is_empty() {
-            let run = {
+            let mut run = {
                 let msgs: Vec<&Message> = items.iter().map(Item::message).collect();
-                self.invoke_batch(&plugin, &msgs).await
+                self.invoke_batch(&plugin, &msgs, false).await
             };
+            if plugin.handles_batches() && failed_as_a_whole(&run) {
+                // A trap, timeout or memory hit of `handle-batch` says
+                // nothing of which message caused it: each runs again alone
+                // at once, so only the culprit fails. Counted as a retry of
+                // each, but the same attempt: the attempt number stays the
+                // broker's count of the message's own failures.
+                tracing::warn!("the batch failed as a whole; running its messages one by one");
+                for _ in &items {
+                    self.count(MessageOutcome::Retry);
+                }
+                let msgs: Vec<&Message> = items.iter().map(Item::message).collect();
+                run = self.invoke_batch(&plugin, &msgs, true).await;
+            }
             let mut steps = self.steps(&items, run);
             for (i, kind, reason) in self.send_handled(&steps).await {
                 if let (Some(item), Some(step)) = (items.get(i), steps.get_mut(i)) {
@@ -387,10 +404,18 @@ impl Route {
         }
     }
 
-    /// Runs the plugin on a batch; a host panic fails every item as a trap.
-    async fn invoke_batch(&self, plugin: &Plugin, msgs: &[&Message]) -> BatchInvocation {
+    /// Runs the plugin on a batch (`one_by_one`: each message alone); a
+    /// host panic fails every item as a trap.
+    async fn invoke_batch(&self, plugin: &Plugin, msgs: &[&Message], one_by_one: bool) -> BatchInvocation {
         let started = Instant::now();
-        let run = match AssertUnwindSafe(plugin.invoke_batch(&self.name, msgs)).catch_unwind().await {
+        let invoked = async {
+            if one_by_one {
+                plugin.invoke_each(&self.name, msgs).await
+            } else {
+                plugin.invoke_batch(&self.name, msgs).await
+            }
+        };
+        let run = match AssertUnwindSafe(invoked).catch_unwind().await {
             Ok(run) => run,
             Err(panic) => {
                 let why = self.caught_panic("running the handler", panic.as_ref());
@@ -498,6 +523,17 @@ impl Route {
             FailureDecision::DeadLetter { kind, reason } => Step::DeadLetter(kind, reason),
         }
     }
+}
+
+/// Whether every item failed the same host-detected way (a trap, timeout
+/// or memory hit of the one `handle-batch` call), in a batch of several.
+fn failed_as_a_whole(run: &BatchInvocation) -> bool {
+    let mut kinds = run.items.iter().map(|i| match &i.outcome {
+        Outcome::Failed { kind, .. } if kind.is_host_detected() => Some(*kind),
+        _ => None,
+    });
+    let first = kinds.next().flatten();
+    run.items.len() > 1 && first.is_some() && kinds.all(|k| k == first)
 }
 
 impl BatchInvocation {

@@ -71,7 +71,9 @@ impl Route {
                         (LaneSender::Unbounded(tx), LaneReceiver::Unbounded(rx))
                     } else {
                         // A lane gathers its batches from its queue.
-                        let buffer = self.batch.map_or(LANE_BUFFER, |b| (b.max_messages as usize).max(LANE_BUFFER));
+                        let buffer = self
+                            .batch
+                            .map_or(LANE_BUFFER, |b| (b.max_messages as usize).max(LANE_BUFFER));
                         let (tx, rx) = mpsc::channel(buffer);
                         (LaneSender::Bounded(tx), LaneReceiver::Bounded(rx))
                     };
