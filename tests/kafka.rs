@@ -512,3 +512,68 @@ jitter = "none""#
             && committed(&brokers(), &group, &format!("{input}.retry.2"), 1) == [1]
     });
 }
+
+#[test]
+fn in_batches_commits_never_pass_a_failed_record_and_sigkill_mid_batch_loses_nothing() {
+    let _serial = serial();
+    const N: usize = 1_000;
+    const POISON: usize = 400;
+    let id = unique();
+    let (input, out) = (format!("in-{id}"), format!("out.{id}"));
+    let rt = rt();
+    let producer = kafka::producer(&brokers());
+    let records = (0..N)
+        .map(|i| {
+            let fail = if i == POISON { "retryable" } else { "no" };
+            (Some(0), None, vec![("fail".to_owned(), fail.to_owned())], format!("r-{i}"))
+        })
+        .collect();
+    rt.block_on(async {
+        kafka::create_topic(&brokers(), &input, 1).await;
+        produce(&producer, &input, records).await;
+    });
+    let plugin_table = format!(
+        "[plugins.p]\npath = \"{}\"\npublish = [\"{out}\"]\nconfig = {{ to = \"{out}\" }}",
+        plugin("fixture_batch").display()
+    );
+    // Batches of 64 in partition order; the poison record fails in place
+    // (holding back the records after it) until its attempts run out.
+    let route = format!(
+        r#"source = {{ broker = "kafka", topics = ["{input}"], group = "g-{id}", instance_id = "i-{id}" }}
+publish_broker = "nats"
+batch = {{ max_messages = 64, max_wait = "20ms" }}
+[routes.retry]
+max_attempts = 4
+initial_backoff = "1s"
+multiplier = 2.0
+jitter = "none""#
+    );
+    let collected = kafka::Collected::subscribe(&rt, &out);
+    let dir = tempfile::tempdir().unwrap();
+    let group = format!("g-{id}");
+    let mut d = Daemon::start(dir.path(), &config(&brokers(), &id, &plugin_table, &route));
+    d.wait_for("the records before the poison handled", Duration::from_secs(60), || {
+        route_count(&d, "handled") >= POISON as u64
+    });
+    // The poison's batch is stuck in its retries: commits reach it, never
+    // pass it.
+    d.wait_for("commits up to the poison record", Duration::from_secs(30), || {
+        committed(&brokers(), &group, &input, 1)[0] == POISON as i64
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(committed(&brokers(), &group, &input, 1)[0], POISON as i64);
+    assert_eq!(route_count(&d, "handled"), POISON as u64, "records after the poison were acked");
+    d.kill();
+    d.restart();
+    d.wait_for("offsets committed to the end", Duration::from_secs(120), || {
+        committed(&brokers(), &group, &input, 1) == ends(&brokers(), &input, 1)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let got = collected.all();
+    let payloads: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(payloads.len(), N - 1, "every record but the poison handled:\n{}", d.log());
+    assert!(!payloads.contains(format!("r-{POISON}").as_str()), "the poison's publish leaked");
+    let dead = read(&brokers(), &format!("dlq-{id}"), 1, Duration::from_secs(20));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, format!("r-{POISON}"));
+}

@@ -12,13 +12,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, noop_plugin, rate};
+use common::{env_or, noop, noop_plugin, rate, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
 use sluice::brokers::embedded::EmbeddedBroker;
 use sluice::brokers::{Sink, Source};
-use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings};
 use sluice::message::Outbound;
 use sluice::pipeline::Route;
@@ -34,14 +33,15 @@ fn url() -> String {
 }
 
 /// Publish → handle → durable ack on the embedded broker.
-async fn embedded(engine: &Engine, isolation: Isolation, n: usize, batch: usize, concurrency: u32) -> f64 {
+async fn embedded(engine: &Engine, mode: &Mode, n: usize, batch: usize, concurrency: u32) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = EmbeddedBroker::open(&dir.path().join("embedded.redb"), Duration::from_secs(60)).expect("broker");
     broker.declare_queue("bench", vec![SubjectPattern::parse("bench.in").expect("pattern")], None);
     let source: Arc<dyn Source> = Arc::new(broker.source("bench"));
     let sink: Arc<dyn Sink> = Arc::new(broker.clone());
-    let mut route = Route::new("bench", source, "embedded", sink, noop_plugin(engine, isolation));
+    let mut route = Route::new("bench", source, "embedded", sink, noop_plugin(engine, mode.isolation));
     route.concurrency = concurrency;
+    route.batch = mode.batch;
     let route = Arc::new(route);
     let stop = CancellationToken::new();
     let workers = route.spawn(&stop);
@@ -173,11 +173,11 @@ fn main() {
         println!("{:<28} {:>12} {:>10}", "consumer", "msg/s", "vs JetStream");
         let native = jetstream_native(&js, &tag, n, batch).await;
         println!("{:<28} {:>12.0} {:>10}", "JetStream native (file)", native, "1.00");
-        for iso in [Isolation::Fresh, Isolation::Reuse] {
-            let r = embedded(&engine, iso, n, batch, concurrency).await;
+        for mode in MODES {
+            let r = embedded(&engine, mode, n, batch, concurrency).await;
             println!(
                 "{:<28} {:>12.0} {:>10.2}",
-                format!("sluice embedded, {}", iso.as_str()),
+                format!("sluice embedded, {}", mode.name),
                 r,
                 r / native
             );

@@ -1,7 +1,8 @@
 //! sluice against a native async-nats consumer, same server, same run:
 //! core NATS (subscribe, nothing to ack) and JetStream (pull consumer, ack
-//! each), with the `noop` plugin in both isolation modes. Prints msg/s and
-//! the ratio sluice/native.
+//! each), with the `noop` plugin in both isolation modes and in `fresh`
+//! with batches of 64 (one instance per batch). Prints msg/s and the ratio
+//! sluice/native.
 //!
 //! Needs nats-server with JetStream (`SLUICE_NATS_URL`, default
 //! 127.0.0.1:4222). Run: `cargo xtask bench` or
@@ -9,13 +10,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{noop, noop_plugin as plugin, rate};
+use common::{noop, noop_plugin as plugin, rate, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
 use sluice::brokers::nats::{ConsumerSettings, NatsBroker, NatsConfig};
 use sluice::brokers::{Sink, Source};
-use sluice::config::Isolation;
 use sluice::engine::{Engine, EngineSettings};
 use sluice::pipeline::Route;
 use std::sync::Arc;
@@ -89,22 +89,17 @@ async fn run_route(route: Route, n: usize, feed: impl std::future::Future<Output
     (rate(last, took), last)
 }
 
-async fn sluice_core(
-    broker: &NatsBroker,
-    engine: &Engine,
-    isolation: Isolation,
-    subject: &str,
-    n: usize,
-) -> (f64, usize) {
+async fn sluice_core(broker: &NatsBroker, engine: &Engine, mode: &Mode, subject: &str, n: usize) -> (f64, usize) {
     let source: Arc<dyn Source> = Arc::new(broker.core_source(subject, None).await.expect("subscribe"));
     let mut route = Route::new(
         "core",
         source,
         "nats",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        plugin(engine, isolation),
+        plugin(engine, mode.isolation),
     );
     route.concurrency = concurrency();
+    route.batch = mode.batch;
     tokio::time::sleep(Duration::from_millis(50)).await;
     run_route(route, n, publish_core(&broker_client(broker), subject, n)).await
 }
@@ -138,14 +133,14 @@ async fn native_jetstream(js: &jetstream::Context, stream: &str, n: usize) -> f6
 async fn sluice_jetstream(
     broker: &NatsBroker,
     engine: &Engine,
-    isolation: Isolation,
+    mode: &Mode,
     stream: &str,
     subject: &str,
     n: usize,
 ) -> (f64, usize) {
     let settings = ConsumerSettings {
         stream: stream.to_owned(),
-        durable: format!("sluice-{}", isolation.as_str()),
+        durable: format!("sluice-{}", mode.name.replace(' ', "-")),
         filter_subject: subject.to_owned(),
         ack_wait: Duration::from_secs(30),
         max_deliver: -1,
@@ -157,9 +152,10 @@ async fn sluice_jetstream(
         source,
         "jetstream",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        plugin(engine, isolation),
+        plugin(engine, mode.isolation),
     );
     route.concurrency = concurrency();
+    route.batch = mode.batch;
     run_route(route, n, async {}).await
 }
 
@@ -201,8 +197,8 @@ fn main() {
 
         let native = native_core(&client, &format!("{tag}.native"), n).await;
         println!("{:<10} {:<16} {:>12.0} {:>10}", "core", "native", native, "1.00");
-        for iso in [Isolation::Reuse, Isolation::Fresh] {
-            let (r, handled) = sluice_core(&broker, &engine, iso, &format!("{tag}.{}", iso.as_str()), n).await;
+        for (i, mode) in MODES.iter().enumerate() {
+            let (r, handled) = sluice_core(&broker, &engine, mode, &format!("{tag}.m{i}"), n).await;
             let dropped = if handled < n {
                 format!("  ({} dropped by the server: slow consumer)", n - handled)
             } else {
@@ -211,7 +207,7 @@ fn main() {
             println!(
                 "{:<10} {:<16} {:>12.0} {:>10.2}{dropped}",
                 "core",
-                format!("sluice {}", iso.as_str()),
+                format!("sluice {}", mode.name),
                 r,
                 r / native
             );
@@ -243,17 +239,17 @@ fn main() {
         }
         let native = native_jetstream(&js, &stream, n).await;
         println!("{:<10} {:<16} {:>12.0} {:>10}", "jetstream", "native", native, "1.00");
-        for iso in [Isolation::Reuse, Isolation::Fresh] {
-            let (r, _) = sluice_jetstream(&broker, &engine, iso, &stream, &subject, n).await;
+        for mode in MODES {
+            let (r, _) = sluice_jetstream(&broker, &engine, mode, &stream, &subject, n).await;
             println!(
                 "{:<10} {:<16} {:>12.0} {:>10.2}",
                 "jetstream",
-                format!("sluice {}", iso.as_str()),
+                format!("sluice {}", mode.name),
                 r,
                 r / native
             );
         }
         let _ = js.delete_stream(&stream).await;
-        println!("bar: sluice >= 0.9 of native in reuse mode");
+        println!("bars: reuse >= 0.9 (JetStream), >= 0.8 (core); fresh >= 0.5 (JetStream); fresh batch 64 >= 0.9");
     });
 }

@@ -37,3 +37,36 @@ pub fn noop_plugin(engine: &Engine, isolation: Isolation) -> Arc<Plugin> {
 pub fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
+
+/// How a bench runs sluice: isolation, and batches or not.
+pub struct Mode {
+    pub name: &'static str,
+    pub isolation: Isolation,
+    pub batch: Option<sluice::config::BatchConfig>,
+}
+
+/// Batches of up to 64, gathered for up to 5 ms (the default wait).
+const BATCH_64: sluice::config::BatchConfig = sluice::config::BatchConfig {
+    max_messages: 64,
+    max_wait: Duration::from_millis(5),
+    max_bytes: 4 << 20,
+};
+
+/// The modes every broker bench compares with its native consumer.
+pub const MODES: &[Mode] = &[
+    Mode {
+        name: "reuse",
+        isolation: Isolation::Reuse,
+        batch: None,
+    },
+    Mode {
+        name: "fresh",
+        isolation: Isolation::Fresh,
+        batch: None,
+    },
+    Mode {
+        name: "fresh batch 64",
+        isolation: Isolation::Fresh,
+        batch: Some(BATCH_64),
+    },
+];
