@@ -525,7 +525,12 @@ fn in_batches_commits_never_pass_a_failed_record_and_sigkill_mid_batch_loses_not
     let records = (0..N)
         .map(|i| {
             let fail = if i == POISON { "retryable" } else { "no" };
-            (Some(0), None, vec![("fail".to_owned(), fail.to_owned())], format!("r-{i}"))
+            (
+                Some(0),
+                None,
+                vec![("fail".to_owned(), fail.to_owned())],
+                format!("r-{i}"),
+            )
         })
         .collect();
     rt.block_on(async {
@@ -562,7 +567,11 @@ jitter = "none""#
     });
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(committed(&brokers(), &group, &input, 1)[0], POISON as i64);
-    assert_eq!(route_count(&d, "handled"), POISON as u64, "records after the poison were acked");
+    assert_eq!(
+        route_count(&d, "handled"),
+        POISON as u64,
+        "records after the poison were acked"
+    );
     d.kill();
     d.restart();
     d.wait_for("offsets committed to the end", Duration::from_secs(120), || {
@@ -571,8 +580,16 @@ jitter = "none""#
     std::thread::sleep(Duration::from_millis(300));
     let got = collected.all();
     let payloads: BTreeSet<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(payloads.len(), N - 1, "every record but the poison handled:\n{}", d.log());
-    assert!(!payloads.contains(format!("r-{POISON}").as_str()), "the poison's publish leaked");
+    assert_eq!(
+        payloads.len(),
+        N - 1,
+        "every record but the poison handled:\n{}",
+        d.log()
+    );
+    assert!(
+        !payloads.contains(format!("r-{POISON}").as_str()),
+        "the poison's publish leaked"
+    );
     let dead = read(&brokers(), &format!("dlq-{id}"), 1, Duration::from_secs(20));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload, format!("r-{POISON}"));

@@ -12,7 +12,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, noop_plugin, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
@@ -39,7 +39,7 @@ async fn embedded(engine: &Engine, mode: &Mode, n: usize, batch: usize, concurre
     broker.declare_queue("bench", vec![SubjectPattern::parse("bench.in").expect("pattern")], None);
     let source: Arc<dyn Source> = Arc::new(broker.source("bench"));
     let sink: Arc<dyn Sink> = Arc::new(broker.clone());
-    let mut route = Route::new("bench", source, "embedded", sink, noop_plugin(engine, mode.isolation));
+    let mut route = Route::new("bench", source, "embedded", sink, mode_plugin(engine, mode));
     route.concurrency = concurrency;
     route.batch = mode.batch;
     let route = Arc::new(route);

@@ -11,7 +11,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, noop_plugin, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
 
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -113,7 +113,7 @@ async fn sluice(broker: &KafkaBroker, engine: &Engine, mode: &Mode, topic: &str,
         source,
         "kafka",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        noop_plugin(engine, mode.isolation),
+        mode_plugin(engine, mode),
     );
     route.concurrency = PARTITIONS as u32;
     route.batch = mode.batch;

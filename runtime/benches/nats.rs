@@ -10,7 +10,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{noop, noop_plugin as plugin, rate, Mode, MODES};
+use common::{mode_plugin, noop, rate, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
@@ -96,7 +96,7 @@ async fn sluice_core(broker: &NatsBroker, engine: &Engine, mode: &Mode, subject:
         source,
         "nats",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        plugin(engine, mode.isolation),
+        mode_plugin(engine, mode),
     );
     route.concurrency = concurrency();
     route.batch = mode.batch;
@@ -152,7 +152,7 @@ async fn sluice_jetstream(
         source,
         "jetstream",
         Arc::new(broker.clone()) as Arc<dyn Sink>,
-        plugin(engine, mode.isolation),
+        mode_plugin(engine, mode),
     );
     route.concurrency = concurrency();
     route.batch = mode.batch;

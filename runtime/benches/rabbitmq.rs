@@ -9,7 +9,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, noop, noop_plugin, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -103,7 +103,7 @@ async fn sluice(broker: &RabbitBroker, engine: &Engine, mode: &Mode, queue: &str
         source,
         "rabbitmq",
         Arc::new(broker.sink()) as Arc<dyn Sink>,
-        noop_plugin(engine, mode.isolation),
+        mode_plugin(engine, mode),
     );
     route.concurrency = u32::try_from(concurrency()).unwrap_or(16);
     if let Some(batch) = mode.batch {

@@ -33,6 +33,17 @@ pub fn noop_plugin(engine: &Engine, isolation: Isolation) -> Arc<Plugin> {
     Arc::new(engine.load(spec).expect("load noop"))
 }
 
+/// The plugin a mode runs: `noop`, or `noop-batch` (which exports
+/// `handle-batch`) for the modes that say so.
+pub fn mode_plugin(engine: &Engine, mode: &Mode) -> Arc<Plugin> {
+    if !mode.batch_export {
+        return noop_plugin(engine, mode.isolation);
+    }
+    let mut spec = PluginSpec::new("noop-batch", plugin_file("noop_batch.wasm"));
+    spec.isolation = mode.isolation;
+    Arc::new(engine.load(spec).expect("load noop-batch (cargo xtask plugins)"))
+}
+
 /// Messages per second.
 pub fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
@@ -43,6 +54,9 @@ pub struct Mode {
     pub name: &'static str,
     pub isolation: Isolation,
     pub batch: Option<sluice::config::BatchConfig>,
+    /// Runs `noop-batch`, whose `handle-batch` takes the batch in one call
+    /// (else `noop`, called once per message on the batch's instance).
+    pub batch_export: bool,
 }
 
 /// Batches of up to 64, gathered for up to 5 ms (the default wait).
@@ -58,15 +72,24 @@ pub const MODES: &[Mode] = &[
         name: "reuse",
         isolation: Isolation::Reuse,
         batch: None,
+        batch_export: false,
     },
     Mode {
         name: "fresh",
         isolation: Isolation::Fresh,
         batch: None,
+        batch_export: false,
     },
     Mode {
         name: "fresh batch 64",
         isolation: Isolation::Fresh,
         batch: Some(BATCH_64),
+        batch_export: false,
+    },
+    Mode {
+        name: "fresh handle-batch 64",
+        isolation: Isolation::Fresh,
+        batch: Some(BATCH_64),
+        batch_export: true,
     },
 ];

@@ -329,3 +329,33 @@ mod tests {
         assert_eq!(c.data_dir, Path::new("x/.sluice"));
     }
 }
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn err(route: &str) -> String {
+        let text = format!(
+            "[plugins.p]\npath = \"p.wasm\"\ntimeout = \"1s\"\n\n[[routes]]\nname = \"r\"\nplugin = \"p\"\nsource = {{ subject = \"in\" }}\n{route}\n"
+        );
+        parse(&text, Path::new("conf/b.toml"), PluginFiles::MayBeMissing)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_bad_batch_setting_names_its_line_and_key() {
+        let e = err("batch = { max_messages = 0 }");
+        assert!(e.starts_with("conf/b.toml:9: key `routes.0.batch.max_messages`"), "{e}");
+        let e = err("batch = { max_wait = \"1m\" }");
+        assert!(e.contains("routes.0.batch.max_wait") && e.contains("at most 10s"), "{e}");
+        let e = err("batch = { max_messages = 8, size = 3 }");
+        assert!(e.contains("size"), "{e}");
+    }
+
+    #[test]
+    fn the_lease_must_outlast_a_batch_deadline() {
+        let e = err("batch = { max_messages = 64 }\n[routes.idempotency]\nkey = \"id\"\nlease = \"30s\"");
+        assert!(e.contains("routes.0.idempotency.lease") && e.contains("per batch"), "{e}");
+    }
+}

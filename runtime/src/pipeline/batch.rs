@@ -25,6 +25,7 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -132,15 +133,18 @@ enum Step {
 }
 
 impl Route {
-    /// Unordered, with batches: gather, handle, settle, repeat.
-    pub(super) async fn batch_worker(
+    /// Unordered, with batches: the one task that takes from the source
+    /// and gathers batches for the workers. Alone on the source, it may keep
+    /// a wait for the next delivery across a batch's deadline (a source's
+    /// `next` is never dropped half-way: it may hold a message, or a lock
+    /// the source's other callers would wait on).
+    pub(super) async fn gather(
         self: Arc<Self>,
         config: BatchConfig,
+        batches: mpsc::Sender<Vec<Box<dyn Delivery>>>,
         shutdown: CancellationToken,
         _alive: WorkerAlive,
     ) {
-        // A wait for the next delivery outlives a batch's deadline: a
-        // source's `next` is never dropped half-way (it may hold a message).
         let mut pending: PendingNext<'_> = None;
         let mut carried: Option<Box<dyn Delivery>> = None;
         loop {
@@ -168,7 +172,32 @@ impl Route {
                     Next::Stop => return,
                 }
             }
-            self.process_batch(batch.deliveries, RetryMode::Broker, &shutdown).await;
+            // A full queue holds the gatherer: backpressure on the source.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                sent = batches.send(batch.deliveries) => if sent.is_err() { return },
+            }
+        }
+    }
+
+    /// Unordered, with batches: handle the gathered batches, one at a time.
+    pub(super) async fn batch_worker(
+        self: Arc<Self>,
+        batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Box<dyn Delivery>>>>>,
+        shutdown: CancellationToken,
+        _alive: WorkerAlive,
+    ) {
+        loop {
+            let batch = {
+                let mut queue = batches.lock().await;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    b = queue.recv() => match b { Some(b) => b, None => return },
+                }
+            };
+            self.process_batch(batch, RetryMode::Broker, &shutdown).await;
         }
     }
 

@@ -52,12 +52,23 @@ impl Route {
         let _ = self.series();
         let alive = || WorkerAlive::new(&self.liveness);
         match self.ordering {
-            RouteOrdering::None => (0..self.concurrency)
-                .map(|_| match self.batch {
-                    Some(batch) => tokio::spawn(self.clone().batch_worker(batch, shutdown.clone(), alive())),
-                    None => tokio::spawn(self.clone().worker(shutdown.clone(), alive())),
-                })
-                .collect(),
+            RouteOrdering::None => match self.batch {
+                Some(batch) => {
+                    // One gatherer feeds the workers whole batches; one
+                    // batch waits ready while the workers are busy.
+                    let (tx, rx) = mpsc::channel(1);
+                    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+                    let mut handles = vec![tokio::spawn(self.clone().gather(batch, tx, shutdown.clone(), alive()))];
+                    handles.extend(
+                        (0..self.concurrency)
+                            .map(|_| tokio::spawn(self.clone().batch_worker(rx.clone(), shutdown.clone(), alive()))),
+                    );
+                    handles
+                }
+                None => (0..self.concurrency)
+                    .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), alive())))
+                    .collect(),
+            },
             RouteOrdering::Key | RouteOrdering::Partition => {
                 let lanes = self.concurrency as usize;
                 let mut handles = Vec::with_capacity(lanes + 1);
