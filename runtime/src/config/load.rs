@@ -348,7 +348,10 @@ mod batch_tests {
         let e = err("batch = { max_messages = 0 }");
         assert!(e.starts_with("conf/b.toml:9: key `routes.0.batch.max_messages`"), "{e}");
         let e = err("batch = { max_wait = \"1m\" }");
-        assert!(e.contains("routes.0.batch.max_wait") && e.contains("at most 10s"), "{e}");
+        assert!(
+            e.contains("routes.0.batch.max_wait") && e.contains("at most 10s"),
+            "{e}"
+        );
         let e = err("batch = { max_messages = 8, size = 3 }");
         assert!(e.contains("size"), "{e}");
     }
@@ -356,6 +359,9 @@ mod batch_tests {
     #[test]
     fn the_lease_must_outlast_a_batch_deadline() {
         let e = err("batch = { max_messages = 64 }\n[routes.idempotency]\nkey = \"id\"\nlease = \"30s\"");
-        assert!(e.contains("routes.0.idempotency.lease") && e.contains("per batch"), "{e}");
+        assert!(
+            e.contains("routes.0.idempotency.lease") && e.contains("per batch"),
+            "{e}"
+        );
     }
 }

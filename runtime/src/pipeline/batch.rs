@@ -75,6 +75,9 @@ enum Next {
     Stop,
 }
 
+/// A gathered batch, on its way to a worker.
+pub(super) type Gathered = Vec<Box<dyn Delivery>>;
+
 type PendingNext<'a> = Option<BoxFuture<'a, Result<Box<dyn Delivery>, BrokerError>>>;
 
 /// One message of a batch while it is handled.
@@ -141,7 +144,7 @@ impl Route {
     pub(super) async fn gather(
         self: Arc<Self>,
         config: BatchConfig,
-        batches: mpsc::Sender<Vec<Box<dyn Delivery>>>,
+        batches: mpsc::Sender<Gathered>,
         shutdown: CancellationToken,
         _alive: WorkerAlive,
     ) {
@@ -184,7 +187,7 @@ impl Route {
     /// Unordered, with batches: handle the gathered batches, one at a time.
     pub(super) async fn batch_worker(
         self: Arc<Self>,
-        batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Box<dyn Delivery>>>>>,
+        batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Gathered>>>,
         shutdown: CancellationToken,
         _alive: WorkerAlive,
     ) {
