@@ -4,7 +4,8 @@
 //! subject by the consumer; the time from publish to the republished copy
 //! arriving gives p50 / p99 / p99.9. Consumers: a native async-nats pull
 //! consumer that republishes then acks, and sluice with the `fixture_stamp`
-//! plugin (which publishes its payload) in both isolation modes.
+//! plugin (which publishes its payload) in both isolation modes, and in
+//! `fresh` with batches of up to 64 gathered for at most 1 ms.
 //!
 //! Needs nats-server with JetStream (`SLUICE_NATS_URL`, default
 //! 127.0.0.1:4222). Run: `cargo xtask bench` or
@@ -40,6 +41,8 @@ fn now_ns() -> u64 {
 enum Consumer {
     Native,
     Sluice(Isolation),
+    /// `fresh`, `batch = { max_messages = 64, max_wait = "1ms" }`.
+    SluiceBatch,
 }
 
 impl Consumer {
@@ -47,6 +50,7 @@ impl Consumer {
         match self {
             Consumer::Native => "native".into(),
             Consumer::Sluice(iso) => format!("sluice {}", iso.as_str()),
+            Consumer::SluiceBatch => "sluice batch".into(),
         }
     }
 }
@@ -112,10 +116,21 @@ impl Setup {
                 });
                 (stop, vec![task])
             }
-            Consumer::Sluice(iso) => {
+            Consumer::Sluice(_) | Consumer::SluiceBatch => {
+                let (iso, batch) = match consumer {
+                    Consumer::Sluice(iso) => (*iso, None),
+                    _ => (
+                        Isolation::Fresh,
+                        Some(sluice::config::BatchConfig {
+                            max_messages: 64,
+                            max_wait: Duration::from_millis(1),
+                            max_bytes: 4 << 20,
+                        }),
+                    ),
+                };
                 let settings = ConsumerSettings {
                     stream: stream.to_owned(),
-                    durable: format!("sluice-{}", iso.as_str()),
+                    durable: format!("sluice-{}", consumer.name().replace(' ', "-")),
                     filter_subject: input.to_owned(),
                     ack_wait: Duration::from_secs(30),
                     max_deliver: -1,
@@ -124,7 +139,7 @@ impl Setup {
                 let source: Arc<dyn Source> =
                     Arc::new(self.broker.jetstream_source(&settings).await.expect("consumer"));
                 let mut spec = PluginSpec::new("stamp", plugin_file("fixture_stamp.wasm"));
-                spec.isolation = *iso;
+                spec.isolation = iso;
                 spec.publish_allow = vec![">".into()];
                 spec.settings.insert("to".into(), output.to_owned());
                 let plugin = Arc::new(self.engine.load(spec).expect("load fixture_stamp"));
@@ -136,6 +151,7 @@ impl Setup {
                     plugin,
                 );
                 route.concurrency = env_or("SLUICE_BENCH_CONCURRENCY", 16);
+                route.batch = batch;
                 let route = Arc::new(route);
                 let workers = route.spawn(&stop);
                 (stop, workers)
@@ -295,6 +311,7 @@ fn main() {
             Consumer::Native,
             Consumer::Sluice(Isolation::Fresh),
             Consumer::Sluice(Isolation::Reuse),
+            Consumer::SluiceBatch,
         ] {
             let l = setup.latencies(&consumer, rate, seconds).await;
             let p = [percentile(&l, 0.5), percentile(&l, 0.99), percentile(&l, 0.999)];

@@ -377,8 +377,27 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     status(
         cargo()
             .args([
-                "bench", "-p", "sluice", "--bench", "dispatch", "--bench", "ordering", "--bench", "nats", "--bench",
-                "embedded", "--bench", "rabbitmq", "--bench", "kafka", "--bench", "hot_swap",
+                "bench",
+                "-p",
+                "sluice",
+                "--bench",
+                "dispatch",
+                "--bench",
+                "ordering",
+                "--bench",
+                "nats",
+                "--bench",
+                "embedded",
+                "--bench",
+                "rabbitmq",
+                "--bench",
+                "kafka",
+                "--bench",
+                "hot_swap",
+                "--bench",
+                "latency",
+                "--bench",
+                "latency_kafka",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
