@@ -279,3 +279,37 @@ subjects = ["v010.out"]
     assert_eq!(payloads, ["v010:a", "v010:b", "v010:c"]);
     assert_eq!(d.status()["plugins"][0]["world"], "sluice:plugin/handler@0.1.0");
 }
+
+#[test]
+fn copies_of_one_key_in_an_ordered_batch_run_once_without_waiting_for_their_own_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let messages = ["a", "a", "b", "a", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| message(&format!("{id}{i}"), &[("id", id), ("k", "one-key")]))
+        .collect();
+    prefill(&dir.path().join("data"), "b", "b.in", messages);
+    // A batch that waited on a lease its own batch holds would stall until
+    // the lease (20 s) ran out, then run the copies again.
+    let text = config(
+        r#"ordering = "key"
+key = "header:k"
+batch = { max_messages = 5, max_wait = "300ms" }
+[routes.idempotency]
+key = "header:id"
+store = "memory"
+lease = "20s""#,
+    )
+    .replace("publish = [\"batched\"]", "publish = [\"batched\"]\ntimeout = \"1s\"");
+    let d = Daemon::start(dir.path(), &text);
+    d.wait_for("every message settled", Duration::from_secs(8), || {
+        d.metric_present("sluice_messages_total{route=\"b\",outcome=\"duplicate\"}") == Some(2.0)
+            && d.metric_present("sluice_messages_total{route=\"b\",outcome=\"ok\"}") == Some(3.0)
+    });
+    let payloads: Vec<String> = d
+        .queue("batched")
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(payloads, ["a0", "b2", "c4"]);
+}

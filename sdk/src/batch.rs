@@ -44,7 +44,7 @@ pub fn run<R: IntoOutcome>(
 
 #[doc(hidden)]
 pub fn run_one<R: IntoOutcome>(handler: impl FnOnce(Vec<Message>) -> Vec<R>, msg: bindings::Message) -> RawOutcome {
-    run(handler, vec![msg]).pop().unwrap_or_else(|| {
+    run(handler, vec![msg]).into_iter().next().unwrap_or_else(|| {
         Err(bindings::HandlerError::Permanent(
             "the batch handler returned no outcome".into(),
         ))

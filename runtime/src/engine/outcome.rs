@@ -149,6 +149,10 @@ pub struct BatchInvocation {
     pub cut: Cut,
     #[serde(serialize_with = "as_micros", rename = "duration_us")]
     pub duration: Duration,
+    /// The one `handle-batch` call failed as a whole: no outcome points at
+    /// a culprit.
+    #[serde(skip)]
+    pub failed_whole: bool,
 }
 
 impl Cut {

@@ -496,11 +496,12 @@ impl Plugin {
 
     /// Arms the deadline for one message.
     fn arm(&self, store: &mut Store<HostState>) {
-        self.arm_for(store, self.timeout);
+        self.arm_for(store, self.timeout, 1);
     }
 
     /// Arms a deadline `timeout` from now.
-    fn arm_for(&self, store: &mut Store<HostState>, timeout: Duration) {
+    /// Arms a deadline `timeout` from now, and a fuel budget for `messages`.
+    fn arm_for(&self, store: &mut Store<HostState>, timeout: Duration, messages: u64) {
         let now = Instant::now();
         // A timeout too large for the clock means: no deadline in practice.
         store.data_mut().deadline = now
@@ -509,7 +510,8 @@ impl Plugin {
         store.set_epoch_deadline(YIELD_EVERY_TICKS);
         if self.engine.settings.fuel {
             // Without a budget of its own a plugin runs unmetered in practice.
-            let _ = store.set_fuel(self.fuel.unwrap_or(u64::MAX));
+            let budget = self.fuel.map_or(u64::MAX, |f| f.saturating_mul(messages.max(1)));
+            let _ = store.set_fuel(budget);
         }
     }
 
@@ -559,7 +561,7 @@ impl Plugin {
             Ok(w) => w,
             Err(outcome) => return (outcome, Vec::new(), Cut::default()),
         };
-        let (outcome, publishes, cut, kept) = self.call_once(warm, route, msg).await;
+        let (outcome, publishes, cut, kept) = self.call_once(warm, route, msg, self.timeout).await;
         if let Some(warm) = kept {
             self.give_back(warm);
         }
@@ -586,20 +588,25 @@ impl Plugin {
     /// next message gets a new instance).
     pub async fn invoke_batch(&self, route: &str, msgs: &[&Message]) -> BatchInvocation {
         let started = Instant::now();
-        let (items, cut) = if self.handles_batches() && msgs.len() > 1 {
-            self.run_batch_export(route, msgs).await
-        } else {
-            self.run_each(route, msgs).await
-        };
+        if self.handles_batches() && msgs.len() > 1 {
+            let (items, cut, whole) = self.run_batch_export(route, msgs).await;
+            let mut run = Self::batch_invocation(items, cut, started);
+            run.failed_whole = whole;
+            return run;
+        }
+        let until = started + self.batch_timeout(msgs.len());
+        let (items, cut) = self.run_each(route, msgs, until).await;
         Self::batch_invocation(items, cut, started)
     }
 
     /// Runs `handle` on each message alone (one instance while it stays
     /// healthy): how the messages of a batch that failed as a whole are
     /// told apart, so one poison message does not fail its neighbours.
-    pub async fn invoke_each(&self, route: &str, msgs: &[&Message]) -> BatchInvocation {
+    /// A message not started by `until` fails as a timeout: the batch's
+    /// deadline bounds the whole batch, whichever way it runs.
+    pub async fn invoke_each(&self, route: &str, msgs: &[&Message], until: Instant) -> BatchInvocation {
         let started = Instant::now();
-        let (items, cut) = self.run_each(route, msgs).await;
+        let (items, cut) = self.run_each(route, msgs, until).await;
         Self::batch_invocation(items, cut, started)
     }
 
@@ -624,6 +631,7 @@ impl Plugin {
             items,
             cut,
             duration: started.elapsed(),
+            failed_whole: false,
         }
     }
 
@@ -647,26 +655,30 @@ impl Plugin {
     }
 
     /// `handle-batch` in one call.
+    /// Also says whether the call failed as a whole (a trap, timeout,
+    /// memory hit, a list of the wrong length, or a refusal that was the
+    /// call's rather than one message's): nothing then tells the culprit.
     async fn run_batch_export(
         &self,
         route: &str,
         msgs: &[&Message],
-    ) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
+    ) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut, bool) {
         let n = msgs.len();
         let all = |outcome: Outcome| (0..n).map(|_| (outcome.clone(), Vec::new())).collect::<Vec<_>>();
         let mut warm = match self.take_warm().await {
             Ok(w) => w,
-            Err(outcome) => return (all(outcome), Cut::default()),
+            Err(outcome) => return (all(outcome), Cut::default(), true),
         };
         let first = msgs.first().map_or("", |m| m.id.as_str());
         warm.store.data_mut().reset(route, &format!("{first} (batch of {n})"));
         warm.store.data_mut().batch = Some(u32::try_from(n).unwrap_or(u32::MAX));
         let timeout = self.batch_timeout(n);
-        self.arm_for(&mut warm.store, timeout);
+        self.arm_for(&mut warm.store, timeout, n as u64);
         let deadline = warm.store.data().deadline;
         let batch: Vec<types::Message> = msgs.iter().map(|m| to_wit(route, m)).collect();
         let Handler::SluiceBatch(handler) = &warm.handler else {
-            return self.run_each(route, msgs).await;
+            let (items, cut) = self.run_each(route, msgs, deadline).await;
+            return (items, cut, false);
         };
         let call = handler.call_handle_batch(&mut warm.store, &batch);
         // Timed out while waiting: the instance is dropped, never reused.
@@ -675,18 +687,20 @@ impl Plugin {
                 FailureKind::Timeout,
                 format!("the batch of {n} exceeded its deadline of {} ms", timeout.as_millis()),
             );
-            return (all(outcome), warm.store.data().cut);
+            return (all(outcome), warm.store.data().cut, true);
         };
-        warm.uses += 1;
-        let (items, healthy) = match result {
+        warm.uses = warm.uses.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        let (items, healthy, whole) = match result {
             Ok(results) if results.len() != n => (
                 all(Outcome::failed(
                     FailureKind::Trap,
                     format!("handle-batch returned {} outcomes for {n} messages", results.len()),
                 )),
                 true,
+                true,
             ),
             Ok(results) => {
+                let whole = warm.store.data().invalid_publish.is_some();
                 let state = warm.store.data_mut();
                 let mut outcomes: Vec<Outcome> = Vec::with_capacity(n);
                 for (i, result) in results.into_iter().enumerate() {
@@ -706,27 +720,43 @@ impl Plugin {
                     .zip(publishes.iter_mut())
                     .map(|(outcome, p)| (outcome, std::mem::take(p)))
                     .collect();
-                (items, true)
+                (items, true, whole)
             }
             Err(e) => {
                 let outcome = self.classify(Ok(Err(e)), warm.store.data_mut());
                 let healthy = !matches!(&outcome, Outcome::Failed { kind, .. } if kind.is_host_detected());
-                (all(outcome), healthy)
+                (all(outcome), healthy, true)
             }
         };
         let cut = warm.store.data().cut;
         if healthy {
             self.give_back(warm);
         }
-        (items, cut)
+        (items, cut, whole)
     }
 
     /// `handle` once per message, on one instance while it stays healthy.
-    async fn run_each(&self, route: &str, msgs: &[&Message]) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
+    async fn run_each(
+        &self,
+        route: &str,
+        msgs: &[&Message],
+        until: Instant,
+    ) -> (Vec<(Outcome, Vec<crate::message::Outbound>)>, Cut) {
         let mut items = Vec::with_capacity(msgs.len());
         let mut cut = Cut::default();
         let mut current: Option<Warm> = None;
         for msg in msgs {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                items.push((
+                    Outcome::failed(
+                        FailureKind::Timeout,
+                        "the batch's deadline passed before this message ran",
+                    ),
+                    Vec::new(),
+                ));
+                continue;
+            }
             let warm = match current.take() {
                 Some(w) => w,
                 None => match self.take_warm().await {
@@ -737,7 +767,8 @@ impl Plugin {
                     }
                 },
             };
-            let (outcome, publishes, call_cut, kept) = self.call_once(warm, route, msg).await;
+            let timeout = self.timeout.min(left);
+            let (outcome, publishes, call_cut, kept) = self.call_once(warm, route, msg, timeout).await;
             cut.add(call_cut);
             items.push((outcome, publishes));
             current = kept;
@@ -755,9 +786,10 @@ impl Plugin {
         mut warm: Warm,
         route: &str,
         msg: &Message,
+        timeout: Duration,
     ) -> (Outcome, Vec<crate::message::Outbound>, Cut, Option<Warm>) {
         warm.store.data_mut().reset(route, &msg.id);
-        self.arm(&mut warm.store);
+        self.arm_for(&mut warm.store, timeout, 1);
         let deadline = warm.store.data().deadline;
         let call = warm.handler.handle(&mut warm.store, route, msg);
         // Timed out while waiting: the instance is dropped, never reused.

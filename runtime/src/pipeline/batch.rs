@@ -124,6 +124,13 @@ impl Item {
 /// A delivery whose handling is over, and what to do with it.
 type Finished = (Box<dyn Delivery>, Verdict, Option<Lease>);
 
+/// Why a handled item's publishes were not sent.
+enum SendFailure {
+    Failed(FailureKind, String),
+    /// An earlier item of its key failed to send: it waits for that one.
+    HeldBack,
+}
+
 /// What became of an item in one round.
 enum Step {
     /// Handled: its publishes and reply, to send.
@@ -315,22 +322,66 @@ impl Route {
     async fn run_batch(&self, deliveries: Vec<Box<dyn Delivery>>, mode: RetryMode, shutdown: &CancellationToken) {
         // The batch runs on the version current now, to the end.
         let plugin = self.plugin.current();
-        let mut finished: Vec<Finished> = Vec::new();
-        let mut items: Vec<Item> = Vec::with_capacity(deliveries.len());
+        let mut stale: Vec<Finished> = Vec::new();
+        let mut begun: Vec<Box<dyn Delivery>> = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            if !delivery.begin() {
-                finished.push((delivery, Verdict::HandBack(MessageOutcome::Interrupted), None));
+            if delivery.begin() {
+                begun.push(delivery);
+            } else {
+                stale.push((delivery, Verdict::HandBack(MessageOutcome::Interrupted), None));
+            }
+        }
+        self.settle_all(stale).await;
+        // Messages whose key another handling holds wait for this part of
+        // the batch to end (it may be the holder: two copies of one key in
+        // a batch), then run.
+        while !begun.is_empty() {
+            let Some((waiting, wait)) = self.run_admitted(begun, &plugin, mode, shutdown).await else {
+                return;
+            };
+            if !waiting.is_empty() && !sleep_unless(shutdown, wait).await {
+                // Begun but never run: dropped, i.e. handed back.
+                return;
+            }
+            begun = waiting;
+        }
+    }
+
+    /// Admits what it can of `begun` and runs it to the end; returns the
+    /// messages that must wait (their key is held elsewhere, or an earlier
+    /// message of their key waits) and how long, or none when interrupted.
+    async fn run_admitted(
+        &self,
+        begun: Vec<Box<dyn Delivery>>,
+        plugin: &Arc<Plugin>,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) -> Option<(Vec<Box<dyn Delivery>>, Duration)> {
+        let mut finished: Vec<Finished> = Vec::new();
+        let mut items: Vec<Item> = Vec::with_capacity(begun.len());
+        let mut waiting: Vec<Box<dyn Delivery>> = Vec::new();
+        let mut waiting_keys: HashSet<String> = HashSet::new();
+        let mut wait = Duration::ZERO;
+        for delivery in begun {
+            let key = (mode == RetryMode::InPlace).then(|| self.hold_key(&*delivery));
+            if key.as_ref().is_some_and(|k| waiting_keys.contains(k)) {
+                waiting.push(delivery);
                 continue;
             }
-            let traceparent = trace::handler_span(delivery.message()).map(|t| t.traceparent);
-            let lease = match self.admit(delivery.message(), mode, shutdown).await {
+            let lease = match self.admit_once(delivery.message(), mode).await {
                 Ok(lease) => lease,
-                Err(verdict) => {
+                Err(super::Refusal::Ends(verdict)) => {
                     finished.push((delivery, verdict, None));
                     continue;
                 }
+                Err(super::Refusal::Busy(busy)) => {
+                    wait = wait.max(busy);
+                    waiting_keys.extend(key);
+                    waiting.push(delivery);
+                    continue;
+                }
             };
-            let key = (mode == RetryMode::InPlace).then(|| self.hold_key(&*delivery));
+            let traceparent = trace::handler_span(delivery.message()).map(|t| t.traceparent);
             let item = Item {
                 delivery,
                 lease,
@@ -343,7 +394,7 @@ impl Route {
             if let Some(why) = item.message().reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
                 tracing::warn!("refusing the message: {why}");
                 self.note_failure(FailureKind::InvalidPublish, &why);
-                finished.push(item.dead_letter(FailureKind::InvalidPublish, why, false, &plugin));
+                finished.push(item.dead_letter(FailureKind::InvalidPublish, why, false, plugin));
                 continue;
             }
             items.push(item);
@@ -351,27 +402,34 @@ impl Route {
         self.settle_all(std::mem::take(&mut finished)).await;
 
         while !items.is_empty() {
+            // The deadline of the whole batch, however it runs.
+            let until = Instant::now() + plugin.batch_timeout(items.len());
             let mut run = {
                 let msgs: Vec<&Message> = items.iter().map(Item::message).collect();
-                self.invoke_batch(&plugin, &msgs, false).await
+                self.invoke_batch(plugin, &msgs, None).await
             };
-            if plugin.handles_batches() && failed_as_a_whole(&run) {
-                // A trap, timeout or memory hit of `handle-batch` says
-                // nothing of which message caused it: each runs again alone
-                // at once, so only the culprit fails. Counted as a retry of
-                // each, but the same attempt: the attempt number stays the
-                // broker's count of the message's own failures.
+            if run.failed_whole && items.len() > 1 {
+                // A trap, timeout, memory hit or refusal of the whole
+                // `handle-batch` call says nothing of which message caused
+                // it: each runs again alone at once (within the batch's
+                // deadline), so only the culprit fails. Counted as a retry
+                // of each, but the same attempt: the attempt number stays
+                // the broker's count of the message's own failures.
                 tracing::warn!("the batch failed as a whole; running its messages one by one");
                 for _ in &items {
                     self.count(MessageOutcome::Retry);
                 }
                 let msgs: Vec<&Message> = items.iter().map(Item::message).collect();
-                run = self.invoke_batch(&plugin, &msgs, true).await;
+                run = self.invoke_batch(plugin, &msgs, Some(until)).await;
             }
             let mut steps = self.steps(&items, run);
-            for (i, kind, reason) in self.send_handled(&steps).await {
+            let keys: Vec<Option<String>> = items.iter().map(|i| i.key.clone()).collect();
+            for (i, change) in self.send_handled(&steps, &keys).await {
                 if let (Some(item), Some(step)) = (items.get(i), steps.get_mut(i)) {
-                    *step = self.failed_step(item.message(), kind, &reason);
+                    *step = match change {
+                        SendFailure::Failed(kind, reason) => self.failed_step(item.message(), kind, &reason),
+                        SendFailure::HeldBack => Step::HeldBack,
+                    };
                 }
             }
             let mut again = Vec::new();
@@ -379,7 +437,7 @@ impl Route {
             for (mut item, step) in items.into_iter().zip(steps) {
                 match step {
                     Step::Handled(_) => finished.push(item.finish(Verdict::Ack(MessageOutcome::Ok))),
-                    Step::DeadLetter(kind, reason) => finished.push(item.dead_letter(kind, reason, true, &plugin)),
+                    Step::DeadLetter(kind, reason) => finished.push(item.dead_letter(kind, reason, true, plugin)),
                     Step::Retry(delay) if mode == RetryMode::Broker => {
                         finished.push(item.finish(Verdict::RetryAfter(delay)));
                     }
@@ -405,9 +463,10 @@ impl Route {
                     .map(|item| item.finish(Verdict::HandBack(MessageOutcome::Interrupted)))
                     .collect();
                 self.settle_all(interrupted).await;
-                return;
+                return None;
             }
         }
+        Some((waiting, wait))
     }
 
     /// The unit of order on this route: a failed item holds back the later
@@ -436,15 +495,14 @@ impl Route {
         }
     }
 
-    /// Runs the plugin on a batch (`one_by_one`: each message alone); a
-    /// host panic fails every item as a trap.
-    async fn invoke_batch(&self, plugin: &Plugin, msgs: &[&Message], one_by_one: bool) -> BatchInvocation {
+    /// Runs the plugin on a batch (`one_by_one`: each message alone, all
+    /// by that deadline); a host panic fails every item as a trap.
+    async fn invoke_batch(&self, plugin: &Plugin, msgs: &[&Message], one_by_one: Option<Instant>) -> BatchInvocation {
         let started = Instant::now();
         let invoked = async {
-            if one_by_one {
-                plugin.invoke_each(&self.name, msgs).await
-            } else {
-                plugin.invoke_batch(&self.name, msgs).await
+            match one_by_one {
+                Some(until) => plugin.invoke_each(&self.name, msgs, until).await,
+                None => plugin.invoke_batch(&self.name, msgs).await,
             }
         };
         let run = match AssertUnwindSafe(invoked).catch_unwind().await {
@@ -455,6 +513,7 @@ impl Route {
                     items: Vec::new(),
                     cut: Default::default(),
                     duration: started.elapsed(),
+                    failed_whole: false,
                 }
                 .padded(msgs.len(), &why)
             }
@@ -501,8 +560,9 @@ impl Route {
     /// Sends the handled items' publishes, in one call when it goes through.
     /// A refusal (one message no broker can carry) is narrowed down item by
     /// item so it fails only its own; any other error fails every item sent.
-    /// Returns the items whose publishing failed, with the failure.
-    async fn send_handled(&self, steps: &[Step]) -> Vec<(usize, FailureKind, String)> {
+    /// Returns the items whose publishing failed, with the failure, and on
+    /// ordered routes the later items of a failed one's key, left unsent.
+    async fn send_handled(&self, steps: &[Step], keys: &[Option<String>]) -> Vec<(usize, SendFailure)> {
         let outbound: Vec<Outbound> = steps
             .iter()
             .flat_map(|s| match s {
@@ -514,11 +574,19 @@ impl Route {
             Ok(_) => return Vec::new(),
             Err(BrokerError::Refused { .. }) => {
                 let mut failed = Vec::new();
+                let mut failed_keys: HashSet<&str> = HashSet::new();
                 for (i, step) in steps.iter().enumerate() {
-                    if let Step::Handled(out) = step {
-                        if let Err(e) = self.send(&*self.sink, out.clone()).await {
-                            failed.push((i, e));
-                        }
+                    let Step::Handled(out) = step else { continue };
+                    let key = keys.get(i).and_then(Option::as_deref);
+                    if key.is_some_and(|k| failed_keys.contains(k)) {
+                        // Sent, it would become visible before the failed
+                        // message of its key.
+                        failed.push((i, None));
+                        continue;
+                    }
+                    if let Err(e) = self.send(&*self.sink, out.clone()).await {
+                        failed_keys.extend(key);
+                        failed.push((i, Some(e)));
                     }
                 }
                 failed
@@ -527,12 +595,15 @@ impl Route {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| matches!(s, Step::Handled(_)))
-                .map(|(i, _)| (i, e.clone()))
+                .map(|(i, _)| (i, Some(e.clone())))
                 .collect(),
         };
         failed
             .into_iter()
             .map(|(i, e)| {
+                let Some(e) = e else {
+                    return (i, SendFailure::HeldBack);
+                };
                 let kind = if matches!(e, BrokerError::Refused { .. }) {
                     FailureKind::InvalidPublish
                 } else {
@@ -541,7 +612,7 @@ impl Route {
                 self.broker_error(super::settle::BrokerOp::Publish, &e);
                 let reason = format!("publishing the handler's messages: {}", Report(&e));
                 self.note_failure(kind, &reason);
-                (i, kind, reason)
+                (i, SendFailure::Failed(kind, reason))
             })
             .collect()
     }
@@ -555,17 +626,6 @@ impl Route {
             FailureDecision::DeadLetter { kind, reason } => Step::DeadLetter(kind, reason),
         }
     }
-}
-
-/// Whether every item failed the same host-detected way (a trap, timeout
-/// or memory hit of the one `handle-batch` call), in a batch of several.
-fn failed_as_a_whole(run: &BatchInvocation) -> bool {
-    let mut kinds = run.items.iter().map(|i| match &i.outcome {
-        Outcome::Failed { kind, .. } if kind.is_host_detected() => Some(*kind),
-        _ => None,
-    });
-    let first = kinds.next().flatten();
-    run.items.len() > 1 && first.is_some() && kinds.all(|k| k == first)
 }
 
 impl BatchInvocation {

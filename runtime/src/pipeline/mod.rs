@@ -118,6 +118,14 @@ impl Route {
     }
 }
 
+/// Why the gate does not let a message run now.
+enum Refusal {
+    /// Its handling ends with this verdict.
+    Ends(Verdict),
+    /// Its key is held elsewhere: ask again after this.
+    Busy(Duration),
+}
+
 /// How a failed attempt waits for the next.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RetryMode {
@@ -305,28 +313,38 @@ impl Route {
         mode: RetryMode,
         shutdown: &CancellationToken,
     ) -> Result<Option<Lease>, Verdict> {
-        let Some(gate) = &self.gate else {
-            return Ok(None);
-        };
-        let key = gate.key_of(&self.name, message);
         loop {
-            match gate.admit(key.clone()).await {
-                Admission::Run(lease) => return Ok(lease),
-                Admission::Duplicate => {
-                    tracing::debug!(key = ?key, "duplicate: already handled");
-                    return Err(Verdict::Ack(MessageOutcome::Duplicate));
-                }
-                Admission::Busy(wait) if mode == RetryMode::Broker => return Err(Verdict::RetryAfter(wait)),
-                Admission::Busy(wait) => {
+            match self.admit_once(message, mode).await {
+                Ok(lease) => return Ok(lease),
+                Err(Refusal::Ends(verdict)) => return Err(verdict),
+                Err(Refusal::Busy(wait)) => {
                     if !sleep_unless(shutdown, wait).await {
                         return Err(Verdict::HandBack(MessageOutcome::Interrupted));
                     }
                 }
-                Admission::StoreFailed(e) => {
-                    tracing::error!("{}; the message will be redelivered", Report(&e));
-                    self.status.set_error(report(&e));
-                    return Err(Verdict::RetryAfter(SETTLE_RETRY_DELAY));
-                }
+            }
+        }
+    }
+
+    /// One question to the gate. `Busy` only in place (`RetryMode::InPlace`):
+    /// with broker retries a held key is a delayed redelivery.
+    async fn admit_once(&self, message: &Message, mode: RetryMode) -> Result<Option<Lease>, Refusal> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        let key = gate.key_of(&self.name, message);
+        match gate.admit(key.clone()).await {
+            Admission::Run(lease) => Ok(lease),
+            Admission::Duplicate => {
+                tracing::debug!(key = ?key, "duplicate: already handled");
+                Err(Refusal::Ends(Verdict::Ack(MessageOutcome::Duplicate)))
+            }
+            Admission::Busy(wait) if mode == RetryMode::Broker => Err(Refusal::Ends(Verdict::RetryAfter(wait))),
+            Admission::Busy(wait) => Err(Refusal::Busy(wait)),
+            Admission::StoreFailed(e) => {
+                tracing::error!("{}; the message will be redelivered", Report(&e));
+                self.status.set_error(report(&e));
+                Err(Refusal::Ends(Verdict::RetryAfter(SETTLE_RETRY_DELAY)))
             }
         }
     }
