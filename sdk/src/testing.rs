@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 /// A message the handler published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
+    /// In a batch handler: the message (its index) the publish belongs to.
+    pub item: Option<u32>,
     pub subject: String,
     pub headers: Vec<(String, String)>,
     pub payload: Vec<u8>,
@@ -59,8 +61,13 @@ pub(crate) mod host {
     use super::*;
 
     pub fn publish(subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
+        record(None, subject, headers, payload)
+    }
+
+    fn record(item: Option<u32>, subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
         HOST.with(|h| {
             h.borrow_mut().published.push(Published {
+                item,
                 subject: subject.to_owned(),
                 headers: headers.iter().map(|x| (x.name.clone(), x.value.clone())).collect(),
                 payload: payload.to_vec(),
@@ -69,8 +76,8 @@ pub(crate) mod host {
         Ok(())
     }
 
-    pub fn publish_item(_item: u32, subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
-        publish(subject, headers, payload)
+    pub fn publish_item(item: u32, subject: &str, headers: &[Header], payload: &[u8]) -> Result<(), HostError> {
+        record(Some(item), subject, headers, payload)
     }
 
     pub fn request(subject: &str, _payload: &[u8], _timeout_ms: u32) -> Result<Vec<u8>, HostError> {
@@ -84,5 +91,34 @@ pub(crate) mod host {
 
     pub fn log(level: Level, text: &str) {
         eprintln!("[{level:?}] {text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{batch, Error, Message};
+
+    #[test]
+    fn each_attributes_publishes_to_the_message_it_runs_on() {
+        super::reset();
+        let msgs = Message::batch(vec![
+            Message::new("a", "0"),
+            Message::new("a", "1"),
+            Message::new("a", "2"),
+        ]);
+        let outcomes = batch::each(msgs, |msg| {
+            crate::publish("out", msg.payload())?;
+            if msg.item() == 1 {
+                return Err(Error::retryable("no"));
+            }
+            Ok(())
+        });
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes[1].is_err());
+        let items: Vec<Option<u32>> = super::published().iter().map(|p| p.item).collect();
+        assert_eq!(items, [Some(0), Some(1), Some(2)]);
+        // Outside `each`, a publish belongs to no item.
+        crate::publish("out", "x").unwrap();
+        assert_eq!(super::published().last().map(|p| p.item), Some(None));
     }
 }
