@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 use sluice_tests::daemon::Daemon;
-use sluice_tests::{plugin, prefill, Prefilled};
+use sluice_tests::{plugin, prefill, Lcg, Prefilled};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -161,18 +161,6 @@ fn a_trap_of_the_whole_batch_fails_only_its_culprit() {
     assert_eq!(d.metric("sluice_messages_total{route=\"b\",outcome=\"retry\"}"), 7.0);
 }
 
-/// A small deterministic generator (no dependency for one test).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
 #[test]
 fn key_order_holds_across_batches_when_items_fail_and_are_retried() {
     const MESSAGES: usize = 10_000;
@@ -184,11 +172,11 @@ fn key_order_holds_across_batches_when_items_fail_and_are_retried() {
         let mut failing = 0;
         let messages: Vec<Prefilled> = (0..MESSAGES)
             .map(|_| {
-                let key = rng.next() % KEYS;
+                let key = rng.draw() % KEYS;
                 let seq = next_seq[key as usize];
                 next_seq[key as usize] += 1;
                 let mut headers = vec![("k".to_owned(), format!("key-{key}"))];
-                if rng.next().is_multiple_of(16) {
+                if rng.draw().is_multiple_of(16) {
                     headers.push(("fail".to_owned(), "retryable-once".to_owned()));
                     failing += 1;
                 }

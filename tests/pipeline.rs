@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use sluice_tests::daemon::Daemon;
-use sluice_tests::{plugin, prefill, sluice_bin};
+use sluice_tests::{plugin, prefill, sluice_bin, Lcg};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -229,18 +229,6 @@ fn publishes_are_visible_exactly_once_when_a_message_is_handled_again() {
     );
 }
 
-/// A tiny deterministic generator (no test-only dependency needed).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
 #[test]
 fn key_ordering_keeps_each_keys_sequence_while_keys_run_in_parallel() {
     const MESSAGES: usize = 10_000;
@@ -250,12 +238,12 @@ fn key_ordering_keeps_each_keys_sequence_while_keys_run_in_parallel() {
     let mut next_seq = vec![0u64; KEYS as usize];
     let messages: Vec<_> = (0..MESSAGES)
         .map(|_| {
-            let key = rng.next() % KEYS;
+            let key = rng.draw() % KEYS;
             let seq = next_seq[key as usize];
             next_seq[key as usize] += 1;
             let mut headers = vec![("k".to_owned(), format!("key-{key}"))];
             // Uneven handling times, so lanes race each other.
-            if rng.next().is_multiple_of(50) {
+            if rng.draw().is_multiple_of(50) {
                 headers.push(("sleep-ms".to_owned(), "2".to_owned()));
             }
             ("seq.in".to_owned(), headers, format!("{key}:{seq}").into_bytes())

@@ -16,7 +16,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, plugin_file};
+use common::{arrivals, batch_of, env_or, now_ns, plugin_file, LatencyTable};
 
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -27,22 +27,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::brokers::kafka::{ConsumerSettings, KafkaBroker, KafkaConfig, OffsetReset, TopicConfig};
 use sluice::brokers::nats::{NatsBroker, NatsConfig};
 use sluice::brokers::{Sink, Source};
-use sluice::config::{BatchConfig, Isolation, Ordering as RouteOrdering};
+use sluice::config::{Isolation, Ordering as RouteOrdering};
 use sluice::engine::{Engine, EngineSettings, PluginSpec};
 use sluice::pipeline::Route;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 3;
 /// Both consumers ask the broker to answer a fetch within 5 ms.
 const FETCH_WAIT_MS: &str = "5";
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
 
 #[derive(Clone, Copy)]
 enum Consumer {
@@ -144,14 +138,7 @@ impl Setup {
             Consumer::Sluice(_) | Consumer::SluiceBatch => {
                 let (iso, batch) = match consumer {
                     Consumer::Sluice(iso) => (iso, None),
-                    _ => (
-                        Isolation::Fresh,
-                        Some(BatchConfig {
-                            max_messages: 64,
-                            max_wait: Duration::from_millis(1),
-                            max_bytes: 4 << 20,
-                        }),
-                    ),
+                    _ => (Isolation::Fresh, Some(batch_of(64, Duration::from_millis(1)))),
                 };
                 let source: Arc<dyn Source> = Arc::new(
                     self.kafka
@@ -263,34 +250,14 @@ impl Setup {
                 }
             })
         };
-        let mut latencies = Vec::with_capacity(n);
-        while latencies.len() < n {
-            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), out.next()).await else {
-                eprintln!("{}: {} of {n} arrived", consumer.name(), latencies.len());
-                break;
-            };
-            let sent: u64 = std::str::from_utf8(&m.payload)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            latencies.push(now_ns().saturating_sub(sent));
-        }
+        let latencies = arrivals(&mut out, n, &consumer.name()).await;
         let _ = publisher.await;
         stop.cancel();
         for t in tasks {
             let _ = t.await;
         }
-        latencies.sort_unstable();
         latencies
     }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
 }
 
 fn main() {
@@ -368,11 +335,7 @@ async fn run(
         println!(
             "{cluster}: Kafka produce -> consumer -> core NATS republish, {rate:.0} records/s for {seconds} s over {PARTITIONS} partitions (half of sluice fresh's maximum unless SLUICE_BENCH_RATE)"
         );
-        println!(
-            "{:<16} {:>9} {:>9} {:>9}   {:>22}",
-            "consumer", "p50 ms", "p99 ms", "p99.9 ms", "added p50 / p99 / p99.9"
-        );
-        let mut native = [0.0; 3];
+        let mut table = LatencyTable::start();
         for consumer in [
             Consumer::Native,
             Consumer::Sluice(Isolation::Fresh),
@@ -380,22 +343,9 @@ async fn run(
             Consumer::SluiceBatch,
         ] {
             let l = setup.latencies(consumer, rate, seconds).await;
-            let p = [percentile(&l, 0.5), percentile(&l, 0.99), percentile(&l, 0.999)];
-            if matches!(consumer, Consumer::Native) {
-                native = p;
-            }
-            println!(
-                "{:<16} {:>9.3} {:>9.3} {:>9.3}   {:>6.3} / {:.3} / {:.3}",
-                consumer.name(),
-                p[0],
-                p[1],
-                p[2],
-                p[0] - native[0],
-                p[1] - native[1],
-                p[2] - native[2]
-            );
+            table.row(&consumer.name(), &l);
         }
-        println!("bar: added p99 <= 1 ms at half load");
+        table.end();
         let k = setup.kafka.clone();
         let _ = tokio::task::spawn_blocking(move || k.close()).await;
     }

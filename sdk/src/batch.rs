@@ -2,7 +2,7 @@
 //! What a handler publishes while [`each`] runs it on a message belongs to
 //! that message: sent if its outcome is Ok, dropped with it otherwise.
 
-use crate::{bindings, IntoOutcome, Message};
+use crate::{bindings, IntoOutcome, Message, RawOutcome};
 use std::cell::Cell;
 
 thread_local! {
@@ -28,8 +28,6 @@ pub fn each<R>(batch: Vec<Message>, mut handle: impl FnMut(Message) -> R) -> Vec
         })
         .collect()
 }
-
-type RawOutcome = Result<Option<bindings::Reply>, bindings::HandlerError>;
 
 #[doc(hidden)]
 pub fn run<R: IntoOutcome>(

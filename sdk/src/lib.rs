@@ -25,6 +25,10 @@ mod outcome;
 pub mod testing;
 
 pub use message::{Message, Reply};
+
+/// A handler's outcome as the WIT has it; what the macros' exports return.
+#[doc(hidden)]
+pub type RawOutcome = Result<Option<bindings::Reply>, bindings::HandlerError>;
 pub use outcome::{Error, IntoOutcome};
 
 /// Generated bindings for the `sluice:plugin/handler` world. Public so the
@@ -89,23 +93,11 @@ macro_rules! batch_handler {
         struct __SluiceBatchHandler;
 
         impl $crate::batch_bindings::Guest for __SluiceBatchHandler {
-            fn handle(
-                msg: $crate::bindings::Message,
-            ) -> ::core::result::Result<
-                ::core::option::Option<$crate::bindings::Reply>,
-                $crate::bindings::HandlerError,
-            > {
+            fn handle(msg: $crate::bindings::Message) -> $crate::RawOutcome {
                 $crate::batch::run_one($handler, msg)
             }
 
-            fn handle_batch(
-                msgs: ::std::vec::Vec<$crate::bindings::Message>,
-            ) -> ::std::vec::Vec<
-                ::core::result::Result<
-                    ::core::option::Option<$crate::bindings::Reply>,
-                    $crate::bindings::HandlerError,
-                >,
-            > {
+            fn handle_batch(msgs: ::std::vec::Vec<$crate::bindings::Message>) -> ::std::vec::Vec<$crate::RawOutcome> {
                 $crate::batch::run($handler, msgs)
             }
         }
@@ -125,12 +117,7 @@ macro_rules! handler {
         struct __SluiceHandler;
 
         impl $crate::bindings::Guest for __SluiceHandler {
-            fn handle(
-                msg: $crate::bindings::Message,
-            ) -> ::core::result::Result<
-                ::core::option::Option<$crate::bindings::Reply>,
-                $crate::bindings::HandlerError,
-            > {
+            fn handle(msg: $crate::bindings::Message) -> $crate::RawOutcome {
                 $crate::IntoOutcome::into_outcome($handler($crate::Message::from_raw(msg)))
             }
         }

@@ -49,23 +49,23 @@ impl From<Error> for bindings::HandlerError {
 
 /// What a handler function may return.
 pub trait IntoOutcome {
-    fn into_outcome(self) -> Result<Option<bindings::Reply>, bindings::HandlerError>;
+    fn into_outcome(self) -> crate::RawOutcome;
 }
 
 impl IntoOutcome for Result<(), Error> {
-    fn into_outcome(self) -> Result<Option<bindings::Reply>, bindings::HandlerError> {
+    fn into_outcome(self) -> crate::RawOutcome {
         self.map(|()| None).map_err(Into::into)
     }
 }
 
 impl IntoOutcome for Result<Reply, Error> {
-    fn into_outcome(self) -> Result<Option<bindings::Reply>, bindings::HandlerError> {
+    fn into_outcome(self) -> crate::RawOutcome {
         self.map(|r| Some(r.into_raw())).map_err(Into::into)
     }
 }
 
 impl IntoOutcome for Result<Option<Reply>, Error> {
-    fn into_outcome(self) -> Result<Option<bindings::Reply>, bindings::HandlerError> {
+    fn into_outcome(self) -> crate::RawOutcome {
         self.map(|r| r.map(Reply::into_raw)).map_err(Into::into)
     }
 }

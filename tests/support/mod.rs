@@ -105,3 +105,17 @@ pub fn skipped(test: &str, why: &str) {
         }
     }
 }
+
+/// A small deterministic generator for seeded test inputs (no test-only
+/// dependency needed).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn draw(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}

@@ -60,11 +60,7 @@ pub struct Mode {
 }
 
 /// Batches of up to 64, gathered for up to 5 ms (the default wait).
-const BATCH_64: sluice::config::BatchConfig = sluice::config::BatchConfig {
-    max_messages: 64,
-    max_wait: Duration::from_millis(5),
-    max_bytes: 4 << 20,
-};
+const BATCH_64: sluice::config::BatchConfig = batch_of(64, Duration::from_millis(5));
 
 /// The modes every broker bench compares with its native consumer.
 pub const MODES: &[Mode] = &[
@@ -93,3 +89,87 @@ pub const MODES: &[Mode] = &[
         batch_export: true,
     },
 ];
+
+/// Batches of up to `max_messages`, gathered for up to `max_wait`.
+pub const fn batch_of(max_messages: u32, max_wait: Duration) -> sluice::config::BatchConfig {
+    sluice::config::BatchConfig {
+        max_messages,
+        max_wait,
+        max_bytes: 4 << 20,
+    }
+}
+
+/// Wall-clock nanoseconds: what the latency benches stamp into payloads.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The latencies (ns, sorted) of `n` stamped payloads arriving on `out`;
+/// fewer if none comes for 10 s.
+pub async fn arrivals(out: &mut async_nats::Subscriber, n: usize, consumer: &str) -> Vec<u64> {
+    use futures_util::StreamExt;
+    let mut latencies = Vec::with_capacity(n);
+    while latencies.len() < n {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), out.next()).await else {
+            eprintln!("{consumer}: {} of {n} arrived", latencies.len());
+            break;
+        };
+        let sent: u64 = std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        latencies.push(now_ns().saturating_sub(sent));
+    }
+    latencies.sort_unstable();
+    latencies
+}
+
+/// The `p` quantile of sorted nanoseconds, in ms.
+pub fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+/// The latency table: a header, then one row per consumer with what it
+/// adds to the first (native) row.
+pub struct LatencyTable {
+    native: Option<[f64; 3]>,
+}
+
+impl LatencyTable {
+    pub fn start() -> Self {
+        println!(
+            "{:<16} {:>9} {:>9} {:>9}   {:>22}",
+            "consumer", "p50 ms", "p99 ms", "p99.9 ms", "added p50 / p99 / p99.9"
+        );
+        Self { native: None }
+    }
+
+    pub fn row(&mut self, consumer: &str, sorted: &[u64]) {
+        let p = [
+            percentile(sorted, 0.5),
+            percentile(sorted, 0.99),
+            percentile(sorted, 0.999),
+        ];
+        let native = *self.native.get_or_insert(p);
+        println!(
+            "{:<16} {:>9.3} {:>9.3} {:>9.3}   {:>6.3} / {:.3} / {:.3}",
+            consumer,
+            p[0],
+            p[1],
+            p[2],
+            p[0] - native[0],
+            p[1] - native[1],
+            p[2] - native[2]
+        );
+    }
+
+    pub fn end(self) {
+        println!("bar: added p99 <= 1 ms at half load");
+    }
+}

@@ -69,7 +69,7 @@ impl Gathering {
 }
 
 /// What waiting for the next delivery gave.
-enum Next {
+pub(super) enum Next {
     Delivery(Box<dyn Delivery>),
     TimedOut,
     Stop,
@@ -248,8 +248,9 @@ impl Route {
     }
 
     /// The next delivery, waiting until `deadline` at most (none: as long
-    /// as it takes). A wait cut by the deadline stays in `pending`.
-    async fn next_from_source<'a>(
+    /// as it takes). A wait cut by the deadline stays in `pending`. A source
+    /// error is counted and waited out; a closed source stops the caller.
+    pub(super) async fn next_from_source<'a>(
         &'a self,
         pending: &mut PendingNext<'a>,
         deadline: Option<Instant>,
@@ -474,10 +475,7 @@ impl Route {
     fn hold_key(&self, delivery: &dyn Delivery) -> String {
         match (self.ordering, delivery.partition()) {
             (RouteOrdering::Partition, partition) => partition.map(|p| p.to_string()).unwrap_or_default(),
-            _ => {
-                let msg = delivery.message();
-                self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone())
-            }
+            _ => self.ordering_key_of(delivery.message()),
         }
     }
 

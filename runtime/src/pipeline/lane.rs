@@ -5,7 +5,7 @@
 
 use super::status::WorkerAlive;
 use super::{RetryMode, Route};
-use crate::brokers::{BrokerError, Delivery};
+use crate::brokers::Delivery;
 use crate::config::Ordering as RouteOrdering;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -100,24 +100,16 @@ impl Route {
         }
     }
 
+    /// The key `ordering = "key"` keeps in order (the message id when the
+    /// message has none: it is then ordered with nothing).
+    pub(super) fn ordering_key_of(&self, msg: &crate::message::Message) -> String {
+        self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone())
+    }
+
     async fn next_delivery(&self, shutdown: &CancellationToken) -> Option<Box<dyn Delivery>> {
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return None,
-                next = self.source.next() => next,
-            };
-            match next {
-                Ok(delivery) => return Some(delivery),
-                Err(BrokerError::Closed { .. }) => return None,
-                Err(e) => {
-                    self.broker_error(super::settle::BrokerOp::Receive, &e);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(SOURCE_ERROR_PAUSE) => {}
-                    }
-                }
-            }
+        match self.next_from_source(&mut None, None, shutdown).await {
+            super::batch::Next::Delivery(d) => Some(d),
+            super::batch::Next::TimedOut | super::batch::Next::Stop => None,
         }
     }
 
@@ -136,11 +128,7 @@ impl Route {
                 (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
                 // One partition (the embedded broker): one lane.
                 (RouteOrdering::Partition, None) => 0,
-                _ => {
-                    let msg = delivery.message();
-                    let key = self.ordering_key.extract(msg).unwrap_or_else(|| msg.id.clone());
-                    lane_of(&key, lanes.len())
-                }
+                _ => lane_of(&self.ordering_key_of(delivery.message()), lanes.len()),
             };
             let sent = match &lanes[index] {
                 LaneSender::Unbounded(lane) => lane.send(delivery).is_ok(),

@@ -246,7 +246,6 @@ impl Route {
                 traceparent: traceparent.map(str::to_owned),
             }))
         };
-        // (A batch builds the same verdict per item: `batch::Item::dead_letter`.)
         // A reply address is the producer's choice: refused before the
         // handler runs; no reply is sent there.
         if let Some(why) = message.reply_to.as_deref().and_then(|r| self.refused_reply(r)) {
