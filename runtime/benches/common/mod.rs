@@ -173,3 +173,6 @@ impl LatencyTable {
         println!("bar: added p99 <= 1 ms at half load");
     }
 }
+
+pub mod daemon;
+pub mod orders;

@@ -1,0 +1,238 @@
+//! The shipped order-events scenario against the consumer a user would
+//! write by hand, same broker, same run, same messages.
+//!
+//! A backlog of N orders (each with an `Idempotency-Key`) is drained by:
+//! - `hand-written`: the loop a user writes without sluice, with the shipped
+//!   route's concurrency: receive, parse the order, build the enriched
+//!   event, publish it and wait for the broker's confirmation, ack;
+//! - `sluice <store>`: the release daemon on the shipped config, running the
+//!   shipped `order-processor`, with the idempotency store as shipped
+//!   (`file`) and as `memory`;
+//! - `sluice no gate`: the same config without `[routes.idempotency]`.
+//!
+//! Timed from the first enriched event to the Nth (start-up excluded).
+//!
+//! The JetStream part deletes and recreates the shipped streams (ORDERS,
+//! ENRICHED, DEAD_LETTERS): run it against a test server. Needs
+//! nats-server with JetStream (`SLUICE_NATS_URL`, default 127.0.0.1:4222).
+//! Run: `cargo bench -p sluice --bench scenario` (`SLUICE_BENCH_MESSAGES`,
+//! default 10,000).
+
+#[path = "common/mod.rs"]
+mod common;
+use common::daemon::{edited, shipped_config, Daemon};
+use common::orders::{enrich, order};
+use common::{env_or, plugin_file, rate};
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures_util::StreamExt;
+use std::time::{Duration, Instant};
+
+/// The shipped route's concurrency (`config/nats.toml`), which the
+/// hand-written consumer uses too.
+const CONCURRENCY: usize = 4;
+/// Longest wait for the next output before a run is declared stuck.
+const STALL: Duration = Duration::from_secs(30);
+
+fn nats_url() -> String {
+    std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The shipped config's variants: as shipped (`file` store), `memory`
+/// store, no idempotency gate.
+fn variants(shipped: &str, gate: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("sluice file", shipped.to_owned()),
+        (
+            "sluice memory",
+            edited(shipped, gate, &format!("{gate}store = \"memory\"\n")),
+        ),
+        (
+            "sluice no gate",
+            edited(shipped, &format!("[routes.idempotency]\n{gate}"), ""),
+        ),
+    ]
+}
+
+/// Waits for `n` messages on `out`; the time from the first to the last.
+async fn drained(out: &mut async_nats::Subscriber, n: usize, mut alive: impl FnMut()) -> Duration {
+    let mut first = None;
+    for seen in 0..n {
+        let deadline = Instant::now() + STALL;
+        loop {
+            alive();
+            match tokio::time::timeout(Duration::from_millis(500), out.next()).await {
+                Ok(Some(_)) => break,
+                Ok(None) => panic!("output subscription closed"),
+                Err(_) if Instant::now() > deadline => panic!("stuck after {seen} of {n} outputs"),
+                Err(_) => {}
+            }
+        }
+        first.get_or_insert_with(Instant::now);
+    }
+    first.map_or(Duration::ZERO, |f| f.elapsed())
+}
+
+struct Table {
+    baseline: Option<f64>,
+}
+
+impl Table {
+    fn start(broker: &str, n: usize) -> Self {
+        println!("\n{broker}: {n} orders, shipped config, order-processor");
+        println!("{:<18} {:>10} {:>14}", "consumer", "msg/s", "vs hand-written");
+        Self { baseline: None }
+    }
+
+    fn row(&mut self, consumer: &str, rate: f64) {
+        let base = *self.baseline.get_or_insert(rate);
+        println!("{consumer:<18} {rate:>10.0} {:>14.2}", rate / base);
+    }
+}
+
+mod jetstream_scenario {
+    use super::*;
+
+    const STREAMS: [(&str, &str); 3] = [
+        ("ORDERS", "orders.>"),
+        ("ENRICHED", "enriched.>"),
+        ("DEAD_LETTERS", "dlq.>"),
+    ];
+    /// As `config/nats.toml` declares them (the daemon checks).
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    async fn fresh_streams(js: &jetstream::Context) {
+        for (name, subject) in STREAMS {
+            let _ = js.delete_stream(name).await;
+            js.create_stream(jetstream::stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                max_age: if name == "DEAD_LETTERS" { Duration::ZERO } else { WEEK },
+                ..Default::default()
+            })
+            .await
+            .expect("create stream");
+        }
+    }
+
+    async fn backlog(js: &jetstream::Context, tag: &str, n: usize) {
+        let mut acks = Vec::with_capacity(1000);
+        for i in 0..n {
+            let (payload, key) = order(tag, i);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Idempotency-Key", key.as_str());
+            acks.push(
+                js.publish_with_headers("orders.created", headers, payload.into())
+                    .await
+                    .expect("publish"),
+            );
+            if acks.len() == 1000 || i + 1 == n {
+                for a in acks.drain(..) {
+                    a.await.expect("puback");
+                }
+            }
+        }
+    }
+
+    /// What a user writes with async-nats: a durable pull consumer; per
+    /// message, the order-processor's work, a publish awaited for its
+    /// PubAck (with a `Nats-Msg-Id`, as sluice sends), then `ack()`.
+    async fn hand_written(js: jetstream::Context, stop: tokio_util::sync::CancellationToken) {
+        let consumer = js
+            .get_stream("ORDERS")
+            .await
+            .expect("stream")
+            .create_consumer(pull::Config {
+                durable_name: Some("hand-written".into()),
+                filter_subject: "orders.>".into(),
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let messages = consumer.messages().await.expect("messages");
+        let work = messages.for_each_concurrent(CONCURRENCY, |m| {
+            let js = js.clone();
+            async move {
+                let Ok(m) = m else { return };
+                let info = m.info().expect("jetstream message");
+                let id = info.stream_sequence.to_string();
+                let attempt = u32::try_from(info.delivered).unwrap_or(u32::MAX);
+                match enrich(&m.payload, &m.subject, &id, attempt) {
+                    Ok((subject, payload)) => {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", format!("orders:{id}").as_str());
+                        let confirmed = match js.publish_with_headers(subject, headers, payload.into()).await {
+                            Ok(ack) => ack.await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if confirmed {
+                            let _ = m.ack().await;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = m.ack_with(jetstream::AckKind::Term).await;
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = work => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+
+    pub async fn run(n: usize) {
+        let client = match async_nats::connect(nats_url()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("JetStream scenario skipped: {e}");
+                return;
+            }
+        };
+        let js = jetstream::new(client.clone());
+        let shipped = shipped_config("nats.toml");
+        let mut table = Table::start("JetStream", n);
+        let tag = format!("s{}", std::process::id());
+
+        fresh_streams(&js).await;
+        backlog(&js, &format!("{tag}h"), n).await;
+        let mut out = client.subscribe("enriched.orders.>").await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let consumer = tokio::spawn(hand_written(js.clone(), stop.clone()));
+        let took = drained(&mut out, n, || {}).await;
+        stop.cancel();
+        let _ = consumer.await;
+        table.row("hand-written", rate(n, took));
+
+        for (i, (name, config)) in variants(&shipped, "key = \"header:Idempotency-Key\"\n")
+            .into_iter()
+            .enumerate()
+        {
+            fresh_streams(&js).await;
+            backlog(&js, &format!("{tag}v{i}"), n).await;
+            let mut out = client.subscribe("enriched.orders.>").await.expect("subscribe");
+            client.flush().await.expect("flush");
+            let mut daemon = Daemon::start(&config, &[("NATS_URL", nats_url())]);
+            let took = drained(&mut out, n, || daemon.check_alive()).await;
+            drop(daemon);
+            table.row(name, rate(n, took));
+        }
+    }
+}
+
+fn main() {
+    if !plugin_file("order_processor.wasm").is_file() {
+        eprintln!("order_processor.wasm is missing: run `cargo xtask plugins`");
+        std::process::exit(2);
+    }
+    let n: usize = env_or("SLUICE_BENCH_MESSAGES", 10_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        jetstream_scenario::run(n).await;
+    });
+}
