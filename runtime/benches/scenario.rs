@@ -51,6 +51,14 @@ fn variants(shipped: &str, gate: &str) -> Vec<(&'static str, String)> {
             "sluice no gate",
             edited(shipped, &format!("[routes.idempotency]\n{gate}"), ""),
         ),
+        (
+            "sluice file b64",
+            edited(
+                &edited(shipped, gate, &format!("{gate}lease = \"90s\"\n")),
+                "concurrency = 4\n",
+                "concurrency = 4\nbatch = { max_messages = 64, max_wait = \"2ms\" }\n",
+            ),
+        ),
     ]
 }
 

@@ -266,5 +266,6 @@ pub async fn build_route(
         metrics: metrics.clone(),
         status: status.unwrap_or_default(),
         series: std::sync::OnceLock::new(),
+        trailing: Default::default(),
     }))
 }

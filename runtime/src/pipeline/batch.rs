@@ -203,12 +203,14 @@ impl Route {
                 let mut queue = batches.lock().await;
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return,
-                    b = queue.recv() => match b { Some(b) => b, None => return },
+                    _ = shutdown.cancelled() => break,
+                    b = queue.recv() => match b { Some(b) => b, None => break },
                 }
             };
             self.process_batch(batch, RetryMode::Broker, &shutdown).await;
         }
+        // Returns (the route counts as stopped) once its acks are out.
+        self.trailing.drained().await;
     }
 
     /// Ordered, with batches: a lane gathers from its queue.
@@ -283,7 +285,7 @@ impl Route {
 
     /// Runs a batch through gate, plugin, policy and settle.
     pub(super) async fn process_batch(
-        &self,
+        self: &Arc<Self>,
         deliveries: Vec<Box<dyn Delivery>>,
         mode: RetryMode,
         shutdown: &CancellationToken,
@@ -320,7 +322,7 @@ impl Route {
         .await
     }
 
-    async fn run_batch(&self, deliveries: Vec<Box<dyn Delivery>>, mode: RetryMode, shutdown: &CancellationToken) {
+    async fn run_batch(self: &Arc<Self>, deliveries: Vec<Box<dyn Delivery>>, mode: RetryMode, shutdown: &CancellationToken) {
         // The batch runs on the version current now, to the end.
         let plugin = self.plugin.current();
         let mut stale: Vec<Finished> = Vec::new();
@@ -332,7 +334,7 @@ impl Route {
                 stale.push((delivery, Verdict::HandBack(MessageOutcome::Interrupted), None));
             }
         }
-        self.settle_all(stale).await;
+        self.settle_all(stale, mode).await;
         // Messages whose key another handling holds wait for this part of
         // the batch to end (it may be the holder: two copies of one key in
         // a batch), then run.
@@ -352,7 +354,7 @@ impl Route {
     /// messages that must wait (their key is held elsewhere, or an earlier
     /// message of their key waits) and how long, or none when interrupted.
     async fn run_admitted(
-        &self,
+        self: &Arc<Self>,
         begun: Vec<Box<dyn Delivery>>,
         plugin: &Arc<Plugin>,
         mode: RetryMode,
@@ -400,7 +402,7 @@ impl Route {
             }
             items.push(item);
         }
-        self.settle_all(std::mem::take(&mut finished)).await;
+        self.settle_all(std::mem::take(&mut finished), mode).await;
 
         while !items.is_empty() {
             // The deadline of the whole batch, however it runs.
@@ -456,14 +458,14 @@ impl Route {
                 }
             }
             // Settled now: other keys do not wait for this key's retries.
-            self.settle_all(std::mem::take(&mut finished)).await;
+            self.settle_all(std::mem::take(&mut finished), mode).await;
             items = again;
             if !items.is_empty() && !sleep_unless(shutdown, wait).await {
                 let interrupted = items
                     .into_iter()
                     .map(|item| item.finish(Verdict::HandBack(MessageOutcome::Interrupted)))
                     .collect();
-                self.settle_all(interrupted).await;
+                self.settle_all(interrupted, mode).await;
                 return None;
             }
         }
@@ -480,11 +482,29 @@ impl Route {
     }
 
     /// Settles each finished delivery (at once: they are independent) and
-    /// counts its outcome.
-    async fn settle_all(&self, finished: Vec<Finished>) {
+    /// counts its outcome. On unordered routes the settles trail: the
+    /// worker goes on with the next batch meanwhile.
+    async fn settle_all(self: &Arc<Self>, finished: Vec<Finished>, mode: RetryMode) {
         if finished.is_empty() {
             return;
         }
+        if mode == RetryMode::Broker {
+            if let Some(permits) = self.trailing.permits(finished.len()).await {
+                let route = self.clone();
+                tokio::spawn(
+                    async move {
+                        route.settle_now(finished).await;
+                        drop(permits);
+                    }
+                    .in_current_span(),
+                );
+                return;
+            }
+        }
+        self.settle_now(finished).await;
+    }
+
+    async fn settle_now(&self, finished: Vec<Finished>) {
         let settles = finished
             .into_iter()
             .map(|(delivery, verdict, lease)| self.settle(delivery, verdict, lease));

@@ -113,11 +113,13 @@ impl Route {
         }
     }
 
-    /// Unordered: take, handle, settle, repeat.
+    /// Unordered: take, handle, settle (an ack trails), repeat.
     async fn worker(self: Arc<Self>, shutdown: CancellationToken, _alive: WorkerAlive) {
         while let Some(delivery) = self.next_delivery(&shutdown).await {
             self.process(delivery, RetryMode::Broker, &shutdown).await;
         }
+        // Returns (the route counts as stopped) once its acks are out.
+        self.trailing.drained().await;
     }
 
     /// Ordered: hands each delivery to the lane of its key. A full lane

@@ -18,10 +18,12 @@ pub mod policy;
 mod settle;
 mod status;
 pub mod trace;
+mod trailing;
 
 pub use crate::metrics::MessageOutcome;
 pub use gate::Gate;
 pub use status::{Liveness, RouteStatus, RouteStatusView};
+pub use trailing::TrailingSettles;
 
 use crate::brokers::{BrokerError, Delivery, Sink, Source};
 use crate::config::Ordering as RouteOrdering;
@@ -77,6 +79,8 @@ pub struct Route {
     pub status: Arc<RouteStatus>,
     /// This route's series in `metrics`, looked up on first use.
     pub series: std::sync::OnceLock<RouteMetrics>,
+    /// Acks still waiting after their worker moved on.
+    pub trailing: TrailingSettles,
 }
 
 impl Route {
@@ -114,8 +118,19 @@ impl Route {
             metrics: Arc::new(Metrics::new()),
             status: Arc::new(RouteStatus::default()),
             series: std::sync::OnceLock::new(),
+            trailing: TrailingSettles::default(),
         }
     }
+}
+
+/// What the end of a handling needs to account for it.
+struct Ending {
+    started: std::time::Instant,
+    started_at: std::time::SystemTime,
+    /// Subject, id and attempt, when spans are exported.
+    about: Option<(String, String, u32)>,
+    trace: Option<trace::HandlerSpan>,
+    span: tracing::Span,
 }
 
 /// Why the gate does not let a message run now.
@@ -136,8 +151,10 @@ enum RetryMode {
 }
 
 impl Route {
-    /// Runs one delivery through gate, invoke, policy and settle.
-    async fn process(&self, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) {
+    /// Runs one delivery through gate, invoke, policy and settle. With
+    /// broker retries (unordered routes) an ack trails: the worker returns
+    /// once the verdict is known.
+    async fn process(self: &Arc<Self>, delivery: Box<dyn Delivery>, mode: RetryMode, shutdown: &CancellationToken) {
         let msg = delivery.message();
         // A `traceparent` on the message makes this handling a span of its
         // trace; what the handling sends continues it as children.
@@ -146,8 +163,6 @@ impl Route {
             None if exporting => Some(trace::root_span()),
             found => found,
         };
-        // What the exported span says about the message (copied only then).
-        let about = exporting.then(|| (msg.subject.clone(), msg.id.clone(), msg.attempt));
         let span = tracing::info_span!(
             "message",
             route = %self.name,
@@ -169,53 +184,97 @@ impl Route {
                 span.record("parent_span_id", tracing::field::display(&t.parent_id));
             }
         }
-        async {
-            let started = std::time::Instant::now();
-            let started_at = std::time::SystemTime::now();
-            let gauge = &self.series().in_flight;
-            gauge.inc();
-            let traceparent = trace.as_ref().map(|t| t.traceparent.as_str());
-            // Last line of defence: a panic anywhere in the handling hands
-            // the delivery back (dropped unsettled) and the worker lives on.
-            let handling = async {
-                let (verdict, lease) = if delivery.begin() {
-                    self.handle(delivery.message(), mode, traceparent, shutdown).await
-                } else {
-                    (Verdict::HandBack(MessageOutcome::Interrupted), None)
-                };
-                self.settle(delivery, verdict, lease).await
+        let ending = Ending {
+            started: std::time::Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            // What the exported span says about the message (copied only then).
+            about: exporting.then(|| (msg.subject.clone(), msg.id.clone(), msg.attempt)),
+            trace,
+            span,
+        };
+        self.series().in_flight.inc();
+        let traceparent = ending.trace.as_ref().map(|t| t.traceparent.as_str());
+        // Last line of defence: a panic anywhere in the handling hands the
+        // delivery back (dropped unsettled) and the worker lives on.
+        let handling = async move {
+            let decided = if delivery.begin() {
+                self.handle(delivery.message(), mode, traceparent, shutdown).await
+            } else {
+                (Verdict::HandBack(MessageOutcome::Interrupted), None)
             };
-            let outcome = match AssertUnwindSafe(handling).catch_unwind().await {
-                Ok(outcome) => outcome,
-                Err(panic) => {
-                    self.caught_panic("handling a message", panic.as_ref());
-                    MessageOutcome::Panic
-                }
-            };
-            let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let current = tracing::Span::current();
-            current.record("outcome", tracing::field::display(outcome));
-            current.record("duration_ms", duration_ms);
-            tracing::debug!("settled");
-            if let (Some(t), Some((subject, message_id, attempt))) = (trace, about) {
-                crate::telemetry::otlp::export(crate::telemetry::otlp::SpanRecord {
-                    trace_id: t.trace_id,
-                    span_id: t.span_id,
-                    parent_span_id: t.parent_id,
-                    start: started_at,
-                    end: std::time::SystemTime::now(),
-                    route: self.name.clone(),
-                    subject,
-                    message_id,
-                    attempt,
-                    outcome: outcome.as_str(),
-                });
+            (delivery, decided)
+        };
+        let handled = AssertUnwindSafe(handling)
+            .catch_unwind()
+            .instrument(ending.span.clone())
+            .await;
+        let (delivery, (verdict, lease)) = match handled {
+            Ok(decided) => decided,
+            Err(panic) => {
+                ending
+                    .span
+                    .in_scope(|| self.caught_panic("handling a message", panic.as_ref()));
+                self.ended(MessageOutcome::Panic, ending);
+                return;
             }
-            self.count(outcome);
-            gauge.dec();
+        };
+        if mode == RetryMode::Broker && matches!(verdict, Verdict::Ack(_)) {
+            if let Some(permit) = self.trailing.permit().await {
+                let route = self.clone();
+                tokio::spawn(async move {
+                    route.finish(delivery, verdict, lease, ending).await;
+                    drop(permit);
+                });
+                return;
+            }
         }
-        .instrument(span)
-        .await
+        self.finish(delivery, verdict, lease, ending).await;
+    }
+
+    /// Settles a handled delivery and accounts for it.
+    async fn finish(&self, delivery: Box<dyn Delivery>, verdict: Verdict, lease: Option<Lease>, ending: Ending) {
+        let settling = AssertUnwindSafe(self.settle(delivery, verdict, lease)).catch_unwind();
+        let outcome = match settling.instrument(ending.span.clone()).await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                ending
+                    .span
+                    .in_scope(|| self.caught_panic("settling a message", panic.as_ref()));
+                MessageOutcome::Panic
+            }
+        };
+        self.ended(outcome, ending);
+    }
+
+    /// A handling is over: its span, its count.
+    fn ended(&self, outcome: MessageOutcome, ending: Ending) {
+        let Ending {
+            started,
+            started_at,
+            about,
+            trace,
+            span,
+        } = ending;
+        let _entered = span.enter();
+        span.record("outcome", tracing::field::display(outcome));
+        span.record("duration_ms", started.elapsed().as_secs_f64() * 1000.0);
+        tracing::debug!("settled");
+        if let (Some(t), Some((subject, message_id, attempt))) = (trace, about) {
+            crate::telemetry::otlp::export(crate::telemetry::otlp::SpanRecord {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                parent_span_id: t.parent_id,
+                start: started_at,
+                end: std::time::SystemTime::now(),
+                route: self.name.clone(),
+                subject,
+                message_id,
+                attempt,
+                outcome: outcome.as_str(),
+            });
+        }
+        self.count(outcome);
+        self.series().in_flight.dec();
     }
 
     /// Gate, invoke and policy: what should become of the delivery, and the
