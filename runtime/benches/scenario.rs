@@ -230,6 +230,113 @@ mod jetstream_scenario {
     }
 }
 
+mod embedded_scenario {
+    use super::*;
+
+    /// The `i`..`j` orders of run `tag` as an NDJSON body for `POST /v1/publish`.
+    fn ndjson(tag: &str, range: std::ops::Range<usize>) -> String {
+        let mut body = String::new();
+        for i in range {
+            let (payload, key) = order(tag, i);
+            let line = serde_json::json!({
+                "subject": "orders.created",
+                "headers": [{"name": "Idempotency-Key", "value": key}],
+                "payload": String::from_utf8(payload).expect("utf-8"),
+            });
+            body.push_str(&line.to_string());
+            body.push('\n');
+        }
+        body
+    }
+
+    fn get(url: &str) -> Option<serde_json::Value> {
+        ureq::get(url).call().ok()?.body_mut().read_json().ok()
+    }
+
+    /// Messages stored in the `enriched` queue.
+    fn enriched(admin: &str) -> usize {
+        get(&format!("http://{admin}/v1/queues"))
+            .and_then(|q| {
+                q.as_array()?
+                    .iter()
+                    .find(|q| q["name"] == "enriched")
+                    .and_then(|q| q["messages"].as_u64())
+            })
+            .map_or(0, |n| n as usize)
+    }
+
+    /// The daemon on the shipped `config/sluice.toml` (and its variants):
+    /// orders published over HTTP in commits of 1,000, until all N enriched
+    /// events are stored. Timed from the first publish.
+    pub async fn run(n: usize) -> Vec<(&'static str, f64)> {
+        let shipped = shipped_config("sluice.toml");
+        println!("\nembedded: {n} orders, shipped config, order-processor, published over HTTP in commits of 1,000");
+        println!("{:<18} {:>10}", "consumer", "msg/s");
+        let mut rates = Vec::new();
+        let gate = "key = \"header:Idempotency-Key\"\n";
+        let variants = vec![
+            ("sluice file", shipped.clone()),
+            (
+                "sluice memory",
+                edited(&shipped, "store = \"file\"\n", "store = \"memory\"\n"),
+            ),
+            (
+                "sluice no gate",
+                edited(
+                    &shipped,
+                    &format!("[routes.idempotency]\n{gate}ttl = \"24h\"\nlease = \"30s\"\nstore = \"file\"\n"),
+                    "",
+                ),
+            ),
+        ];
+        let tag = format!("e{}", std::process::id());
+        for (i, (name, config)) in variants.into_iter().enumerate() {
+            let mut daemon = Daemon::start(&config, &[]);
+            let admin = daemon.admin.clone();
+            let ready = Instant::now();
+            while ureq::get(&format!("http://{admin}/readyz")).call().is_err() {
+                daemon.check_alive();
+                assert!(ready.elapsed() < STALL, "sluice not ready:\n{}", daemon.log());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let run_tag = format!("{tag}v{i}");
+            let started = Instant::now();
+            let publisher = {
+                let (admin, run_tag) = (admin.clone(), run_tag.clone());
+                tokio::task::spawn_blocking(move || {
+                    for from in (0..n).step_by(1000) {
+                        ureq::post(&format!("http://{admin}/v1/publish"))
+                            .header("Content-Type", "application/x-ndjson")
+                            .send(ndjson(&run_tag, from..(from + 1000).min(n)))
+                            .expect("publish");
+                    }
+                })
+            };
+            let mut last = (0, Instant::now());
+            loop {
+                let seen = enriched(&admin);
+                if seen >= n {
+                    break;
+                }
+                if seen != last.0 {
+                    last = (seen, Instant::now());
+                }
+                daemon.check_alive();
+                assert!(last.1.elapsed() < STALL, "stuck at {seen} of {n}:\n{}", daemon.log());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let took = started.elapsed();
+            publisher.await.expect("publisher");
+            drop(daemon);
+            let r = rate(n, took);
+            println!("{name:<18} {r:>10.0}");
+            rates.push((name, r));
+        }
+        println!("bar: >= 5,000 msg/s with the shipped config");
+        rates
+    }
+}
+
 fn main() {
     if !plugin_file("order_processor.wasm").is_file() {
         eprintln!("order_processor.wasm is missing: run `cargo xtask plugins`");
@@ -241,6 +348,13 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        jetstream_scenario::run(n).await;
+        let only = std::env::var("SLUICE_BENCH_SCENARIOS").unwrap_or_default();
+        let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+        if wanted("jetstream") {
+            jetstream_scenario::run(n).await;
+        }
+        if wanted("embedded") {
+            embedded_scenario::run(n).await;
+        }
     });
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 /// A running `sluice run`; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Daemon {
+    /// Its admin API's address.
+    pub admin: String,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -48,7 +50,11 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start sluice");
-        Self { child, dir }
+        Self {
+            admin: admin.to_string(),
+            child,
+            dir,
+        }
     }
 
     /// Panics with the daemon's log if it has exited.

@@ -322,7 +322,12 @@ impl Route {
         .await
     }
 
-    async fn run_batch(self: &Arc<Self>, deliveries: Vec<Box<dyn Delivery>>, mode: RetryMode, shutdown: &CancellationToken) {
+    async fn run_batch(
+        self: &Arc<Self>,
+        deliveries: Vec<Box<dyn Delivery>>,
+        mode: RetryMode,
+        shutdown: &CancellationToken,
+    ) {
         // The batch runs on the version current now, to the end.
         let plugin = self.plugin.current();
         let mut stale: Vec<Finished> = Vec::new();
