@@ -33,32 +33,27 @@ use std::time::{Duration, Instant};
 const CONCURRENCY: usize = 4;
 /// Longest wait for the next output before a run is declared stuck.
 const STALL: Duration = Duration::from_secs(30);
+/// The batch setting of the shipped configs' order routes.
+const BATCH: &str = "batch = { max_messages = 64, max_wait = \"2ms\" }\n";
 
 fn nats_url() -> String {
     std::env::var("SLUICE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-/// The shipped config's variants: as shipped (`file` store), `memory`
-/// store, no idempotency gate.
-fn variants(shipped: &str, gate: &str) -> Vec<(&'static str, String)> {
+/// The shipped config's variants: as shipped (`file` store, batches),
+/// `memory` store, no idempotency gate, and one message per call.
+fn variants(shipped: &str, gate: &str, batch: &str) -> Vec<(&'static str, String)> {
+    let memory = if shipped.contains("store = \"file\"\n") {
+        edited(shipped, "store = \"file\"\n", "store = \"memory\"\n")
+    } else {
+        edited(shipped, gate, &format!("{gate}store = \"memory\"\n"))
+    };
     vec![
         ("sluice file", shipped.to_owned()),
-        (
-            "sluice memory",
-            edited(shipped, gate, &format!("{gate}store = \"memory\"\n")),
-        ),
-        (
-            "sluice no gate",
-            edited(shipped, &format!("[routes.idempotency]\n{gate}"), ""),
-        ),
-        (
-            "sluice file b64",
-            edited(
-                &edited(shipped, gate, &format!("{gate}lease = \"90s\"\n")),
-                "concurrency = 4\n",
-                "concurrency = 4\nbatch = { max_messages = 64, max_wait = \"2ms\" }\n",
-            ),
-        ),
+        ("sluice memory", memory),
+        // No key: the gate asks no store.
+        ("sluice no gate", edited(shipped, gate, "key = \"none\"\n")),
+        ("sluice file 1/call", edited(shipped, batch, "")),
     ]
 }
 
@@ -214,7 +209,7 @@ mod jetstream_scenario {
         let _ = consumer.await;
         table.row("hand-written", rate(n, took));
 
-        for (i, (name, config)) in variants(&shipped, "key = \"header:Idempotency-Key\"\n")
+        for (i, (name, config)) in variants(&shipped, "key = \"header:Idempotency-Key\"\n", BATCH)
             .into_iter()
             .enumerate()
         {
@@ -250,7 +245,8 @@ mod embedded_scenario {
     }
 
     fn get(url: &str) -> Option<serde_json::Value> {
-        ureq::get(url).call().ok()?.body_mut().read_json().ok()
+        let text = ureq::get(url).call().ok()?.body_mut().read_to_string().ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     /// Messages stored in the `enriched` queue.
@@ -273,22 +269,7 @@ mod embedded_scenario {
         println!("\nembedded: {n} orders, shipped config, order-processor, published over HTTP in commits of 1,000");
         println!("{:<18} {:>10}", "consumer", "msg/s");
         let mut rates = Vec::new();
-        let gate = "key = \"header:Idempotency-Key\"\n";
-        let variants = vec![
-            ("sluice file", shipped.clone()),
-            (
-                "sluice memory",
-                edited(&shipped, "store = \"file\"\n", "store = \"memory\"\n"),
-            ),
-            (
-                "sluice no gate",
-                edited(
-                    &shipped,
-                    &format!("[routes.idempotency]\n{gate}ttl = \"24h\"\nlease = \"30s\"\nstore = \"file\"\n"),
-                    "",
-                ),
-            ),
-        ];
+        let variants = variants(&shipped, "key = \"header:Idempotency-Key\"\n", BATCH);
         let tag = format!("e{}", std::process::id());
         for (i, (name, config)) in variants.into_iter().enumerate() {
             let mut daemon = Daemon::start(&config, &[]);
