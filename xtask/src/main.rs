@@ -398,6 +398,8 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                 "latency",
                 "--bench",
                 "latency_kafka",
+                "--bench",
+                "scenario",
             ])
             .args(args)
             .env("SLUICE_PLUGIN_DIR", plugin_dir(root)),
