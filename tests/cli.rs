@@ -265,15 +265,17 @@ fn check_refuses_a_plugin_that_is_not_a_component_and_says_why() {
 }
 
 #[test]
-fn the_shipped_default_config_is_valid() {
-    let config = sluice_tests::workspace().join("config/sluice.toml");
-    let out = Command::new(sluice_bin())
-        .args(["check", "--config", config.to_str().unwrap()])
-        .env("SLUICE_PLUGIN_DIR", plugin("noop").parent().unwrap())
-        .env("SLUICE_DATA_DIR", tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+fn the_shipped_configs_are_valid() {
+    for name in ["sluice.toml", "nats.toml", "rabbitmq.toml", "kafka.toml"] {
+        let config = sluice_tests::workspace().join("config").join(name);
+        let out = Command::new(sluice_bin())
+            .args(["check", "--config", config.to_str().unwrap()])
+            .env("SLUICE_PLUGIN_DIR", plugin("noop").parent().unwrap())
+            .env("SLUICE_DATA_DIR", tempfile::tempdir().unwrap().path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// `sluice invoke` of `wasm` with `payload`, its compiled code kept in

@@ -12,7 +12,8 @@
 //!
 //! Timed from the first enriched event to the Nth (start-up excluded).
 //!
-//! The JetStream part deletes and recreates the shipped streams (ORDERS,
+//! The RabbitMQ part purges the shipped queues (`AMQP_URL`, default
+//! guest@127.0.0.1:5672). The JetStream part deletes and recreates the shipped streams (ORDERS,
 //! ENRICHED, DEAD_LETTERS): run it against a test server. Needs
 //! nats-server with JetStream (`SLUICE_NATS_URL`, default 127.0.0.1:4222).
 //! Run: `cargo bench -p sluice --bench scenario` (`SLUICE_BENCH_MESSAGES`,
@@ -225,6 +226,401 @@ mod jetstream_scenario {
     }
 }
 
+mod rabbitmq_scenario {
+    use super::*;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+        ConfirmSelectOptions, QueuePurgeOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+    /// As `config/rabbitmq.toml` declares them.
+    const EXCHANGE: &str = "events";
+    const INPUT: &str = "order-notifications";
+    const OUTPUT: &str = "enriched-orders";
+    /// The shipped route's prefetch.
+    const PREFETCH: u16 = 16;
+
+    fn url() -> String {
+        std::env::var("SLUICE_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    async fn confirm_channel(conn: &Connection) -> Channel {
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        ch
+    }
+
+    async fn purge(ch: &Channel) {
+        for q in [INPUT, OUTPUT] {
+            ch.queue_purge(q.into(), QueuePurgeOptions::default())
+                .await
+                .expect("purge (the daemon declared the queues)");
+        }
+    }
+
+    async fn backlog(ch: &Channel, tag: &str, n: usize) {
+        let mut confirms = Vec::with_capacity(1000);
+        for i in 0..n {
+            let (payload, key) = order(tag, i);
+            let mut headers = FieldTable::default();
+            headers.insert(
+                ShortString::from("Idempotency-Key"),
+                AMQPValue::LongString(LongString::from(key.into_bytes())),
+            );
+            confirms.push(
+                ch.basic_publish(
+                    EXCHANGE.into(),
+                    "order.created".into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default().with_delivery_mode(2).with_headers(headers),
+                )
+                .await
+                .expect("publish"),
+            );
+            if confirms.len() == 1000 || i + 1 == n {
+                for c in confirms.drain(..) {
+                    c.await.expect("confirm");
+                }
+            }
+        }
+    }
+
+    /// Waits for `n` enriched events on the output queue; first to last.
+    async fn drained(conn: &Connection, n: usize, mut alive: impl FnMut()) -> Duration {
+        let ch = conn.create_channel().await.expect("channel");
+        let mut out = ch
+            .basic_consume(
+                OUTPUT.into(),
+                "scenario-count".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume output");
+        let mut first = None;
+        for seen in 0..n {
+            let deadline = Instant::now() + STALL;
+            loop {
+                alive();
+                match tokio::time::timeout(Duration::from_millis(500), out.next()).await {
+                    Ok(Some(Ok(_))) => break,
+                    Ok(_) => panic!("output consumer closed"),
+                    Err(_) if Instant::now() > deadline => panic!("stuck after {seen} of {n} outputs"),
+                    Err(_) => {}
+                }
+            }
+            first.get_or_insert_with(Instant::now);
+        }
+        let _ = ch.close(200, "done".into()).await;
+        first.map_or(Duration::ZERO, |f| f.elapsed())
+    }
+
+    /// What a user writes with lapin: consume with the shipped prefetch,
+    /// four deliveries at once; per delivery, the order-processor's work, a
+    /// persistent publish awaited for its publisher confirm, then `ack`.
+    async fn hand_written(conn: Connection, stop: tokio_util::sync::CancellationToken) {
+        let ch = conn.create_channel().await.expect("channel");
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.expect("qos");
+        let publisher = confirm_channel(&conn).await;
+        let consumer = ch
+            .basic_consume(
+                INPUT.into(),
+                "hand-written".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let work = consumer.for_each_concurrent(CONCURRENCY, |d| {
+            let publisher = publisher.clone();
+            async move {
+                let Ok(d) = d else { return };
+                let id = d.delivery_tag.to_string();
+                let attempt = if d.redelivered { 2 } else { 1 };
+                match enrich(&d.data, d.routing_key.as_str(), &id, attempt) {
+                    Ok((subject, payload)) => {
+                        let confirmed = match publisher
+                            .basic_publish(
+                                EXCHANGE.into(),
+                                subject.as_str().into(),
+                                BasicPublishOptions::default(),
+                                &payload,
+                                BasicProperties::default().with_delivery_mode(2),
+                            )
+                            .await
+                        {
+                            Ok(confirm) => confirm.await.is_ok_and(|c| c.is_ack()),
+                            Err(_) => false,
+                        };
+                        if confirmed {
+                            let _ = d.acker.ack(BasicAckOptions::default()).await;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = work => {}
+            _ = stop.cancelled() => {}
+        }
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    pub async fn run(n: usize) {
+        let conn = match Connection::connect(&url(), ConnectionProperties::default()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("RabbitMQ scenario skipped: {e}");
+                return;
+            }
+        };
+        let shipped = shipped_config("rabbitmq.toml");
+        let env = [("AMQP_URL", url())];
+        // The daemon declares the shipped topology; the hand-written
+        // consumer uses it as it is.
+        {
+            let mut daemon = Daemon::start(&shipped, &env);
+            let started = Instant::now();
+            while ureq::get(&format!("http://{}/readyz", daemon.admin)).call().is_err() {
+                daemon.check_alive();
+                assert!(started.elapsed() < STALL, "sluice not ready:\n{}", daemon.log());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let ch = confirm_channel(&conn).await;
+        let mut table = Table::start("RabbitMQ", n);
+        let tag = format!("r{}", std::process::id());
+
+        purge(&ch).await;
+        backlog(&ch, &format!("{tag}h"), n).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let worker_conn = Connection::connect(&url(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let consumer = tokio::spawn(hand_written(worker_conn, stop.clone()));
+        let took = drained(&conn, n, || {}).await;
+        stop.cancel();
+        let _ = consumer.await;
+        table.row("hand-written", rate(n, took));
+
+        let gate = "key = \"header:Idempotency-Key\"\n";
+        let variants = vec![
+            ("sluice file", shipped.clone()),
+            (
+                "sluice memory",
+                edited(&shipped, gate, &format!("{gate}store = \"memory\"\n")),
+            ),
+            ("sluice no gate", edited(&shipped, gate, "key = \"none\"\n")),
+            ("sluice file 1/call", edited(&shipped, BATCH, "")),
+        ];
+        for (i, (name, config)) in variants.into_iter().enumerate() {
+            purge(&ch).await;
+            backlog(&ch, &format!("{tag}v{i}"), n).await;
+            let mut daemon = Daemon::start(&config, &env);
+            let took = drained(&conn, n, || daemon.check_alive()).await;
+            drop(daemon);
+            table.row(name, rate(n, took));
+        }
+    }
+}
+
+mod kafka_scenario {
+    use super::*;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+    use rdkafka::message::{Header as KafkaHeader, Message as _, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+    /// As `config/kafka.toml` declares it.
+    const INPUT: &str = "orders";
+    const PARTITIONS: i32 = 3;
+    const OUTPUT: &str = "enriched.orders.created";
+    /// The shipped route's concurrency.
+    const KAFKA_CONCURRENCY: usize = 8;
+
+    fn producer(brokers: &str) -> FutureProducer {
+        // As sluice's producer: idempotent, every replica's ack.
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("log_level", "3")
+            .create()
+            .expect("producer")
+    }
+
+    async fn backlog(producer: &FutureProducer, tag: &str, n: usize) {
+        let mut pending = Vec::with_capacity(2000);
+        for i in 0..n {
+            let (payload, key) = order(tag, i);
+            let headers = OwnedHeaders::new().insert(KafkaHeader {
+                key: "Idempotency-Key",
+                value: Some(key.as_str()),
+            });
+            pending.push(
+                producer
+                    .send_result(FutureRecord::to(INPUT).key(&key).payload(&payload).headers(headers))
+                    .expect("queue"),
+            );
+            if pending.len() == 2000 || i + 1 == n {
+                for p in pending.drain(..) {
+                    let _ = p.await.expect("delivery").map_err(|(e, _)| panic!("produce: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Records in the output topic (the sum of its high watermarks).
+    fn produced(producer: &FutureProducer) -> i64 {
+        let client = producer.client();
+        let Ok(meta) = client.fetch_metadata(Some(OUTPUT), Duration::from_secs(5)) else {
+            return 0;
+        };
+        meta.topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .filter_map(|p| client.fetch_watermarks(OUTPUT, p.id(), Duration::from_secs(5)).ok())
+            .map(|(_, high)| high)
+            .sum()
+    }
+
+    /// Waits for `n` records in the output topic; first to last.
+    async fn drained(producer: &FutureProducer, n: usize, mut alive: impl FnMut()) -> Duration {
+        let (mut first, mut last) = (None, (0, Instant::now()));
+        loop {
+            let seen = usize::try_from(produced(producer)).unwrap_or(0);
+            if seen > 0 {
+                first.get_or_insert_with(Instant::now);
+            }
+            if seen >= n {
+                return first.map_or(Duration::ZERO, |f| f.elapsed());
+            }
+            if seen != last.0 {
+                last = (seen, Instant::now());
+            }
+            alive();
+            assert!(last.1.elapsed() < STALL, "stuck at {seen} of {n} outputs");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// What a user writes with rdkafka: a `StreamConsumer`, the shipped
+    /// route's concurrency (records of all partitions at once, no ordering
+    /// kept); per record, the order-processor's work, a produce awaited for
+    /// its delivery report, then `commit_message` (async). (Commits of one
+    /// partition can then go out of order: a crash may skip a record. sluice
+    /// commits only what is settled below every pending record.)
+    async fn hand_written(brokers: String, stop: tokio_util::sync::CancellationToken) {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "hand-written")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("log_level", "3")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[INPUT]).expect("subscribe");
+        let producer = producer(&brokers);
+        let work = consumer.stream().for_each_concurrent(KAFKA_CONCURRENCY, |m| {
+            let (producer, consumer) = (&producer, &consumer);
+            async move {
+                let Ok(m) = m else { return };
+                let id = format!("{}-{}", m.partition(), m.offset());
+                let enriched = enrich(m.payload().unwrap_or_default(), m.topic(), &id, 1);
+                let done = match enriched {
+                    Ok((subject, payload)) => {
+                        let record = FutureRecord::to(&subject)
+                            .key(m.key().unwrap_or_default())
+                            .payload(&payload);
+                        producer.send(record, Duration::from_secs(30)).await.is_ok()
+                    }
+                    // Malformed: skipped (a real loop would dead-letter it).
+                    Err(_) => true,
+                };
+                if done {
+                    let _ = consumer.commit_message(&m, CommitMode::Async);
+                }
+            }
+        });
+        tokio::select! {
+            _ = work => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+
+    /// One run on its own mock cluster (so no run sees another's records).
+    async fn on_fresh_cluster<F, Fut>(tag: &str, n: usize, run: F) -> f64
+    where
+        F: FnOnce(String, FutureProducer) -> Fut,
+        Fut: std::future::Future<Output = Duration>,
+    {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic(INPUT, PARTITIONS, 1).expect("topic");
+        mock.create_topic(OUTPUT, 1, 1).expect("topic");
+        mock.create_topic("dlq.orders", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let producer = producer(&brokers);
+        backlog(&producer, tag, n).await;
+        let took = run(brokers, producer).await;
+        drop(mock);
+        rate(n, took)
+    }
+
+    pub async fn run(n: usize) {
+        let shipped = shipped_config("kafka.toml");
+        let gate = "[routes.idempotency]\nkey = \"header:Idempotency-Key\"\n";
+        let anchor = "[routes.retry]\n";
+        // With batches, the lease must outlast a batch's deadline.
+        let with_gate = |store: &str| {
+            edited(
+                &shipped,
+                anchor,
+                &format!("{gate}store = \"{store}\"\nlease = \"90s\"\n\n{anchor}"),
+            )
+        };
+        let mut table = Table::start("Kafka (rdkafka MockCluster)", n);
+        let tag = format!("k{}", std::process::id());
+        let r = on_fresh_cluster(&format!("{tag}h"), n, |brokers, producer| async move {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let consumer = tokio::spawn(hand_written(brokers, stop.clone()));
+            let took = drained(&producer, n, || {}).await;
+            stop.cancel();
+            let _ = consumer.await;
+            took
+        })
+        .await;
+        table.row("hand-written", r);
+        let variants = [
+            ("sluice (as shipped)", shipped.clone()),
+            ("sluice file", with_gate("file")),
+            ("sluice memory", with_gate("memory")),
+            ("sluice 1/call", edited(&shipped, BATCH, "")),
+        ];
+        for (i, (name, config)) in variants.into_iter().enumerate() {
+            let r = on_fresh_cluster(&format!("{tag}v{i}"), n, |brokers, producer| async move {
+                let mut daemon = Daemon::start(&config, &[("KAFKA_BROKERS", brokers)]);
+                drained(&producer, n, || daemon.check_alive()).await
+            })
+            .await;
+            table.row(name, r);
+        }
+        println!("(the shipped Kafka config has no idempotency gate; the file and memory rows add one)");
+    }
+}
+
 mod embedded_scenario {
     use super::*;
 
@@ -333,6 +729,12 @@ fn main() {
         let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
         if wanted("jetstream") {
             jetstream_scenario::run(n).await;
+        }
+        if wanted("rabbitmq") {
+            rabbitmq_scenario::run(n).await;
+        }
+        if wanted("kafka") {
+            kafka_scenario::run(n).await;
         }
         if wanted("embedded") {
             embedded_scenario::run(n).await;
