@@ -523,7 +523,7 @@ mod kafka_scenario {
     /// its delivery report, then `commit_message` (async). (Commits of one
     /// partition can then go out of order: a crash may skip a record. sluice
     /// commits only what is settled below every pending record.)
-    async fn hand_written(brokers: String, stop: tokio_util::sync::CancellationToken) {
+    async fn hand_written(brokers: String, at_once: usize, stop: tokio_util::sync::CancellationToken) {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", "hand-written")
@@ -534,7 +534,7 @@ mod kafka_scenario {
             .expect("consumer");
         consumer.subscribe(&[INPUT]).expect("subscribe");
         let producer = producer(&brokers);
-        let work = consumer.stream().for_each_concurrent(KAFKA_CONCURRENCY, |m| {
+        let work = consumer.stream().for_each_concurrent(at_once, |m| {
             let (producer, consumer) = (&producer, &consumer);
             async move {
                 let Ok(m) = m else { return };
@@ -593,16 +593,20 @@ mod kafka_scenario {
         };
         let mut table = Table::start("Kafka (rdkafka MockCluster)", n);
         let tag = format!("k{}", std::process::id());
-        let r = on_fresh_cluster(&format!("{tag}h"), n, |brokers, producer| async move {
-            let stop = tokio_util::sync::CancellationToken::new();
-            let consumer = tokio::spawn(hand_written(brokers, stop.clone()));
-            let took = drained(&producer, n, || {}).await;
-            stop.cancel();
-            let _ = consumer.await;
-            took
-        })
-        .await;
-        table.row("hand-written", r);
+        // With the route's concurrency, and with many more records in
+        // flight (each produce waits out `linger.ms`).
+        for (name, at_once) in [("hand-written", KAFKA_CONCURRENCY), ("hand-written x256", 256)] {
+            let r = on_fresh_cluster(&format!("{tag}h{at_once}"), n, |brokers, producer| async move {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let consumer = tokio::spawn(hand_written(brokers, at_once, stop.clone()));
+                let took = drained(&producer, n, || {}).await;
+                stop.cancel();
+                let _ = consumer.await;
+                took
+            })
+            .await;
+            table.row(name, r);
+        }
         let variants = [
             ("sluice (as shipped)", shipped.clone()),
             ("sluice file", with_gate("file")),
