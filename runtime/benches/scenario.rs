@@ -356,6 +356,9 @@ mod jetstream_scenario {
                 client.flush().await.expect("flush");
                 let mut daemon = Daemon::start(&config, &[("NATS_URL", nats_url())]);
                 let took = drained(&mut out, n, || daemon.check_alive()).await;
+                if let Some(mean) = daemon.mean_batch("orders") {
+                    eprintln!("{name}: {mean:.1} messages per batch on average");
+                }
                 drop(daemon);
                 table.row(name, rate(n, took));
             }

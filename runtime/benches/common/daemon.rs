@@ -68,6 +68,23 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 
+    /// The mean of `sluice_batch_size` on `route`, from `/metrics`.
+    pub fn mean_batch(&self, route: &str) -> Option<f64> {
+        let text = ureq::get(&format!("http://{}/metrics", self.admin))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        let value = |series: &str| {
+            let prefix = format!("{series}{{route=\"{route}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(value("sluice_batch_size_sum")? / value("sluice_batch_size_count")?)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -288,18 +288,21 @@ impl NatsBroker {
         Ok(headers)
     }
 
-    /// Publishes one message: JetStream with PubAck where a declared stream
-    /// stores the subject, else core NATS followed by a flush.
-    /// Returns (sent on core NATS, dropped by JetStream as a duplicate).
-    async fn publish_one(&self, m: Outbound, headers: async_nats::HeaderMap) -> Result<(bool, bool), BrokerError> {
+    /// Sends one message: to JetStream where a declared stream stores the
+    /// subject (its PubAck to await: `Some`), else on core NATS (`None`;
+    /// the caller flushes).
+    async fn send_one(
+        &self,
+        m: Outbound,
+        headers: async_nats::HeaderMap,
+    ) -> Result<Option<async_nats::jetstream::context::PublishAckFuture>, BrokerError> {
         if self.stored_by_stream(&m.subject) {
             let ack = self
                 .js
                 .publish_with_headers(m.subject, headers, m.payload.into())
                 .await
                 .map_err(failed)?;
-            let ack = ack.await.map_err(failed)?;
-            Ok((false, ack.duplicate))
+            Ok(Some(ack))
         } else {
             self.client
                 .publish_with_headers(m.subject, headers, m.payload.into())
@@ -310,7 +313,7 @@ impl NatsBroker {
                     }
                     _ => failed(e),
                 })?;
-            Ok((true, false))
+            Ok(None)
         }
     }
 
@@ -387,10 +390,18 @@ impl Sink for NatsBroker {
                 .into_iter()
                 .map(|m| self.check(&m, max_payload).map(|h| (m, h)))
                 .collect::<Result<Vec<_>, _>>()?;
+            // All sent first, then every PubAck awaited: a batch's
+            // publishes cost one round trip, not one each. JetStream stores
+            // them in the order sent.
+            let mut acks = Vec::new();
             for (m, headers) in checked {
-                let (on_core, duplicate) = self.publish_one(m, headers).await?;
-                core |= on_core;
-                published.duplicates += usize::from(duplicate);
+                match self.send_one(m, headers).await? {
+                    Some(ack) => acks.push(ack),
+                    None => core = true,
+                }
+            }
+            for ack in acks {
+                published.duplicates += usize::from(ack.await.map_err(failed)?.duplicate);
             }
             if core {
                 // Core NATS has no confirm; a flush at least means the
