@@ -822,7 +822,7 @@ mod embedded_scenario {
         for round in 0..rounds() {
             let tag = format!("e{}r{round}", std::process::id());
             for (i, (name, config)) in variants.iter().enumerate() {
-                let mut daemon = Daemon::start(&config, &[]);
+                let mut daemon = Daemon::start(config, &[]);
                 let admin = daemon.admin.clone();
                 let ready = Instant::now();
                 while ureq::get(&format!("http://{admin}/readyz")).call().is_err() {
