@@ -142,6 +142,40 @@ enum Step {
     HeldBack,
 }
 
+/// Batch workers waiting for a batch: the gatherer hands over what it has
+/// rather than keep one waiting.
+#[derive(Default)]
+pub(super) struct IdleWorkers {
+    count: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// A worker's idle spell; ends when dropped.
+pub(super) struct Idle<'a>(&'a IdleWorkers);
+
+impl IdleWorkers {
+    fn any(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    fn enter(&self) -> Idle<'_> {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_waiters();
+        Idle(self)
+    }
+
+    /// Resolves when a worker next becomes idle.
+    async fn became_idle(&self) {
+        self.changed.notified().await;
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Route {
     /// Unordered, with batches: the one task that takes from the source
     /// and gathers batches for the workers. Alone on the source, it may keep
@@ -152,6 +186,7 @@ impl Route {
         self: Arc<Self>,
         config: BatchConfig,
         batches: mpsc::Sender<Gathered>,
+        idle: Arc<IdleWorkers>,
         shutdown: CancellationToken,
         _alive: WorkerAlive,
     ) {
@@ -167,10 +202,18 @@ impl Route {
             };
             let mut batch = Gathering::new(config, first);
             while !batch.full() {
-                match self
-                    .next_from_source(&mut pending, Some(batch.deadline), &shutdown)
-                    .await
-                {
+                // `max_wait` is how long a batch may wait for more, not how
+                // long it must: while a worker is idle, what is there goes
+                // as soon as the source has nothing ready.
+                let until = if idle.any() { Instant::now() } else { batch.deadline };
+                let next = tokio::select! {
+                    biased;
+                    next = self.next_from_source(&mut pending, Some(until), &shutdown) => next,
+                    // A worker became idle meanwhile (the wait stays in
+                    // `pending`).
+                    _ = idle.became_idle() => Next::TimedOut,
+                };
+                match next {
                     Next::Delivery(d) => {
                         if let Some(over) = batch.push(d) {
                             carried = Some(over);
@@ -195,11 +238,13 @@ impl Route {
     pub(super) async fn batch_worker(
         self: Arc<Self>,
         batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Gathered>>>,
+        idle: Arc<IdleWorkers>,
         shutdown: CancellationToken,
         _alive: WorkerAlive,
     ) {
         loop {
             let batch = {
+                let _idle = idle.enter();
                 let mut queue = batches.lock().await;
                 tokio::select! {
                     biased;

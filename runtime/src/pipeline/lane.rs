@@ -58,11 +58,20 @@ impl Route {
                     // batch waits ready while the workers are busy.
                     let (tx, rx) = mpsc::channel(1);
                     let rx = Arc::new(tokio::sync::Mutex::new(rx));
-                    let mut handles = vec![tokio::spawn(self.clone().gather(batch, tx, shutdown.clone(), alive()))];
-                    handles.extend(
-                        (0..self.concurrency)
-                            .map(|_| tokio::spawn(self.clone().batch_worker(rx.clone(), shutdown.clone(), alive()))),
-                    );
+                    let idle = Arc::new(super::batch::IdleWorkers::default());
+                    let mut handles = vec![tokio::spawn(self.clone().gather(
+                        batch,
+                        tx,
+                        idle.clone(),
+                        shutdown.clone(),
+                        alive(),
+                    ))];
+                    handles.extend((0..self.concurrency).map(|_| {
+                        tokio::spawn(
+                            self.clone()
+                                .batch_worker(rx.clone(), idle.clone(), shutdown.clone(), alive()),
+                        )
+                    }));
                     handles
                 }
                 None => (0..self.concurrency)
