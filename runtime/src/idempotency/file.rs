@@ -106,14 +106,26 @@ impl FileStore {
         Ok(Claim::Acquired)
     }
 
-    /// Whether `owner` may complete or release `key`: it holds the lease,
-    /// or nobody holds a live one.
-    fn holds(&self, key: &str, owner: &str) -> bool {
+    /// Takes `key` for `owner`'s completion if it holds the lease, or
+    /// nobody holds a live one: the lease then never runs out until the
+    /// commit is done, so no claim can take the key in between.
+    fn hold_for_completion(&self, key: &str, owner: &str) -> bool {
         let now = now_ms();
-        self.leases()
+        let mut leases = self.leases();
+        let free = leases
             .held
             .get(key)
-            .is_none_or(|h| h.owner == owner || h.expires_ms <= now)
+            .is_none_or(|h| h.owner == owner || h.expires_ms <= now);
+        if free {
+            leases.held.insert(
+                key.to_owned(),
+                Held {
+                    owner: owner.to_owned(),
+                    expires_ms: u64::MAX,
+                },
+            );
+        }
+        free
     }
 
     /// Drops `owner`'s lease on `key`, if it still has it.
@@ -125,7 +137,7 @@ impl FileStore {
     }
 
     async fn complete_now(&self, key: &str, owner: &str, ttl: Duration) -> Result<(), GateError> {
-        if !self.holds(key, owner) {
+        if !self.hold_for_completion(key, owner) {
             return Ok(());
         }
         let stored_key = key.to_owned();
@@ -249,6 +261,21 @@ mod tests {
             s.claim("x", "b", Duration::from_secs(5)).await.unwrap(),
             Claim::Acquired
         );
+    }
+
+    #[tokio::test]
+    async fn a_completion_after_the_lease_ran_out_still_wins_over_a_new_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(&dir.path().join("idem.redb")).unwrap();
+        assert_eq!(s.claim("k", "a", Duration::ZERO).await.unwrap(), Claim::Acquired);
+        // The lease has run out; the holder completes before anyone claims.
+        assert!(s.hold_for_completion("k", "a"));
+        assert!(matches!(
+            s.claim("k", "b", Duration::from_secs(30)).await.unwrap(),
+            Claim::Busy { .. }
+        ));
+        s.complete("k", "a", Duration::from_secs(60)).await.unwrap();
+        assert_eq!(s.claim("k", "b", Duration::from_secs(30)).await.unwrap(), Claim::Done);
     }
 
     #[tokio::test]

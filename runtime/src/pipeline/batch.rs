@@ -543,7 +543,9 @@ impl Route {
                 let route = self.clone();
                 tokio::spawn(
                     async move {
-                        route.settle_now(finished).await;
+                        if let Err(panic) = AssertUnwindSafe(route.settle_now(finished)).catch_unwind().await {
+                            route.caught_panic("settling a batch", panic.as_ref());
+                        }
                         drop(permits);
                     }
                     .in_current_span(),
