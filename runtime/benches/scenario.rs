@@ -59,16 +59,25 @@ fn variants(shipped: &str, gate: &str, batch: &str) -> Vec<(&'static str, String
     ]
 }
 
-/// Waits for `n` messages on `out`; the time from the first to the last.
-async fn drained(out: &mut async_nats::Subscriber, n: usize, mut alive: impl FnMut()) -> Duration {
+/// Waits for `n` outputs on `out` (items `is_output` accepts); the time
+/// from the first to the last.
+async fn first_to_last<S>(
+    out: &mut S,
+    n: usize,
+    is_output: impl Fn(&S::Item) -> bool,
+    mut alive: impl FnMut(),
+) -> Duration
+where
+    S: futures_util::Stream + Unpin,
+{
     let mut first = None;
     for seen in 0..n {
         let deadline = Instant::now() + STALL;
         loop {
             alive();
             match tokio::time::timeout(Duration::from_millis(500), out.next()).await {
-                Ok(Some(_)) => break,
-                Ok(None) => panic!("output subscription closed"),
+                Ok(Some(item)) if is_output(&item) => break,
+                Ok(_) => panic!("the output stream failed or closed"),
                 Err(_) if Instant::now() > deadline => panic!("stuck after {seen} of {n} outputs"),
                 Err(_) => {}
             }
@@ -76,6 +85,11 @@ async fn drained(out: &mut async_nats::Subscriber, n: usize, mut alive: impl FnM
         first.get_or_insert_with(Instant::now);
     }
     first.map_or(Duration::ZERO, |f| f.elapsed())
+}
+
+/// Waits for `n` messages on a NATS subscription; first to last.
+async fn drained(out: &mut async_nats::Subscriber, n: usize, alive: impl FnMut()) -> Duration {
+    first_to_last(out, n, |_| true, alive).await
 }
 
 /// Rounds of every row, interleaved (`SLUICE_BENCH_ROUNDS`, default 3):
@@ -435,7 +449,7 @@ mod rabbitmq_scenario {
     }
 
     /// Waits for `n` enriched events on the output queue; first to last.
-    async fn drained(conn: &Connection, n: usize, mut alive: impl FnMut()) -> Duration {
+    async fn drained(conn: &Connection, n: usize, alive: impl FnMut()) -> Duration {
         let ch = conn.create_channel().await.expect("channel");
         let mut out = ch
             .basic_consume(
@@ -449,22 +463,9 @@ mod rabbitmq_scenario {
             )
             .await
             .expect("consume output");
-        let mut first = None;
-        for seen in 0..n {
-            let deadline = Instant::now() + STALL;
-            loop {
-                alive();
-                match tokio::time::timeout(Duration::from_millis(500), out.next()).await {
-                    Ok(Some(Ok(_))) => break,
-                    Ok(_) => panic!("output consumer closed"),
-                    Err(_) if Instant::now() > deadline => panic!("stuck after {seen} of {n} outputs"),
-                    Err(_) => {}
-                }
-            }
-            first.get_or_insert_with(Instant::now);
-        }
+        let took = first_to_last(&mut out, n, Result::is_ok, alive).await;
         let _ = ch.close(200, "done".into()).await;
-        first.map_or(Duration::ZERO, |f| f.elapsed())
+        took
     }
 
     /// What a user writes with lapin: consume with the shipped prefetch,

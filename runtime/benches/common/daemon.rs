@@ -1,7 +1,7 @@
 //! The sluice daemon as a user runs it: the release binary on a shipped
 //! config (or a variant of it), in its own data dir and admin port.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -83,10 +83,6 @@ impl Daemon {
                 .and_then(|v| v.trim().parse::<f64>().ok())
         };
         Some(value("sluice_batch_size_sum")? / value("sluice_batch_size_count")?)
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
     }
 }
 
