@@ -1,9 +1,10 @@
-//! The idempotency stores against their real backends: the embedded file and
-//! a real Redis server (`SLUICE_REDIS_URL`, default 127.0.0.1:6379; started
-//! by `cargo xtask test` when none is listening).
+//! The idempotency stores against their real backends: the embedded file, a
+//! real Redis server (`SLUICE_REDIS_URL`, default 127.0.0.1:6379) and a
+//! JetStream key-value bucket (`SLUICE_NATS_URL`); `cargo xtask test`
+//! starts what is not listening.
 
-use sluice::idempotency::{Claim, FileStore, IdempotencyStore, MemoryStore, RedisStore};
-use sluice_tests::unique;
+use sluice::idempotency::{bucket_key, Claim, FileStore, IdempotencyStore, MemoryStore, NatsKvStore, RedisStore};
+use sluice_tests::{nats, unique};
 use std::time::Duration;
 
 fn redis_url() -> String {
@@ -67,6 +68,27 @@ async fn file_store_keeps_the_contract() {
     store.close();
 }
 
+/// Two replicas' stores on one backend: one sees the other's records, and
+/// of many claims racing for one key exactly one wins.
+async fn shared(a: &dyn IdempotencyStore, b: &dyn IdempotencyStore, ns: &str) {
+    let key = format!("{ns}:shared");
+    let lease = Duration::from_secs(5);
+    assert_eq!(a.claim(&key, "replica-a", lease).await.unwrap(), Claim::Acquired);
+    assert!(matches!(b.claim(&key, "replica-b", lease).await.unwrap(), Claim::Busy { .. }));
+    a.complete(&key, "replica-a", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(b.claim(&key, "replica-b", lease).await.unwrap(), Claim::Done);
+
+    let raced = format!("{ns}:raced");
+    let claims = (0..16).map(|i| {
+        let (store, owner) = if i % 2 == 0 { (a, format!("a{i}")) } else { (b, format!("b{i}")) };
+        let raced = raced.clone();
+        async move { store.claim(&raced, &owner, lease).await.unwrap() }
+    });
+    let answers = futures_util::future::join_all(claims).await;
+    let won = answers.iter().filter(|c| **c == Claim::Acquired).count();
+    assert_eq!(won, 1, "{answers:?}");
+}
+
 #[tokio::test]
 async fn redis_store_keeps_the_contract_and_is_shared_between_replicas() {
     let url = redis_url();
@@ -75,20 +97,38 @@ async fn redis_store_keeps_the_contract_and_is_shared_between_replicas() {
         .unwrap_or_else(|e| panic!("Redis at {url} is needed (cargo xtask test starts one): {e}"));
     let ns = unique();
     contract(&a, &ns).await;
-    // A second replica sees the first one's records.
     let b = RedisStore::connect(&url, "sluice-test:").await.unwrap();
-    let key = format!("{ns}:shared");
-    assert_eq!(
-        a.claim(&key, "replica-a", Duration::from_secs(5)).await.unwrap(),
-        Claim::Acquired
-    );
-    assert!(matches!(
-        b.claim(&key, "replica-b", Duration::from_secs(5)).await.unwrap(),
-        Claim::Busy { .. }
-    ));
-    a.complete(&key, "replica-a", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(
-        b.claim(&key, "replica-b", Duration::from_secs(5)).await.unwrap(),
-        Claim::Done
-    );
+    shared(&a, &b, &ns).await;
+}
+
+#[tokio::test]
+async fn nats_kv_store_keeps_the_contract_and_is_shared_between_replicas() {
+    let url = nats::url();
+    let client = async_nats::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("nats-server at {url} is needed: {e}"));
+    let js = async_nats::jetstream::new(client);
+    let bucket = format!("sluice_test_{}", unique());
+    let a = NatsKvStore::open(&js, &bucket, Duration::from_secs(600)).await.unwrap();
+    let ns = unique();
+    contract(&a, &ns).await;
+    // The second replica opens the bucket the first created.
+    let b = NatsKvStore::open(&js, &bucket, Duration::from_secs(600)).await.unwrap();
+    shared(&a, &b, &ns).await;
+
+    // Keys are the producer's: any bytes and any length map to one valid key.
+    for hostile in ["a.b.*.>", "", "sp ace/\\0", &"k".repeat(5_000)] {
+        let key = format!("{ns}:{hostile}");
+        assert_eq!(a.claim(&key, "w", Duration::from_secs(5)).await.unwrap(), Claim::Acquired, "{hostile:?}");
+        a.complete(&key, "w", Duration::from_secs(60)).await.unwrap();
+        assert_eq!(b.claim(&key, "v", Duration::from_secs(5)).await.unwrap(), Claim::Done, "{hostile:?}");
+    }
+
+    // A value sluice did not write is an error (the message is redelivered),
+    // never a claim.
+    let kv = js.get_key_value(&bucket).await.unwrap();
+    let foreign = format!("{ns}:foreign");
+    kv.put(bucket_key(&foreign), "not a record".into()).await.unwrap();
+    assert!(a.claim(&foreign, "w", Duration::from_secs(5)).await.is_err());
+    js.delete_key_value(&bucket).await.unwrap();
 }

@@ -17,7 +17,8 @@
 //! ENRICHED, DEAD_LETTERS): run it against a test server. Needs
 //! nats-server with JetStream (`SLUICE_NATS_URL`, default 127.0.0.1:4222).
 //! Run: `cargo bench -p sluice --bench scenario` (`SLUICE_BENCH_MESSAGES`,
-//! default 10,000).
+//! default 10,000; `SLUICE_BENCH_LIVE_RATE=N` runs only the JetStream live
+//! feed, at N orders/s).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -345,6 +346,11 @@ mod jetstream_scenario {
         };
         let js = jetstream::new(client.clone());
         let shipped = shipped_config("nats.toml");
+        // Only the live feed, at a given rate (orders/s): for tuning.
+        if let Some(per_sec) = std::env::var("SLUICE_BENCH_LIVE_RATE").ok().and_then(|r| r.parse().ok()) {
+            live(&js, &client, &shipped, per_sec).await;
+            return;
+        }
         let mut table = Table::start("JetStream", n);
         for round in 0..rounds() {
             let tag = format!("s{}r{round}", std::process::id());

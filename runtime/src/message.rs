@@ -108,10 +108,58 @@ pub fn process_nonce() -> &'static str {
     NONCE.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
 }
 
+static INSTANCE_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// This replica's name (`instance_id` in the config; default the hostname
+/// and the pid): in lease owners, logs and `sluice_instance_info`.
+pub fn instance_id() -> &'static str {
+    INSTANCE_ID.get_or_init(default_instance_id)
+}
+
+/// Names this replica; the first name given (or read) stays for the
+/// process's life, as leases carry it.
+pub fn set_instance_id(id: &str) {
+    let _ = INSTANCE_ID.set(id.to_owned());
+}
+
+/// Whether `id` may name a replica (it goes into store keys and labels).
+pub fn valid_instance_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `<hostname>-<pid>`: distinct for replicas on one host and across pods.
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .take(100)
+        .collect();
+    let host = if host.is_empty() { "sluice".to_owned() } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_instance_id_is_a_valid_one() {
+        let id = default_instance_id();
+        assert!(valid_instance_id(&id), "{id}");
+        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+        assert!(!valid_instance_id("") && !valid_instance_id("a b") && !valid_instance_id(&"a".repeat(129)));
+    }
 }

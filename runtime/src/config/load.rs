@@ -208,6 +208,26 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
             if idem.store == GateStore::Redis && config.stores.redis_url.is_none() {
                 return Err((key("idempotency.store"), "\"redis\" needs `[stores] redis_url`".into()));
             }
+            if idem.store == GateStore::NatsKv && config.brokers.nats.is_none() {
+                return Err((key("idempotency.store"), "\"nats-kv\" needs `[brokers.nats]`".into()));
+            }
+        }
+    }
+    if let Some(id) = &config.instance_id {
+        if !crate::message::valid_instance_id(id) {
+            return Err((
+                "instance_id".into(),
+                "must be 1-128 letters, digits, `.`, `_` or `-`".into(),
+            ));
+        }
+    }
+    if let Some(bucket) = &config.stores.nats_kv_bucket {
+        let valid = !bucket.is_empty() && bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err((
+                "stores.nats_kv_bucket".into(),
+                "must be letters, digits, `_` and `-` (a JetStream key-value bucket name)".into(),
+            ));
         }
     }
     // Every worker may hold an instance at once (and reuse keeps them warm):
@@ -363,5 +383,18 @@ mod batch_tests {
             e.contains("routes.0.idempotency.lease") && e.contains("per batch"),
             "{e}"
         );
+    }
+    #[test]
+    fn shared_stores_and_replica_names_are_checked() {
+        let e = err("[routes.idempotency]\nkey = \"id\"\nstore = \"nats-kv\"");
+        assert!(
+            e.contains("routes.0.idempotency.store") && e.contains("[brokers.nats]"),
+            "{e}"
+        );
+        let e = err("[routes.idempotency]\nkey = \"id\"\nstore = \"nats-kv\"\n[brokers.nats]\nurl = \"nats://x\"\n[stores]\nnats_kv_bucket = \"a.b\"");
+        assert!(e.contains("stores.nats_kv_bucket"), "{e}");
+        let text = "instance_id = \"pod 1\"\n";
+        let e = parse(text, Path::new("conf/b.toml"), PluginFiles::MayBeMissing).unwrap_err().to_string();
+        assert!(e.contains("instance_id"), "{e}");
     }
 }

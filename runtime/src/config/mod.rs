@@ -24,6 +24,9 @@ pub struct Config {
     /// cache live.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// This replica's name, in lease owners, logs and `sluice_instance_info`
+    /// (default: the hostname and the pid). Letters, digits, `.`, `_`, `-`.
+    pub instance_id: Option<String>,
     /// How long SIGTERM waits for in-flight messages before giving up.
     #[serde(default = "default_grace", with = "crate::de::duration")]
     pub shutdown_grace: Duration,
@@ -134,6 +137,10 @@ fn yes() -> bool {
 pub struct StoresConfig {
     /// `redis://host:port/db`, for `idempotency.store = "redis"`.
     pub redis_url: Option<String>,
+    /// The JetStream key-value bucket of `idempotency.store = "nats-kv"`
+    /// (on the `[brokers.nats]` server; created when missing). Default
+    /// `sluice_idempotency`.
+    pub nats_kv_bucket: Option<String>,
 }
 
 /// Export of message spans.
@@ -331,6 +338,10 @@ pub enum GateStore {
     File,
     /// Shared by replicas; needs `[stores] redis_url`.
     Redis,
+    /// Shared by replicas: a JetStream key-value bucket on the
+    /// `[brokers.nats]` server.
+    #[serde(rename = "nats-kv")]
+    NatsKv,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -4,7 +4,7 @@
 use crate::brokers::{Brokers, SetupError};
 use crate::config::{Config, GateStore, PluginConfig, RouteConfig};
 use crate::engine::{Engine, EngineError, EngineSettings, Plugin, PluginError, PluginSlot, PluginSpec, Requester};
-use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, RedisStore};
+use crate::idempotency::{FileStore, GateError, IdempotencyStore, MemoryStore, NatsKvError, NatsKvStore, RedisStore};
 use crate::keys::KeySource;
 use crate::metrics::Metrics;
 use crate::pipeline::policy::Policy;
@@ -37,7 +37,11 @@ pub struct GateStores {
     file: Option<Arc<FileStore>>,
     memory: Option<Arc<MemoryStore>>,
     redis: Option<Arc<RedisStore>>,
+    nats_kv: Option<Arc<NatsKvStore>>,
 }
+
+/// The default bucket of the `nats-kv` store.
+pub const NATS_KV_BUCKET: &str = "sluice_idempotency";
 
 impl GateStores {
     pub async fn open(config: &Config) -> Result<Self, DaemonError> {
@@ -62,6 +66,9 @@ impl GateStores {
                     let url = config.stores.redis_url.as_deref().unwrap_or_default();
                     stores.redis = Some(Arc::new(RedisStore::connect(url, "sluice:idem:").await?));
                 }
+                GateStore::NatsKv if stores.nats_kv.is_none() => {
+                    stores.nats_kv = Some(Arc::new(open_nats_kv(config).await?));
+                }
                 _ => {}
             }
         }
@@ -73,6 +80,7 @@ impl GateStores {
             GateStore::File => self.file.clone().map(|s| s as Arc<dyn IdempotencyStore>),
             GateStore::Memory => self.memory.clone().map(|s| s as Arc<dyn IdempotencyStore>),
             GateStore::Redis => self.redis.clone().map(|s| s as Arc<dyn IdempotencyStore>),
+            GateStore::NatsKv => self.nats_kv.clone().map(|s| s as Arc<dyn IdempotencyStore>),
         }
     }
 
@@ -81,6 +89,35 @@ impl GateStores {
             f.close();
         }
     }
+}
+
+/// The `nats-kv` store on the `[brokers.nats]` server; the bucket keeps
+/// records as long as the longest ttl of the routes using it.
+async fn open_nats_kv(config: &Config) -> Result<NatsKvStore, GateError> {
+    let unusable = |reason: String| {
+        GateError::NatsKv(Arc::new(NatsKvError::Bucket {
+            bucket: config.stores.nats_kv_bucket.clone().unwrap_or_else(|| NATS_KV_BUCKET.into()),
+            reason,
+        }))
+    };
+    let nats = config
+        .brokers
+        .nats
+        .as_ref()
+        .ok_or_else(|| unusable("`[brokers.nats]` is not configured".into()))?;
+    let client = crate::brokers::nats::connect_client(nats)
+        .await
+        .map_err(|e| unusable(crate::error::Report(&e).to_string()))?;
+    let max_age = config
+        .routes
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref())
+        .filter(|i| i.store == GateStore::NatsKv)
+        .map(|i| i.ttl.max(i.lease))
+        .max()
+        .unwrap_or_default();
+    let bucket = config.stores.nats_kv_bucket.as_deref().unwrap_or(NATS_KV_BUCKET);
+    NatsKvStore::open(&async_nats::jetstream::new(client), bucket, max_age).await
 }
 
 /// The engine for a config: fuel metering if any plugin has a budget, and

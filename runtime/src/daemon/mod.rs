@@ -30,6 +30,9 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> Result<(), DaemonError> {
     // Installed first: a signal during start-up is not lost.
     let mut signals = Signals::new();
+    if let Some(id) = &config.instance_id {
+        crate::message::set_instance_id(id);
+    }
     if let Some(endpoint) = config.telemetry.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         crate::telemetry::otlp::start(endpoint, &config.telemetry.service_name);
     }
@@ -60,7 +63,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), DaemonError>
 
     supervisor.start_routes();
     state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(admin = %listen, watch = options.watch, "sluice is running");
+    tracing::info!(admin = %listen, watch = options.watch, instance = crate::message::instance_id(), "sluice is running");
 
     loop {
         tokio::select! {

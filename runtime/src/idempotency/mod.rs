@@ -1,14 +1,17 @@
 //! The idempotency gate: records `key -> in-progress(lease) | done` so that a
 //! duplicate of a handled message is acked without running the handler, and
 //! one being handled elsewhere is retried later. Stores: in memory, an
-//! embedded file (survives restarts), and Redis (shared by replicas).
+//! embedded file (survives restarts), and Redis or a NATS key-value bucket
+//! (shared by replicas).
 
 mod file;
 mod memory;
+mod nats_kv;
 mod redis_store;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
+pub use nats_kv::{bucket_key, NatsKvError, NatsKvStore};
 pub use redis_store::RedisStore;
 
 use crate::future::BoxFuture;
@@ -22,6 +25,8 @@ pub enum GateError {
     Storage(#[from] StorageError),
     #[error("idempotency store (redis)")]
     Redis(#[source] redis::RedisError),
+    #[error("idempotency store (nats-kv)")]
+    NatsKv(#[source] std::sync::Arc<NatsKvError>),
 }
 
 /// The answer to a claim.

@@ -59,6 +59,12 @@ pub struct PluginReload {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabel {
+    pub instance_id: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginVersion {
     pub plugin: String,
     /// SHA-256 of the `.wasm`, hex.
@@ -197,6 +203,18 @@ impl Metrics {
             "config_reloads",
             "Reloads of the config file, by result (ok | refused)",
             config_reloads.clone(),
+        );
+        let instance_info = Family::<InstanceLabel, Gauge>::default();
+        instance_info
+            .get_or_create(&InstanceLabel {
+                instance_id: crate::message::instance_id().to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "instance_info",
+            "This replica: 1, labelled with its instance_id and sluice's version",
+            instance_info,
         );
         registry.register(
             "plugin_info",

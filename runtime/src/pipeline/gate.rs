@@ -40,7 +40,8 @@ pub(super) enum Admission {
 fn lease_owner() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!(
-        "{}-{}",
+        "{}/{}-{}",
+        crate::message::instance_id(),
         crate::message::process_nonce(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )

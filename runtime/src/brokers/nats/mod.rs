@@ -122,55 +122,62 @@ pub(crate) fn from_header_map(map: Option<&async_nats::HeaderMap>) -> Vec<Header
     out
 }
 
+/// A client on `config`'s server with its credentials, failing fast if the
+/// server cannot be reached (also what a NATS key-value store connects with).
+pub async fn connect_client(config: &NatsConfig) -> Result<async_nats::Client, NatsSetupError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&config.name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None::<usize>)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                async_nats::Event::Disconnected => super::events::disconnected(NAME),
+                other => tracing::debug!("NATS: {other}"),
+            }
+        });
+    // An empty value (`${NATS_USER:-}`) means: not set.
+    let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    if let (Some(user), Some(password)) = (set(&config.user), set(&config.password)) {
+        options = options.user_and_password(user, password);
+    }
+    if let Some(token) = set(&config.token) {
+        options = options.token(token);
+    }
+    if let Some(seed) = set(&config.nkey_seed) {
+        options = options.nkey(seed);
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|cause| NatsSetupError::Credentials {
+                path: path.clone(),
+                cause,
+            })?;
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    let client = options
+        .connect(config.url.as_str())
+        .await
+        .map_err(|e| NatsSetupError::Connect {
+            url: super::redact_url(&config.url),
+            // The client's error may quote the URL, password and all.
+            cause: cause(e.to_string().replace(&config.url, &super::redact_url(&config.url))),
+        })?;
+        Ok(client)
+}
+
 impl NatsBroker {
     /// Connects (failing fast if the server cannot be reached) and declares
     /// the configured streams.
     pub async fn connect(config: &NatsConfig) -> Result<Self, NatsSetupError> {
-        let mut options = async_nats::ConnectOptions::new()
-            .name(&config.name)
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None::<usize>)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Disconnected => super::events::disconnected(NAME),
-                    other => tracing::debug!("NATS: {other}"),
-                }
-            });
-        // An empty value (`${NATS_USER:-}`) means: not set.
-        let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-        if let (Some(user), Some(password)) = (set(&config.user), set(&config.password)) {
-            options = options.user_and_password(user, password);
-        }
-        if let Some(token) = set(&config.token) {
-            options = options.token(token);
-        }
-        if let Some(seed) = set(&config.nkey_seed) {
-            options = options.nkey(seed);
-        }
-        if let Some(path) = &config.credentials_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|cause| NatsSetupError::Credentials {
-                    path: path.clone(),
-                    cause,
-                })?;
-        }
-        if config.tls_required {
-            options = options.require_tls(true);
-        }
-        if let Some(ca) = &config.tls_ca_file {
-            options = options.add_root_certificates(ca.clone());
-        }
-        let client = options
-            .connect(config.url.as_str())
-            .await
-            .map_err(|e| NatsSetupError::Connect {
-                url: super::redact_url(&config.url),
-                // The client's error may quote the URL, password and all.
-                cause: cause(e.to_string().replace(&config.url, &super::redact_url(&config.url))),
-            })?;
+        let client = connect_client(config).await?;
         let js = async_nats::jetstream::new(client.clone());
         let mut stream_subjects = Vec::new();
         for s in &config.streams {

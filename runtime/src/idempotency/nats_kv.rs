@@ -1,0 +1,280 @@
+//! Idempotency records in a NATS JetStream key-value bucket, shared by
+//! several sluice replicas that already talk to NATS (no Redis needed).
+//!
+//! Each key holds a [`Record`] (JSON) with its own expiry: in progress
+//! (`owner`, until the lease ends) or done (until the TTL ends). Every
+//! change is a compare-and-set on the key's revision (`create` when absent,
+//! `update` at the revision read), so two replicas racing for one key never
+//! both acquire it. The bucket's `max_age` only purges old records; the
+//! expiry in the record decides. Lease expiry compares the replicas' clocks:
+//! keep them in sync (NTP), as for any lease.
+
+use super::{ms, Claim, GateError, IdempotencyStore, Record};
+use crate::future::BoxFuture;
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Compare-and-set attempts before a claim answers `Busy` (another replica
+/// keeps changing the key; the caller tries again later).
+const RACES: usize = 4;
+/// Encoded keys longer than this are hashed: NATS subjects are bounded.
+const MAX_KEY: usize = 200;
+
+/// Why the bucket could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsKvError {
+    #[error("opening the key-value bucket `{bucket}`: {reason}")]
+    Bucket { bucket: String, reason: String },
+    #[error("reading `{key}`: {reason}")]
+    Read { key: String, reason: String },
+    #[error("writing `{key}`: {reason}")]
+    Write { key: String, reason: String },
+    #[error("`{key}` holds a value sluice did not write ({reason})")]
+    Foreign { key: String, reason: String },
+}
+
+pub struct NatsKvStore {
+    kv: kv::Store,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| ms(d))
+        .unwrap_or(0)
+}
+
+/// A bucket key for an idempotency key. Producers choose idempotency keys,
+/// and a KV key allows only `[-/_=.a-zA-Z0-9]`: base64url of the bytes,
+/// hashed when long, so any key maps to a valid, bounded one.
+pub fn bucket_key(key: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes());
+    if encoded.len() <= MAX_KEY {
+        format!("k{encoded}")
+    } else {
+        format!("h{}", hex::encode(Sha256::digest(key.as_bytes())))
+    }
+}
+
+/// The current record and the revision a write must expect (0: none).
+struct Read {
+    record: Option<Record>,
+    revision: u64,
+}
+
+enum Write {
+    Done,
+    /// Another replica changed the key since it was read.
+    Raced,
+}
+
+impl NatsKvStore {
+    /// Opens `bucket`, creating it (file storage, one value per key,
+    /// records purged after `max_age`) when it does not exist.
+    pub async fn open(
+        jetstream: &async_nats::jetstream::Context,
+        bucket: &str,
+        max_age: Duration,
+    ) -> Result<Self, GateError> {
+        let failed = |reason: String| {
+            GateError::NatsKv(std::sync::Arc::new(NatsKvError::Bucket {
+                bucket: bucket.to_owned(),
+                reason,
+            }))
+        };
+        let kv = match jetstream.get_key_value(bucket).await {
+            Ok(kv) => {
+                if let Ok(status) = kv.status().await {
+                    let age = status.max_age();
+                    if !age.is_zero() && age < max_age {
+                        tracing::warn!(
+                            bucket,
+                            "the bucket forgets records after {} s, sooner than the longest idempotency ttl ({} s): a duplicate arriving later runs again",
+                            age.as_secs(),
+                            max_age.as_secs()
+                        );
+                    }
+                }
+                kv
+            }
+            Err(_) => {
+                // The bucket's stream, as the client library's
+                // `create_key_value` declares it; declared directly because
+                // that call first asks for the account's info, which it
+                // cannot parse from nats-server 2.9.
+                jetstream
+                    .get_or_create_stream(async_nats::jetstream::stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: 1,
+                        max_age,
+                        max_message_size: 4096,
+                        storage: async_nats::jetstream::stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                jetstream.get_key_value(bucket).await.map_err(|e| failed(e.to_string()))?
+            }
+        };
+        Ok(Self { kv })
+    }
+
+    async fn read(&self, key: &str) -> Result<Read, GateError> {
+        let entry = self.kv.entry(key).await.map_err(|e| {
+            GateError::NatsKv(std::sync::Arc::new(NatsKvError::Read {
+                key: key.to_owned(),
+                reason: e.to_string(),
+            }))
+        })?;
+        let Some(entry) = entry else {
+            return Ok(Read {
+                record: None,
+                revision: 0,
+            });
+        };
+        if entry.operation != Operation::Put {
+            // Deleted or purged: absent, but a write must expect this revision.
+            return Ok(Read {
+                record: None,
+                revision: entry.revision,
+            });
+        }
+        let record = serde_json::from_slice::<Record>(&entry.value).map_err(|e| {
+            GateError::NatsKv(std::sync::Arc::new(NatsKvError::Foreign {
+                key: key.to_owned(),
+                reason: e.to_string(),
+            }))
+        })?;
+        Ok(Read {
+            record: Some(record),
+            revision: entry.revision,
+        })
+    }
+
+    /// Writes `record` if the key is still at `revision` (0: absent).
+    async fn write(&self, key: &str, record: &Record, revision: u64) -> Result<Write, GateError> {
+        let value = Bytes::from(serde_json::to_vec(record).unwrap_or_default());
+        let failed = |reason: String| {
+            GateError::NatsKv(std::sync::Arc::new(NatsKvError::Write {
+                key: key.to_owned(),
+                reason,
+            }))
+        };
+        if revision == 0 {
+            return match self.kv.create(key, value).await {
+                Ok(_) => Ok(Write::Done),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(Write::Raced),
+                Err(e) => Err(failed(e.to_string())),
+            };
+        }
+        match self.kv.update(key, value, revision).await {
+            Ok(_) => Ok(Write::Done),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(Write::Raced),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+}
+
+impl IdempotencyStore for NatsKvStore {
+    fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>> {
+        Box::pin(async move {
+            let key = bucket_key(key);
+            for _ in 0..RACES {
+                let read = self.read(&key).await?;
+                let now = now_ms();
+                if let Some(answer) = Record::claim_result(read.record.as_ref(), now) {
+                    return Ok(answer);
+                }
+                let record = Record {
+                    done: false,
+                    owner: owner.to_owned(),
+                    expires_ms: now.saturating_add(ms(lease).max(1)),
+                };
+                if let Write::Done = self.write(&key, &record, read.revision).await? {
+                    return Ok(Claim::Acquired);
+                }
+            }
+            Ok(Claim::Busy {
+                retry_in: Duration::from_millis(100),
+            })
+        })
+    }
+
+    fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>> {
+        Box::pin(async move {
+            let key = bucket_key(key);
+            for _ in 0..RACES {
+                let read = self.read(&key).await?;
+                let now = now_ms();
+                if !Record::held_by(read.record.as_ref(), owner, now) {
+                    // Done already, or another owner's live lease: theirs.
+                    return Ok(());
+                }
+                let record = Record {
+                    done: true,
+                    owner: owner.to_owned(),
+                    expires_ms: now.saturating_add(ms(ttl).max(1)),
+                };
+                if let Write::Done = self.write(&key, &record, read.revision).await? {
+                    return Ok(());
+                }
+            }
+            Err(GateError::NatsKv(std::sync::Arc::new(NatsKvError::Write {
+                key,
+                reason: "the key kept changing under other replicas".into(),
+            })))
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), GateError>> {
+        Box::pin(async move {
+            let key = bucket_key(key);
+            let read = self.read(&key).await?;
+            let ours = read.record.as_ref().is_some_and(|r| !r.done && r.owner == owner);
+            if !ours {
+                return Ok(());
+            }
+            // An expired lease frees the key: no delete marker to race with.
+            let free = Record {
+                done: false,
+                owner: String::new(),
+                expires_ms: 0,
+            };
+            // Raced: someone else holds it now (our lease had run out).
+            let _ = self.write(&key, &free, read.revision).await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_key_maps_to_a_valid_bounded_bucket_key() {
+        let valid = |k: &str| {
+            !k.is_empty()
+                && k.len() <= MAX_KEY + 1
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+                && !k.starts_with('.')
+                && !k.ends_with('.')
+        };
+        for key in ["", "o-1", "a.b.*.>", "with space", "ünïcödé", "\0\n\r", &"x".repeat(10_000)] {
+            let k = bucket_key(key);
+            assert!(valid(&k), "{key:?} -> {k:?}");
+        }
+        // Distinct keys stay distinct (short ones are encoded, not hashed).
+        assert_ne!(bucket_key("a"), bucket_key("b"));
+        assert_ne!(bucket_key(&"x".repeat(500)), bucket_key(&"x".repeat(501)));
+    }
+}
