@@ -159,6 +159,13 @@ pub trait Source: Send + Sync {
     fn bounds_in_flight(&self) -> bool {
         false
     }
+    /// Messages of this source the broker holds that are not settled yet
+    /// (waiting, or delivered and not acked/committed), when the broker
+    /// tells; what an autoscaler scales on (`sluice_route_lag`). `None`:
+    /// the broker keeps no backlog (core NATS) or could not be asked.
+    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async { None })
+    }
     /// Stops the source for good (a route removed by a config reload):
     /// leaves consumer groups, commits what is settled.
     fn close(&self) -> BoxFuture<'_, ()> {

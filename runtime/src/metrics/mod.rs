@@ -106,6 +106,8 @@ pub struct Metrics {
     pub messages: Family<RouteOutcome, Counter>,
     pub failures: Family<RouteFailure, Counter>,
     pub in_flight: Family<RouteLabel, Gauge>,
+    /// Messages of a route its broker holds unsettled (see `Source::backlog`).
+    pub route_lag: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
     /// Messages per batch, on routes with `batch`.
     pub batch_size: Family<RouteLabel, Histogram>,
@@ -163,6 +165,12 @@ impl Metrics {
             failures.clone(),
         );
         registry.register("in_flight", "Messages being handled now, by route", in_flight.clone());
+        let route_lag = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_lag",
+            "Messages of the route its broker holds not yet settled (JetStream pending + ack pending, Kafka end offset - first unsettled, RabbitMQ ready, embedded queue length), read every 5 s; absent where the broker keeps no backlog (core NATS)",
+            route_lag.clone(),
+        );
         registry.register(
             "handler_duration_seconds",
             "Time spent in the handler per message (per batch on routes with `batch`), by route",
@@ -236,6 +244,7 @@ impl Metrics {
             messages,
             failures,
             in_flight,
+            route_lag,
             handler_duration,
             batch_size,
             settle_errors,

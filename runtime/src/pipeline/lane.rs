@@ -50,6 +50,7 @@ impl Route {
         self.liveness.spawned();
         // The route's series exist before its first message.
         let _ = self.series();
+        tokio::spawn(self.clone().report_lag(shutdown.clone()));
         let alive = || WorkerAlive::new(&self.liveness);
         match self.ordering {
             RouteOrdering::None => match self.batch {

@@ -13,6 +13,7 @@ mod batch;
 pub mod dead_letter;
 mod gate;
 mod invoke;
+mod lag;
 mod lane;
 pub mod policy;
 mod settle;

@@ -76,6 +76,10 @@ impl Source for EmbeddedSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
     }
+
+    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async move { self.store.queue_len(&self.queue).map(|n| n as u64) })
+    }
 }
 
 /// `embedded://SUBJECT?queue=QUEUE&seq=SEQ`: the `sluice-origin` of a dead

@@ -293,6 +293,12 @@ impl Store {
         }
     }
 
+    /// Messages in `queue` not yet removed (ready, delayed, in flight).
+    pub fn queue_len(&self, queue: &str) -> Option<usize> {
+        let index = self.index.lock().ok()?;
+        Some(index.get(queue).map_or(0, QueueIndex::len))
+    }
+
     pub fn notifier(&self, queue: &str) -> Arc<Notify> {
         match self.index.lock() {
             Ok(mut index) => index.entry(queue.to_owned()).or_default().notify.clone(),

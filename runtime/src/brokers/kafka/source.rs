@@ -218,6 +218,8 @@ impl ConsumerContext for Context {
 /// What the daemon keeps of a source, to stop it at shutdown.
 pub(super) struct Shared {
     state: Arc<State>,
+    /// The poll thread owns the consumer; a weak handle asks it for lag.
+    consumer: std::sync::Weak<BaseConsumer<Context>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -285,6 +287,7 @@ impl KafkaSource {
             cause,
         })?;
         let thread_state = state.clone();
+        let weak_consumer = Arc::downgrade(&consumer);
         let commit_interval = config.commit_interval;
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", s.group))
@@ -293,6 +296,7 @@ impl KafkaSource {
         Ok(Self {
             shared: Arc::new(Shared {
                 state,
+                consumer: weak_consumer,
                 thread: Mutex::new(Some(thread)),
             }),
             rx: tokio::sync::Mutex::new(rx),
@@ -330,6 +334,18 @@ impl Source for KafkaSource {
 
     fn bounds_in_flight(&self) -> bool {
         true
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let consumer = shared.consumer.upgrade()?;
+            // Watermarks are a request to the brokers: off the async threads.
+            tokio::task::spawn_blocking(move || lag(&consumer, &shared.state))
+                .await
+                .ok()
+                .flatten()
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -472,6 +488,33 @@ fn consumer_error(state: &State, e: &KafkaError) {
         state.connected.store(false, Ordering::Relaxed);
     }
     events::failed(NAME, "consume", e, "");
+}
+
+/// Records of the assigned partitions after what would be committed now:
+/// each partition's high watermark minus its first unsettled offset (or
+/// its position when nothing was read from it yet). `None` when a broker
+/// does not answer.
+fn lag(consumer: &BaseConsumer<Context>, state: &State) -> Option<u64> {
+    let positions = consumer.position().ok();
+    let bases: Vec<(String, i32, Option<i64>)> = state
+        .lock()
+        .iter()
+        .filter(|(_, p)| !p.revoked)
+        .map(|((topic, partition), p)| {
+            let position = positions.as_ref().and_then(|tpl| match tpl.find_partition(topic, *partition)?.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+            (topic.clone(), *partition, p.tracker.committable().or(p.committed).or(position))
+        })
+        .collect();
+    let mut total: u64 = 0;
+    for (topic, partition, base) in bases {
+        let (_, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(2)).ok()?;
+        let Some(base) = base else { continue };
+        total = total.saturating_add(u64::try_from(high.saturating_sub(base)).unwrap_or(0));
+    }
+    Some(total)
 }
 
 fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {

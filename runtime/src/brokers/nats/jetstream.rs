@@ -185,6 +185,15 @@ impl Source for JetStreamSource {
     fn is_connected(&self) -> bool {
         self.broker.is_connected()
     }
+
+    /// The durable consumer's pending (not yet delivered) and ack-pending
+    /// (delivered, not acked) counts, from the server.
+    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let info = self.consumer.get_info().await.ok()?;
+            Some(info.num_pending.saturating_add(info.num_ack_pending as u64))
+        })
+    }
 }
 
 pub struct JetStreamDelivery {

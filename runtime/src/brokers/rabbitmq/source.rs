@@ -12,6 +12,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Acker;
 use lapin::{BasicProperties, Consumer};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
@@ -33,6 +34,25 @@ pub struct RabbitSource {
     settings: Arc<ConsumerSettings>,
     subscription: Mutex<Subscription>,
     due_tx: mpsc::UnboundedSender<RabbitDelivery>,
+    /// Deliveries taken from the queue and not settled (RabbitMQ's ready
+    /// count leaves them out).
+    unsettled: Arc<AtomicU64>,
+}
+
+/// Counts a delivery as unsettled for its whole life.
+struct Unsettled(Arc<AtomicU64>);
+
+impl Unsettled {
+    fn new(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl RabbitSource {
@@ -47,6 +67,7 @@ impl RabbitSource {
                 due,
             }),
             due_tx,
+            unsettled: Arc::default(),
         }
     }
 
@@ -88,7 +109,11 @@ impl RabbitSource {
             next = stream.next() => next,
         };
         match next {
-            Some(Ok(d)) => Ok(RabbitDelivery::new(d, &self.settings, &self.broker, &self.due_tx)),
+            Some(Ok(d)) => {
+                let mut delivery = RabbitDelivery::new(d, &self.settings, &self.broker, &self.due_tx);
+                delivery.unsettled = Some(Unsettled::new(&self.unsettled));
+                Ok(delivery)
+            }
             Some(Err(e)) => {
                 *consumer = None;
                 Err(disconnected(format!("consumer of `{}`: {e}", self.settings.queue)))
@@ -111,6 +136,26 @@ impl Source for RabbitSource {
 
     fn is_connected(&self) -> bool {
         self.broker.is_connected()
+    }
+
+    /// The queue's ready messages (a passive declare, on a channel of its
+    /// own) and the deliveries taken from it and not settled yet (RabbitMQ
+    /// does not count those as ready). Prefetched messages not yet taken
+    /// are in neither: at most `prefetch` fewer.
+    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let (channel, _) = self.broker.channel().await.ok()?;
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let queue = channel
+                .queue_declare(self.settings.queue.as_str().into(), options, FieldTable::default())
+                .await;
+            let _ = channel.close(200, "backlog read".into()).await;
+            let ready = u64::from(queue.ok()?.message_count());
+            Some(ready.saturating_add(self.unsettled.load(Ordering::Relaxed)))
+        })
     }
 
     /// Closes the consumer's channel: RabbitMQ requeues what it delivered to
@@ -137,6 +182,7 @@ pub struct RabbitDelivery {
     broker: RabbitBroker,
     settings: Arc<ConsumerSettings>,
     due_tx: mpsc::UnboundedSender<RabbitDelivery>,
+    unsettled: Option<Unsettled>,
 }
 
 impl RabbitDelivery {
@@ -180,6 +226,7 @@ impl RabbitDelivery {
             broker: broker.clone(),
             settings: settings.clone(),
             due_tx: due_tx.clone(),
+            unsettled: None,
         }
     }
 
