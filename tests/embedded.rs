@@ -215,6 +215,22 @@ fn sigterm_lets_the_messages_in_flight_finish_and_settle_then_exits_zero() {
 }
 
 #[test]
+fn the_route_lag_gauge_rises_with_a_backlog_and_falls_to_zero_as_it_drains() {
+    // 32 messages, 4 at a time, 1 s each: ~8 s of backlog, read every 5 s.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &slow_config(1_000));
+    for i in 0..32 {
+        d.publish("slow.in", &[], format!("m-{i}").as_bytes());
+    }
+    let lag = || d.metric_present("sluice_route_lag{route=\"slow\"}");
+    d.wait_for("the gauge shows the backlog", Duration::from_secs(15), || {
+        lag().is_some_and(|n| n >= 4.0)
+    });
+    d.wait_for("the gauge drains to 0", Duration::from_secs(30), || lag() == Some(0.0));
+    assert_eq!(d.queue_len("slow"), 0);
+}
+
+#[test]
 fn a_second_signal_exits_at_once_and_the_unsettled_messages_are_redelivered() {
     const N: usize = 4;
     let dir = tempfile::tempdir().unwrap();
