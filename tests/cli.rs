@@ -384,3 +384,70 @@ fn the_rust_python_and_javascript_order_processors_give_the_same_outcome_for_eve
     assert_eq!(observable(&r), observable(&p), "Rust {r}\nPython {p}");
     assert_eq!(r["kind"], "permanent");
 }
+
+/// The Kubernetes manifests beside the compose file: no cluster runs here,
+/// so they are parsed, their wiring checked, and the config they carry run
+/// through `sluice check`.
+#[test]
+fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let dir = sluice_tests::workspace().join("k8s");
+    let docs: Vec<Yaml> = ["sluice.yaml", "keda-scaledobject.yaml"]
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
+        })
+        .collect();
+    let of_kind = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    for d in &docs {
+        assert!(d["apiVersion"].as_str().is_some() && d["metadata"]["name"].as_str().is_some(), "{d:?}");
+    }
+
+    let deployment = of_kind("Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    assert_eq!(&deployment["spec"]["template"]["metadata"]["labels"], selector);
+    assert_eq!(&of_kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], selector);
+    assert_eq!(
+        of_kind("ScaledObject")["spec"]["scaleTargetRef"]["name"].as_str(),
+        deployment["metadata"]["name"].as_str()
+    );
+    assert!(of_kind("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .is_some_and(|q| q.contains("sluice_route_lag")));
+    // Every volume mounted is declared, the config one from the ConfigMap.
+    let volumes: Vec<&str> = pod["volumes"].as_vec().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    for m in container["volumeMounts"].as_vec().unwrap() {
+        assert!(volumes.contains(&m["name"].as_str().unwrap()), "{m:?}");
+    }
+
+    // The config: valid, and drained within the pod's grace period.
+    let config_map = of_kind("ConfigMap");
+    let text = config_map["data"]["sluice.toml"].as_str().unwrap();
+    let grace: u64 = {
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let g = table["shutdown_grace"].as_str().unwrap();
+        g.strip_suffix('s').unwrap().parse().unwrap()
+    };
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() as u64 > grace);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .env("SLUICE_PLUGIN_DIR", plugin("noop").parent().unwrap())
+        .env("POD_NAME", "sluice-7d9f-abcde")
+        .env("SLUICE_ADMIN_TOKEN", "0123456789abcdef0123")
+        .env("NATS_URL", "nats://127.0.0.1:4222")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -16,6 +16,9 @@
 //! guest@127.0.0.1:5672). The JetStream part deletes and recreates the shipped streams (ORDERS,
 //! ENRICHED, DEAD_LETTERS): run it against a test server. Needs
 //! nats-server with JetStream (`SLUICE_NATS_URL`, default 127.0.0.1:4222).
+//! The Kafka part runs on rdkafka's MockCluster and, when a broker listens
+//! at `SLUICE_KAFKA_BROKERS` (default 127.0.0.1:9092, e.g. tansu), on it
+//! too (`SLUICE_BENCH_SCENARIOS=kafka-broker`).
 //! Run: `cargo bench -p sluice --bench scenario` (`SLUICE_BENCH_MESSAGES`,
 //! default 10,000; `SLUICE_BENCH_LIVE_RATE=N` runs only the JetStream live
 //! feed, at N orders/s).
@@ -58,6 +61,31 @@ fn variants(shipped: &str, gate: &str, batch: &str) -> Vec<(&'static str, String
         ("sluice no gate", edited(shipped, gate, "key = \"none\"\n")),
         ("sluice file 1/call", edited(shipped, batch, "")),
     ]
+}
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The JetStream config with the stores replicas share: `nats-kv` (on the
+/// same server) and Redis (`SLUICE_REDIS_URL`; the row is left out when
+/// nothing listens there).
+fn shared_stores(shipped: &str) -> Vec<(&'static str, String)> {
+    let lease = "lease = \"90s\"\n";
+    let store = |s: &str| edited(shipped, lease, &format!("{lease}store = \"{s}\"\n"));
+    let mut rows = vec![("sluice nats-kv", store("nats-kv"))];
+    let url = redis_url();
+    let reachable = url
+        .strip_prefix("redis://")
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| std::net::TcpStream::connect(a).ok())
+        .is_some();
+    if reachable {
+        rows.push(("sluice redis", format!("{}\n[stores]\nredis_url = \"{url}\"\n", store("redis"))));
+    } else {
+        eprintln!("no Redis at {url}: the redis row is left out");
+    }
+    rows
 }
 
 /// Waits for `n` outputs on `out` (items `is_output` accepts); the time
@@ -162,6 +190,8 @@ mod jetstream_scenario {
     const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
     async fn fresh_streams(js: &jetstream::Context) {
+        // The `nats-kv` store's bucket, recreated by the daemon.
+        let _ = js.delete_stream("KV_sluice_idempotency").await;
         for (name, subject) in STREAMS {
             let _ = js.delete_stream(name).await;
             js.create_stream(jetstream::stream::Config {
@@ -280,6 +310,7 @@ mod jetstream_scenario {
         };
         let prefix = format!("o-{tag}-");
         let mut latencies = Vec::with_capacity(count);
+        let mut latencies_at = Vec::with_capacity(count);
         let mut last = Instant::now();
         while latencies.len() < count {
             alive();
@@ -299,11 +330,34 @@ mod jetstream_scenario {
             let at = index.and_then(|i| sent.lock().ok()?.get(i).copied().flatten());
             if let Some(at) = at {
                 latencies.push(u64::try_from((now - at).as_nanos()).unwrap_or(u64::MAX));
+                latencies_at.push((at, now - at));
             }
         }
         let _ = publisher.await;
+        if std::env::var_os("SLUICE_BENCH_LIVE_WORST").is_some() {
+            worst(&sent, &latencies_at);
+        }
         latencies.sort_unstable();
         latencies
+    }
+
+    /// Diagnostics (`SLUICE_BENCH_LIVE_WORST`): the latency's worst moments,
+    /// as the max per 100 ms window of publish time, for windows above 5 ms.
+    fn worst(sent: &Mutex<Vec<Option<Instant>>>, latencies_at: &[(Instant, Duration)]) {
+        let Some(start) = sent.lock().ok().and_then(|s| s.iter().flatten().min().copied()) else {
+            return;
+        };
+        let mut windows: std::collections::BTreeMap<u128, (Duration, usize)> = Default::default();
+        for (at, l) in latencies_at {
+            let w = windows.entry((*at - start).as_millis() / 100).or_default();
+            w.0 = w.0.max(*l);
+            w.1 += 1;
+        }
+        for (w, (max, n)) in windows {
+            if max > Duration::from_millis(5) {
+                eprintln!("  t={:>5} ms: max {:>6.2} ms over {n}", w * 100, max.as_secs_f64() * 1000.0);
+            }
+        }
     }
 
     /// The live feed at half of sluice's measured rate: the hand-written
@@ -366,10 +420,9 @@ mod jetstream_scenario {
             let _ = consumer.await;
             table.row("hand-written", rate(n, took));
 
-            for (i, (name, config)) in variants(&shipped, "key = \"header:Idempotency-Key\"\n", BATCH)
-                .into_iter()
-                .enumerate()
-            {
+            let mut rows = variants(&shipped, "key = \"header:Idempotency-Key\"\n", BATCH);
+            rows.extend(shared_stores(&shipped));
+            for (i, (name, config)) in rows.into_iter().enumerate() {
                 fresh_streams(&js).await;
                 backlog(&js, &format!("{tag}v{i}"), n).await;
                 let mut out = client.subscribe("enriched.orders.>").await.expect("subscribe");
@@ -616,7 +669,7 @@ mod kafka_scenario {
             .expect("producer")
     }
 
-    async fn backlog(producer: &FutureProducer, tag: &str, n: usize) {
+    async fn backlog(producer: &FutureProducer, input: &str, tag: &str, n: usize) {
         let mut pending = Vec::with_capacity(2000);
         for i in 0..n {
             let (payload, key) = order(tag, i);
@@ -626,7 +679,7 @@ mod kafka_scenario {
             });
             pending.push(
                 producer
-                    .send_result(FutureRecord::to(INPUT).key(&key).payload(&payload).headers(headers))
+                    .send_result(FutureRecord::to(input).key(&key).payload(&payload).headers(headers))
                     .expect("queue"),
             );
             if pending.len() == 2000 || i + 1 == n {
@@ -651,11 +704,12 @@ mod kafka_scenario {
             .sum()
     }
 
-    /// Waits for `n` records in the output topic; first to last.
-    async fn drained(producer: &FutureProducer, n: usize, mut alive: impl FnMut()) -> Duration {
+    /// Waits for `n` records in the output topic beyond the `base` it held
+    /// before; first to last.
+    async fn drained(producer: &FutureProducer, base: i64, n: usize, mut alive: impl FnMut()) -> Duration {
         let (mut first, mut last) = (None, (0, Instant::now()));
         loop {
-            let seen = usize::try_from(produced(producer)).unwrap_or(0);
+            let seen = usize::try_from(produced(producer) - base).unwrap_or(0);
             if seen > 0 {
                 first.get_or_insert_with(Instant::now);
             }
@@ -677,16 +731,22 @@ mod kafka_scenario {
     /// its delivery report, then `commit_message` (async). (Commits of one
     /// partition can then go out of order: a crash may skip a record. sluice
     /// commits only what is settled below every pending record.)
-    async fn hand_written(brokers: String, at_once: usize, stop: tokio_util::sync::CancellationToken) {
+    async fn hand_written(
+        brokers: String,
+        input: String,
+        group: String,
+        at_once: usize,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
-            .set("group.id", "hand-written")
+            .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("log_level", "3")
             .create()
             .expect("consumer");
-        consumer.subscribe(&[INPUT]).expect("subscribe");
+        consumer.subscribe(&[input.as_str()]).expect("subscribe");
         let producer = producer(&brokers);
         let work = consumer.stream().for_each_concurrent(at_once, |m| {
             let (producer, consumer) = (&producer, &consumer);
@@ -727,24 +787,107 @@ mod kafka_scenario {
         mock.create_topic("dlq.orders", 1, 1).expect("topic");
         let brokers = mock.bootstrap_servers();
         let producer = producer(&brokers);
-        backlog(&producer, tag, n).await;
+        backlog(&producer, INPUT, tag, n).await;
         let took = run(brokers, producer).await;
         drop(mock);
         rate(n, took)
     }
 
-    pub async fn run(n: usize) {
-        let shipped = shipped_config("kafka.toml");
+    /// The shipped config with an idempotency gate on `store`.
+    fn with_gate(shipped: &str, store: &str) -> String {
         let gate = "[routes.idempotency]\nkey = \"header:Idempotency-Key\"\n";
         let anchor = "[routes.retry]\n";
         // With batches, the lease must outlast a batch's deadline.
-        let with_gate = |store: &str| {
-            edited(
-                &shipped,
-                anchor,
-                &format!("{gate}store = \"{store}\"\nlease = \"90s\"\n\n{anchor}"),
-            )
+        edited(
+            shipped,
+            anchor,
+            &format!("{gate}store = \"{store}\"\nlease = \"90s\"\n\n{anchor}"),
+        )
+    }
+
+    /// The sluice rows: as shipped, with a `file` and a `memory` gate, and
+    /// one message per call.
+    fn sluice_rows(shipped: &str) -> [(&'static str, String); 4] {
+        [
+            ("sluice (as shipped)", shipped.to_owned()),
+            ("sluice file", with_gate(shipped, "file")),
+            ("sluice memory", with_gate(shipped, "memory")),
+            ("sluice 1/call", edited(shipped, BATCH, "")),
+        ]
+    }
+
+    /// The same on a real Kafka-protocol broker (`SLUICE_KAFKA_BROKERS`,
+    /// default 127.0.0.1:9092, e.g. tansu; skipped when none listens).
+    /// Each run reads a topic of its own; outputs are counted as the
+    /// output topic's growth.
+    pub async fn run_on_broker(n: usize) {
+        let brokers = std::env::var("SLUICE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        if std::net::TcpStream::connect(&brokers).is_err() {
+            eprintln!("no Kafka broker at {brokers}: the broker table is left out");
+            return;
+        }
+        let admin: sluice::brokers::kafka::KafkaConfig =
+            toml::from_str(&format!("brokers = \"{brokers}\"")).expect("config");
+        let topic = |name: &str, partitions: i32| sluice::brokers::kafka::TopicConfig {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+            config: Default::default(),
         };
+        sluice::brokers::kafka::admin::create_topics(&admin, &[topic(OUTPUT, 1), topic("dlq.orders", 1)])
+            .await
+            .expect("topics");
+        let producer = producer(&brokers);
+        let shipped = shipped_config("kafka.toml");
+        let mut table = Table::start(&format!("Kafka ({brokers})"), n);
+        for round in 0..rounds() {
+            let tag = format!("k{}r{round}", std::process::id());
+            let mut runs: Vec<(&str, Option<String>)> = vec![("hand-written", None), ("hand-written x256", None)];
+            for (name, config) in sluice_rows(&shipped) {
+                runs.push((name, Some(config)));
+            }
+            for (i, (name, config)) in runs.into_iter().enumerate() {
+                let input = format!("orders-{tag}-{i}");
+                sluice::brokers::kafka::admin::create_topics(&admin, &[topic(&input, PARTITIONS)])
+                    .await
+                    .expect("input topic");
+                backlog(&producer, &input, &format!("{tag}v{i}"), n).await;
+                let base = produced(&producer);
+                let took = match config {
+                    None => {
+                        let at_once = if name.ends_with("x256") { 256 } else { KAFKA_CONCURRENCY };
+                        let stop = tokio_util::sync::CancellationToken::new();
+                        let consumer = tokio::spawn(hand_written(
+                            brokers.clone(),
+                            input.clone(),
+                            format!("hand-{input}"),
+                            at_once,
+                            stop.clone(),
+                        ));
+                        let took = drained(&producer, base, n, || {}).await;
+                        stop.cancel();
+                        let _ = consumer.await;
+                        took
+                    }
+                    Some(config) => {
+                        let config = edited(&config, "name = \"orders\"\n", &format!("name = \"{input}\"\n"));
+                        let config = edited(
+                            &config,
+                            "topics = [\"orders\"], group = \"sluice-orders\"",
+                            &format!("topics = [\"{input}\"], group = \"sluice-{input}\""),
+                        );
+                        let mut daemon = Daemon::start(&config, &[("KAFKA_BROKERS", brokers.clone())]);
+                        drained(&producer, base, n, || daemon.check_alive()).await
+                    }
+                };
+                table.row(name, rate(n, took));
+            }
+        }
+        table.print();
+    }
+
+    pub async fn run(n: usize) {
+        let shipped = shipped_config("kafka.toml");
         let mut table = Table::start("Kafka (rdkafka MockCluster)", n);
         for round in 0..rounds() {
             let tag = format!("k{}r{round}", std::process::id());
@@ -753,8 +896,14 @@ mod kafka_scenario {
             for (name, at_once) in [("hand-written", KAFKA_CONCURRENCY), ("hand-written x256", 256)] {
                 let r = on_fresh_cluster(&format!("{tag}h{at_once}"), n, |brokers, producer| async move {
                     let stop = tokio_util::sync::CancellationToken::new();
-                    let consumer = tokio::spawn(hand_written(brokers, at_once, stop.clone()));
-                    let took = drained(&producer, n, || {}).await;
+                    let consumer = tokio::spawn(hand_written(
+                        brokers,
+                        INPUT.into(),
+                        "hand-written".into(),
+                        at_once,
+                        stop.clone(),
+                    ));
+                    let took = drained(&producer, 0, n, || {}).await;
                     stop.cancel();
                     let _ = consumer.await;
                     took
@@ -762,16 +911,10 @@ mod kafka_scenario {
                 .await;
                 table.row(name, r);
             }
-            let variants = [
-                ("sluice (as shipped)", shipped.clone()),
-                ("sluice file", with_gate("file")),
-                ("sluice memory", with_gate("memory")),
-                ("sluice 1/call", edited(&shipped, BATCH, "")),
-            ];
-            for (i, (name, config)) in variants.into_iter().enumerate() {
+            for (i, (name, config)) in sluice_rows(&shipped).into_iter().enumerate() {
                 let r = on_fresh_cluster(&format!("{tag}v{i}"), n, |brokers, producer| async move {
                     let mut daemon = Daemon::start(&config, &[("KAFKA_BROKERS", brokers)]);
-                    drained(&producer, n, || daemon.check_alive()).await
+                    drained(&producer, 0, n, || daemon.check_alive()).await
                 })
                 .await;
                 table.row(name, r);
@@ -897,6 +1040,9 @@ fn main() {
         }
         if wanted("kafka") {
             kafka_scenario::run(n).await;
+        }
+        if wanted("kafka-broker") {
+            kafka_scenario::run_on_broker(n).await;
         }
         if wanted("embedded") {
             embedded_scenario::run(n).await;

@@ -37,7 +37,13 @@ pub enum NatsKvError {
 
 pub struct NatsKvStore {
     kv: kv::Store,
+    /// The revision each lease this process holds was written at, so its
+    /// completion is one compare-and-set without reading the key first.
+    held: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
+
+/// Leases remembered at most (beyond, a completion reads the key first).
+const MAX_HELD: usize = 65_536;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -66,7 +72,7 @@ struct Read {
 }
 
 enum Write {
-    Done,
+    Done(u64),
     /// Another replica changed the key since it was read.
     Raced,
 }
@@ -125,7 +131,10 @@ impl NatsKvStore {
                 jetstream.get_key_value(bucket).await.map_err(|e| failed(e.to_string()))?
             }
         };
-        Ok(Self { kv })
+        Ok(Self {
+            kv,
+            held: Default::default(),
+        })
     }
 
     async fn read(&self, key: &str) -> Result<Read, GateError> {
@@ -171,15 +180,36 @@ impl NatsKvStore {
         };
         if revision == 0 {
             return match self.kv.create(key, value).await {
-                Ok(_) => Ok(Write::Done),
+                Ok(revision) => Ok(Write::Done(revision)),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(Write::Raced),
                 Err(e) => Err(failed(e.to_string())),
             };
         }
         match self.kv.update(key, value, revision).await {
-            Ok(_) => Ok(Write::Done),
+            Ok(revision) => Ok(Write::Done(revision)),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(Write::Raced),
             Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    fn remember(&self, key: &str, owner: &str, revision: u64) {
+        if let Ok(mut held) = self.held.lock() {
+            if held.len() < MAX_HELD {
+                held.insert(key.to_owned(), (owner.to_owned(), revision));
+            }
+        }
+    }
+
+    /// The revision `owner`'s lease on `key` was written at, forgotten.
+    fn recall(&self, key: &str, owner: &str) -> Option<u64> {
+        let mut held = self.held.lock().ok()?;
+        match held.remove(key) {
+            Some((o, revision)) if o == owner => Some(revision),
+            Some(other) => {
+                held.insert(key.to_owned(), other);
+                None
+            }
+            None => None,
         }
     }
 }
@@ -188,18 +218,24 @@ impl IdempotencyStore for NatsKvStore {
     fn claim<'a>(&'a self, key: &'a str, owner: &'a str, lease: Duration) -> BoxFuture<'a, Result<Claim, GateError>> {
         Box::pin(async move {
             let key = bucket_key(key);
+            let record = |now: u64| Record {
+                done: false,
+                owner: owner.to_owned(),
+                expires_ms: now.saturating_add(ms(lease).max(1)),
+            };
+            // Most keys are new: created in one round trip, read only if not.
+            if let Write::Done(revision) = self.write(&key, &record(now_ms()), 0).await? {
+                self.remember(&key, owner, revision);
+                return Ok(Claim::Acquired);
+            }
             for _ in 0..RACES {
                 let read = self.read(&key).await?;
                 let now = now_ms();
                 if let Some(answer) = Record::claim_result(read.record.as_ref(), now) {
                     return Ok(answer);
                 }
-                let record = Record {
-                    done: false,
-                    owner: owner.to_owned(),
-                    expires_ms: now.saturating_add(ms(lease).max(1)),
-                };
-                if let Write::Done = self.write(&key, &record, read.revision).await? {
+                if let Write::Done(revision) = self.write(&key, &record(now), read.revision).await? {
+                    self.remember(&key, owner, revision);
                     return Ok(Claim::Acquired);
                 }
             }
@@ -212,6 +248,17 @@ impl IdempotencyStore for NatsKvStore {
     fn complete<'a>(&'a self, key: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, Result<(), GateError>> {
         Box::pin(async move {
             let key = bucket_key(key);
+            let record = |now: u64| Record {
+                done: true,
+                owner: owner.to_owned(),
+                expires_ms: now.saturating_add(ms(ttl).max(1)),
+            };
+            // Unchanged since our claim wrote it: still ours.
+            if let Some(revision) = self.recall(&key, owner) {
+                if let Write::Done(_) = self.write(&key, &record(now_ms()), revision).await? {
+                    return Ok(());
+                }
+            }
             for _ in 0..RACES {
                 let read = self.read(&key).await?;
                 let now = now_ms();
@@ -219,12 +266,7 @@ impl IdempotencyStore for NatsKvStore {
                     // Done already, or another owner's live lease: theirs.
                     return Ok(());
                 }
-                let record = Record {
-                    done: true,
-                    owner: owner.to_owned(),
-                    expires_ms: now.saturating_add(ms(ttl).max(1)),
-                };
-                if let Write::Done = self.write(&key, &record, read.revision).await? {
+                if let Write::Done(_) = self.write(&key, &record(now), read.revision).await? {
                     return Ok(());
                 }
             }
@@ -238,6 +280,7 @@ impl IdempotencyStore for NatsKvStore {
     fn release<'a>(&'a self, key: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), GateError>> {
         Box::pin(async move {
             let key = bucket_key(key);
+            let _ = self.recall(&key, owner);
             let read = self.read(&key).await?;
             let ours = read.record.as_ref().is_some_and(|r| !r.done && r.owner == owner);
             if !ours {

@@ -415,13 +415,27 @@ impl Route {
         let mut waiting: Vec<Box<dyn Delivery>> = Vec::new();
         let mut waiting_keys: HashSet<String> = HashSet::new();
         let mut wait = Duration::ZERO;
+        // Unordered: the gate asked for the whole batch at once, so a shared
+        // store costs one round trip's time per batch, not one per message.
+        // (Ordered, a message may not be admitted at all: asked in turn.)
+        let mut admitted: std::collections::VecDeque<_> = if mode == RetryMode::Broker && self.gate.is_some() {
+            futures_util::future::join_all(begun.iter().map(|d| self.admit_once(d.message(), mode)))
+                .await
+                .into()
+        } else {
+            Default::default()
+        };
         for delivery in begun {
             let key = (mode == RetryMode::InPlace).then(|| self.hold_key(&*delivery));
             if key.as_ref().is_some_and(|k| waiting_keys.contains(k)) {
                 waiting.push(delivery);
                 continue;
             }
-            let lease = match self.admit_once(delivery.message(), mode).await {
+            let admission = match admitted.pop_front() {
+                Some(a) => a,
+                None => self.admit_once(delivery.message(), mode).await,
+            };
+            let lease = match admission {
                 Ok(lease) => lease,
                 Err(super::Refusal::Ends(verdict)) => {
                     finished.push((delivery, verdict, None));
