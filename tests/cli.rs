@@ -405,7 +405,10 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
             .unwrap_or_else(|| panic!("no {kind}"))
     };
     for d in &docs {
-        assert!(d["apiVersion"].as_str().is_some() && d["metadata"]["name"].as_str().is_some(), "{d:?}");
+        assert!(
+            d["apiVersion"].as_str().is_some() && d["metadata"]["name"].as_str().is_some(),
+            "{d:?}"
+        );
     }
 
     let deployment = of_kind("Deployment");
@@ -415,7 +418,10 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
     assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
     let selector = &deployment["spec"]["selector"]["matchLabels"];
     assert_eq!(&deployment["spec"]["template"]["metadata"]["labels"], selector);
-    assert_eq!(&of_kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], selector);
+    assert_eq!(
+        &of_kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        selector
+    );
     assert_eq!(
         of_kind("ScaledObject")["spec"]["scaleTargetRef"]["name"].as_str(),
         deployment["metadata"]["name"].as_str()
@@ -424,7 +430,12 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_config() {
         .as_str()
         .is_some_and(|q| q.contains("sluice_route_lag")));
     // Every volume mounted is declared, the config one from the ConfigMap.
-    let volumes: Vec<&str> = pod["volumes"].as_vec().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    let volumes: Vec<&str> = pod["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
     for m in container["volumeMounts"].as_vec().unwrap() {
         assert!(volumes.contains(&m["name"].as_str().unwrap()), "{m:?}");
     }

@@ -327,13 +327,22 @@ async fn contract(case: Case) {
     }
     let first = a.expect(&bytes("l1"), "a message counted in the backlog").await;
     if guarantees.redelivers {
-        a.backlog_reaches(|n| (1..=3).contains(&n), "one of three taken, unsettled").await;
+        a.backlog_reaches(|n| (1..=3).contains(&n), "one of three taken, unsettled")
+            .await;
     } else {
-        assert_eq!(a.source.backlog().await, None, "{kind:?}: a backlog where nothing is kept");
+        assert_eq!(
+            a.source.backlog().await,
+            None,
+            "{kind:?}: a backlog where nothing is kept"
+        );
     }
     first.ack().await.expect("ack");
     for p in &lagging[1..] {
-        a.expect(&bytes(p), "the rest of the backlog").await.ack().await.expect("ack");
+        a.expect(&bytes(p), "the rest of the backlog")
+            .await
+            .ack()
+            .await
+            .expect("ack");
     }
     if guarantees.redelivers {
         a.backlog_reaches(|n| n == 0, "all settled").await;

@@ -74,13 +74,20 @@ async fn shared(a: &dyn IdempotencyStore, b: &dyn IdempotencyStore, ns: &str) {
     let key = format!("{ns}:shared");
     let lease = Duration::from_secs(5);
     assert_eq!(a.claim(&key, "replica-a", lease).await.unwrap(), Claim::Acquired);
-    assert!(matches!(b.claim(&key, "replica-b", lease).await.unwrap(), Claim::Busy { .. }));
+    assert!(matches!(
+        b.claim(&key, "replica-b", lease).await.unwrap(),
+        Claim::Busy { .. }
+    ));
     a.complete(&key, "replica-a", Duration::from_secs(60)).await.unwrap();
     assert_eq!(b.claim(&key, "replica-b", lease).await.unwrap(), Claim::Done);
 
     let raced = format!("{ns}:raced");
     let claims = (0..16).map(|i| {
-        let (store, owner) = if i % 2 == 0 { (a, format!("a{i}")) } else { (b, format!("b{i}")) };
+        let (store, owner) = if i % 2 == 0 {
+            (a, format!("a{i}"))
+        } else {
+            (b, format!("b{i}"))
+        };
         let raced = raced.clone();
         async move { store.claim(&raced, &owner, lease).await.unwrap() }
     });
@@ -119,9 +126,17 @@ async fn nats_kv_store_keeps_the_contract_and_is_shared_between_replicas() {
     // Keys are the producer's: any bytes and any length map to one valid key.
     for hostile in ["a.b.*.>", "", "sp ace/\\0", &"k".repeat(5_000)] {
         let key = format!("{ns}:{hostile}");
-        assert_eq!(a.claim(&key, "w", Duration::from_secs(5)).await.unwrap(), Claim::Acquired, "{hostile:?}");
+        assert_eq!(
+            a.claim(&key, "w", Duration::from_secs(5)).await.unwrap(),
+            Claim::Acquired,
+            "{hostile:?}"
+        );
         a.complete(&key, "w", Duration::from_secs(60)).await.unwrap();
-        assert_eq!(b.claim(&key, "v", Duration::from_secs(5)).await.unwrap(), Claim::Done, "{hostile:?}");
+        assert_eq!(
+            b.claim(&key, "v", Duration::from_secs(5)).await.unwrap(),
+            Claim::Done,
+            "{hostile:?}"
+        );
     }
 
     // A value sluice did not write is an error (the message is redelivered),

@@ -81,7 +81,10 @@ fn shared_stores(shipped: &str) -> Vec<(&'static str, String)> {
         .and_then(|a| std::net::TcpStream::connect(a).ok())
         .is_some();
     if reachable {
-        rows.push(("sluice redis", format!("{}\n[stores]\nredis_url = \"{url}\"\n", store("redis"))));
+        rows.push((
+            "sluice redis",
+            format!("{}\n[stores]\nredis_url = \"{url}\"\n", store("redis")),
+        ));
     } else {
         eprintln!("no Redis at {url}: the redis row is left out");
     }
@@ -355,7 +358,11 @@ mod jetstream_scenario {
         }
         for (w, (max, n)) in windows {
             if max > Duration::from_millis(5) {
-                eprintln!("  t={:>5} ms: max {:>6.2} ms over {n}", w * 100, max.as_secs_f64() * 1000.0);
+                eprintln!(
+                    "  t={:>5} ms: max {:>6.2} ms over {n}",
+                    w * 100,
+                    max.as_secs_f64() * 1000.0
+                );
             }
         }
     }
@@ -401,7 +408,10 @@ mod jetstream_scenario {
         let js = jetstream::new(client.clone());
         let shipped = shipped_config("nats.toml");
         // Only the live feed, at a given rate (orders/s): for tuning.
-        if let Some(per_sec) = std::env::var("SLUICE_BENCH_LIVE_RATE").ok().and_then(|r| r.parse().ok()) {
+        if let Some(per_sec) = std::env::var("SLUICE_BENCH_LIVE_RATE")
+            .ok()
+            .and_then(|r| r.parse().ok())
+        {
             live(&js, &client, &shipped, per_sec).await;
             return;
         }

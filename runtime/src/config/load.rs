@@ -222,7 +222,10 @@ fn validate(config: &Config, plugin_files: PluginFiles) -> Result<(), Problem> {
         }
     }
     if let Some(bucket) = &config.stores.nats_kv_bucket {
-        let valid = !bucket.is_empty() && bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let valid = !bucket.is_empty()
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !valid {
             return Err((
                 "stores.nats_kv_bucket".into(),
@@ -394,7 +397,9 @@ mod batch_tests {
         let e = err("[routes.idempotency]\nkey = \"id\"\nstore = \"nats-kv\"\n[brokers.nats]\nurl = \"nats://x\"\n[stores]\nnats_kv_bucket = \"a.b\"");
         assert!(e.contains("stores.nats_kv_bucket"), "{e}");
         let text = "instance_id = \"pod 1\"\n";
-        let e = parse(text, Path::new("conf/b.toml"), PluginFiles::MayBeMissing).unwrap_err().to_string();
+        let e = parse(text, Path::new("conf/b.toml"), PluginFiles::MayBeMissing)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("instance_id"), "{e}");
     }
 }

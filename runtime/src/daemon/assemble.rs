@@ -96,7 +96,11 @@ impl GateStores {
 async fn open_nats_kv(config: &Config) -> Result<NatsKvStore, GateError> {
     let unusable = |reason: String| {
         GateError::NatsKv(Arc::new(NatsKvError::Bucket {
-            bucket: config.stores.nats_kv_bucket.clone().unwrap_or_else(|| NATS_KV_BUCKET.into()),
+            bucket: config
+                .stores
+                .nats_kv_bucket
+                .clone()
+                .unwrap_or_else(|| NATS_KV_BUCKET.into()),
             reason,
         }))
     };

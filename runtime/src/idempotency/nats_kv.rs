@@ -46,10 +46,7 @@ pub struct NatsKvStore {
 const MAX_HELD: usize = 65_536;
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| ms(d))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| ms(d)).unwrap_or(0)
 }
 
 /// A bucket key for an idempotency key. Producers choose idempotency keys,
@@ -128,7 +125,10 @@ impl NatsKvStore {
                     })
                     .await
                     .map_err(|e| failed(e.to_string()))?;
-                jetstream.get_key_value(bucket).await.map_err(|e| failed(e.to_string()))?
+                jetstream
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
             }
         };
         Ok(Self {
@@ -312,7 +312,15 @@ mod tests {
                 && !k.starts_with('.')
                 && !k.ends_with('.')
         };
-        for key in ["", "o-1", "a.b.*.>", "with space", "ünïcödé", "\0\n\r", &"x".repeat(10_000)] {
+        for key in [
+            "",
+            "o-1",
+            "a.b.*.>",
+            "with space",
+            "ünïcödé",
+            "\0\n\r",
+            &"x".repeat(10_000),
+        ] {
             let k = bucket_key(key);
             assert!(valid(&k), "{key:?} -> {k:?}");
         }

@@ -501,16 +501,24 @@ fn lag(consumer: &BaseConsumer<Context>, state: &State) -> Option<u64> {
         .iter()
         .filter(|(_, p)| !p.revoked)
         .map(|((topic, partition), p)| {
-            let position = positions.as_ref().and_then(|tpl| match tpl.find_partition(topic, *partition)?.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
-            (topic.clone(), *partition, p.tracker.committable().or(p.committed).or(position))
+            let position = positions
+                .as_ref()
+                .and_then(|tpl| match tpl.find_partition(topic, *partition)?.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            (
+                topic.clone(),
+                *partition,
+                p.tracker.committable().or(p.committed).or(position),
+            )
         })
         .collect();
     let mut total: u64 = 0;
     for (topic, partition, base) in bases {
-        let (_, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(2)).ok()?;
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(2))
+            .ok()?;
         let Some(base) = base else { continue };
         total = total.saturating_add(u64::try_from(high.saturating_sub(base)).unwrap_or(0));
     }

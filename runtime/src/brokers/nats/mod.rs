@@ -170,7 +170,7 @@ pub async fn connect_client(config: &NatsConfig) -> Result<async_nats::Client, N
             // The client's error may quote the URL, password and all.
             cause: cause(e.to_string().replace(&config.url, &super::redact_url(&config.url))),
         })?;
-        Ok(client)
+    Ok(client)
 }
 
 impl NatsBroker {
