@@ -46,7 +46,7 @@ pub struct NatsKvStore {
 const MAX_HELD: usize = 65_536;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| ms(d)).unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(ms).unwrap_or(0)
 }
 
 /// A bucket key for an idempotency key. Producers choose idempotency keys,
