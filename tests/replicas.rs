@@ -255,6 +255,59 @@ store = "redis"
     rt.block_on(rabbit.delete(&[&format!("work-{id}"), &format!("dlq-{id}")], &[&format!("ex-{id}")]));
 }
 
+/// Short sessions, so a killed member is expired within seconds, and the
+/// incremental (cooperative) rebalance protocol: members keep their
+/// partitions while others join or leave.
+const GROUP_SETTINGS: &str = r#"[brokers.kafka.librdkafka]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+"partition.assignment.strategy" = "cooperative-sticky"
+"#;
+
+/// More replicas than partitions: the one left without a partition says so
+/// after a session timeout and reports 0 partitions, and takes the
+/// partition over when the other leaves. (librdkafka's mock cluster, as
+/// below.)
+#[test]
+fn a_kafka_replica_holding_no_partition_says_so_and_takes_over_when_the_other_leaves() {
+    let id = unique();
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    mock.create_topic(&format!("in-{id}"), 1, 1).unwrap();
+    mock.create_topic(&format!("dlq-{id}"), 1, 1).unwrap();
+    let config = format!(
+        r#"[brokers.kafka]
+brokers = "{brokers}"
+{GROUP_SETTINGS}
+[plugins.p]
+path = "{wasm}"
+[[routes]]
+name = "orders"
+plugin = "p"
+source = {{ broker = "kafka", topics = ["in-{id}"], group = "g-{id}" }}
+dead_letter = {{ subject = "dlq-{id}" }}
+"#,
+        wasm = plugin("noop").display(),
+    );
+    let partitions = "sluice_route_partitions{route=\"orders\"}";
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Daemon::start(dir_a.path(), &replica_config(0, &config));
+    a.wait_for("replica 0 holding the partition", Duration::from_secs(60), || {
+        a.metric_present(partitions) == Some(1.0)
+    });
+    let b = Daemon::start(dir_b.path(), &replica_config(1, &config));
+    b.wait_for("replica 1 saying it is idle", Duration::from_secs(60), || {
+        b.log().contains("held no partition for longer than the session timeout")
+    });
+    assert_eq!(b.metric_present(partitions), Some(0.0));
+    assert_eq!(a.metric_present(partitions), Some(1.0), "the holder kept it");
+    assert!(a.terminate().success());
+    b.wait_for("replica 1 taking the partition over", Duration::from_secs(60), || {
+        b.metric_present(partitions) == Some(1.0) && b.log().contains("holds partitions again")
+    });
+    drop(mock);
+}
+
 /// Kafka: three members of one consumer group, the killed one expired by
 /// the group coordinator after `session.timeout.ms` and its partitions
 /// handed to the survivors, as real Kafka does. The broker is librdkafka's
@@ -295,9 +348,7 @@ fn three_kafka_replicas_sharing_redis_lose_nothing_when_one_is_killed_and_one_st
             r#"{nats}
 [brokers.kafka]
 brokers = "{brokers}"
-[brokers.kafka.librdkafka]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
+{group}
 [stores]
 redis_url = "{redis}"
 {plugin}
@@ -315,6 +366,7 @@ store = "redis"
 "#,
             nats = effects.nats_table(),
             plugin = effects.plugin_table(),
+            group = GROUP_SETTINGS,
         )
     };
     three_replicas(&rt, &[config(), config(), config()], &effects, "orders");

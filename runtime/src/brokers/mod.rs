@@ -166,6 +166,12 @@ pub trait Source: Send + Sync {
     fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
         Box::pin(async { None })
     }
+    /// Partitions of the source this replica holds, where the broker
+    /// assigns them to group members (Kafka); `None` elsewhere. A replica
+    /// holding none is idle: more replicas than partitions.
+    fn partitions(&self) -> Option<usize> {
+        None
+    }
     /// Stops the source for good (a route removed by a config reload):
     /// leaves consumer groups, commits what is settled.
     fn close(&self) -> BoxFuture<'_, ()> {

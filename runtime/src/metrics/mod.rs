@@ -108,6 +108,8 @@ pub struct Metrics {
     pub in_flight: Family<RouteLabel, Gauge>,
     /// Messages of a route its broker holds unsettled (see `Source::backlog`).
     pub route_lag: Family<RouteLabel, Gauge>,
+    /// Partitions of a route's source this replica holds (Kafka).
+    pub route_partitions: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
     /// Messages per batch, on routes with `batch`.
     pub batch_size: Family<RouteLabel, Histogram>,
@@ -170,6 +172,12 @@ impl Metrics {
             "route_lag",
             "Messages of the route its broker holds not yet settled (JetStream pending + ack pending, Kafka end offset - first unsettled, RabbitMQ ready, embedded queue length), read every 5 s; absent where the broker keeps no backlog (core NATS)",
             route_lag.clone(),
+        );
+        let route_partitions = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "route_partitions",
+            "Partitions of the route's source this replica holds (Kafka consumer groups; 0 for long: an idle replica), read every 5 s",
+            route_partitions.clone(),
         );
         registry.register(
             "handler_duration_seconds",
@@ -245,6 +253,7 @@ impl Metrics {
             failures,
             in_flight,
             route_lag,
+            route_partitions,
             handler_duration,
             batch_size,
             settle_errors,

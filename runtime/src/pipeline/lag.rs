@@ -1,6 +1,8 @@
 //! The route's backlog at its broker, as a gauge an autoscaler can follow
-//! (`sluice_route_lag`): asked every few seconds while the route runs,
-//! removed when it stops (a stale figure would scale a deleted route).
+//! (`sluice_route_lag`), and the partitions this replica holds
+//! (`sluice_route_partitions`, Kafka): asked every few seconds while the
+//! route runs, removed when it stops (a stale figure would scale a deleted
+//! route).
 
 use super::Route;
 use crate::metrics::RouteLabel;
@@ -19,6 +21,12 @@ impl Route {
             route: self.name.clone(),
         };
         loop {
+            if let Some(n) = self.source.partitions() {
+                self.metrics
+                    .route_partitions
+                    .get_or_create(&label)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             let asked = tokio::select! {
                 asked = tokio::time::timeout(ASK_TIMEOUT, self.source.backlog()) => asked,
                 _ = shutdown.cancelled() => break,
@@ -40,5 +48,6 @@ impl Route {
             }
         }
         self.metrics.route_lag.remove(&label);
+        self.metrics.route_partitions.remove(&label);
     }
 }

@@ -72,6 +72,11 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Partitions assigned to this member and not being revoked.
+    fn held(&self) -> usize {
+        self.lock().values().filter(|p| !p.revoked).count()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Partition>> {
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -289,9 +294,18 @@ impl KafkaSource {
         let thread_state = state.clone();
         let weak_consumer = Arc::downgrade(&consumer);
         let commit_interval = config.commit_interval;
+        let session_timeout = config
+            .librdkafka
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .map_or(DEFAULT_SESSION_TIMEOUT, Duration::from_millis);
+        let group = s.group.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", s.group))
-            .spawn(move || poll_loop(consumer, thread_state, commit_interval))
+            .spawn(move || {
+                let idle = IdleMember::new(group, session_timeout);
+                poll_loop(consumer, thread_state, commit_interval, idle)
+            })
             .map_err(|e| KafkaSetupError::Thread(cause(e)))?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -334,6 +348,10 @@ impl Source for KafkaSource {
 
     fn bounds_in_flight(&self) -> bool {
         true
+    }
+
+    fn partitions(&self) -> Option<usize> {
+        Some(self.shared.state.held())
     }
 
     fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
@@ -525,7 +543,58 @@ fn lag(consumer: &BaseConsumer<Context>, state: &State) -> Option<u64> {
     Some(total)
 }
 
-fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration) {
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Tells when this member has held no partition for longer than a session
+/// timeout: a rebalance would have ended by then, so the group has more
+/// members than partitions (or this one is fenced off) and this replica
+/// does no work. Said once per idle spell, and again when work returns.
+struct IdleMember {
+    group: String,
+    after: Duration,
+    since: Option<Instant>,
+    said: bool,
+    last_look: Instant,
+}
+
+impl IdleMember {
+    fn new(group: String, after: Duration) -> Self {
+        Self {
+            group,
+            after,
+            since: Some(Instant::now()),
+            said: false,
+            last_look: Instant::now(),
+        }
+    }
+
+    fn look(&mut self, state: &State) {
+        if self.last_look.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_look = Instant::now();
+        if state.held() > 0 {
+            if self.said {
+                tracing::info!(group = %self.group, "this replica holds partitions again");
+            }
+            self.since = None;
+            self.said = false;
+            return;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if !self.said && since.elapsed() > self.after {
+            self.said = true;
+            tracing::warn!(
+                group = %self.group,
+                idle_s = since.elapsed().as_secs(),
+                "this replica has held no partition for longer than the session timeout: the group has more members than the topics have partitions, so it stays idle (sluice_route_partitions is 0); run fewer replicas or add partitions"
+            );
+        }
+    }
+}
+
+fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_interval: Duration, mut idle: IdleMember) {
     let mut last_commit = Instant::now();
     let mut last_check = Instant::now();
     let mut queues = Queues {
@@ -579,6 +648,7 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, state: Arc<State>, commit_int
             state.commit(&consumer, state.committable(None), CommitMode::Async);
             last_commit = Instant::now();
         }
+        idle.look(&state);
         if !state.connected.load(Ordering::Relaxed) && last_check.elapsed() >= Duration::from_secs(2) {
             last_check = Instant::now();
             if consumer.fetch_metadata(None, Duration::from_secs(1)).is_ok() {
