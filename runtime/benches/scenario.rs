@@ -397,6 +397,40 @@ mod jetstream_scenario {
         println!("bar: p99 <= 10 ms end to end");
     }
 
+    /// 1, 2 and 3 replicas of the shipped config sharing the `nats-kv`
+    /// store and one durable consumer, started first; the orders are
+    /// published while they run (on one machine: the cost of coordination,
+    /// not scaling).
+    pub async fn replicas(n: usize) {
+        let Ok(client) = async_nats::connect(nats_url()).await else {
+            return;
+        };
+        let js = jetstream::new(client.clone());
+        let shipped = shipped_config("nats.toml");
+        let config = edited(&shipped, "lease = \"90s\"\n", "lease = \"90s\"\nstore = \"nats-kv\"\n");
+        let mut table = Table::start("JetStream, replicas sharing the nats-kv store", n);
+        for round in 0..rounds() {
+            for k in 1..=3 {
+                fresh_streams(&js).await;
+                let mut daemons: Vec<Daemon> = (0..k).map(|_| Daemon::start(&config, &[("NATS_URL", nats_url())])).collect();
+                for d in &mut daemons {
+                    d.ready().await;
+                }
+                let mut out = client.subscribe("enriched.orders.>").await.expect("subscribe");
+                client.flush().await.expect("flush");
+                let feed = {
+                    let (js, tag) = (js.clone(), format!("rep{}r{round}k{k}", std::process::id()));
+                    tokio::spawn(async move { backlog(&js, &tag, n).await })
+                };
+                let took = drained(&mut out, n, || daemons.iter_mut().for_each(Daemon::check_alive)).await;
+                feed.await.expect("feed");
+                table.row(&format!("{k} replica{}", if k > 1 { "s" } else { "" }), rate(n, took));
+            }
+        }
+        table.print();
+        println!("(one 2-core machine: more replicas share the same cores)");
+    }
+
     pub async fn run(n: usize) {
         let client = match async_nats::connect(nats_url()).await {
             Ok(c) => c,
@@ -896,6 +930,51 @@ mod kafka_scenario {
         table.print();
     }
 
+    /// 1, 2 and 3 replicas of the shipped config in one consumer group on
+    /// a mock cluster; the orders are produced once every replica holds
+    /// partitions (3 partitions).
+    pub async fn replicas(n: usize) {
+        let shipped = shipped_config("kafka.toml");
+        let mut table = Table::start("Kafka (rdkafka MockCluster), replicas in one group", n);
+        for round in 0..rounds() {
+            for k in 1..=3 {
+                let tag = format!("krep{}r{round}k{k}", std::process::id());
+                let mock = MockCluster::new(1).expect("mock cluster");
+                mock.create_topic(INPUT, PARTITIONS, 1).expect("topic");
+                mock.create_topic(OUTPUT, 1, 1).expect("topic");
+                mock.create_topic("dlq.orders", 1, 1).expect("topic");
+                let brokers = mock.bootstrap_servers();
+                let producer = producer(&brokers);
+                let mut daemons: Vec<Daemon> = (0..k)
+                    .map(|_| Daemon::start(&shipped, &[("KAFKA_BROKERS", brokers.clone())]))
+                    .collect();
+                let joined = Instant::now();
+                loop {
+                    daemons.iter_mut().for_each(Daemon::check_alive);
+                    let held: f64 = daemons
+                        .iter()
+                        .map(|d| d.metric("sluice_route_partitions", "orders").unwrap_or(0.0))
+                        .sum();
+                    let everyone = daemons
+                        .iter()
+                        .all(|d| d.metric("sluice_route_partitions", "orders").unwrap_or(0.0) > 0.0);
+                    if everyone && held >= f64::from(PARTITIONS) {
+                        break;
+                    }
+                    assert!(joined.elapsed() < Duration::from_secs(120), "the group never settled");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                backlog(&producer, INPUT, &tag, n).await;
+                let took = drained(&producer, 0, n, || daemons.iter_mut().for_each(Daemon::check_alive)).await;
+                drop(daemons);
+                drop(mock);
+                table.row(&format!("{k} replica{}", if k > 1 { "s" } else { "" }), rate(n, took));
+            }
+        }
+        table.print();
+        println!("(one 2-core machine; the first output may come while the backlog is still being produced)");
+    }
+
     pub async fn run(n: usize) {
         let shipped = shipped_config("kafka.toml");
         let mut table = Table::start("Kafka (rdkafka MockCluster)", n);
@@ -1053,6 +1132,10 @@ fn main() {
         }
         if wanted("kafka-broker") {
             kafka_scenario::run_on_broker(n).await;
+        }
+        if wanted("replicas") {
+            jetstream_scenario::replicas(n).await;
+            kafka_scenario::replicas(n).await;
         }
         if wanted("embedded") {
             embedded_scenario::run(n).await;

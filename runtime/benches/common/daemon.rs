@@ -68,21 +68,33 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 
-    /// The mean of `sluice_batch_size` on `route`, from `/metrics`.
-    pub fn mean_batch(&self, route: &str) -> Option<f64> {
+    /// The value of `series{route="ROUTE"}` in `/metrics`, if present.
+    pub fn metric(&self, series: &str, route: &str) -> Option<f64> {
         let text = ureq::get(&format!("http://{}/metrics", self.admin))
             .call()
             .ok()?
             .body_mut()
             .read_to_string()
             .ok()?;
-        let value = |series: &str| {
-            let prefix = format!("{series}{{route=\"{route}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        };
-        Some(value("sluice_batch_size_sum")? / value("sluice_batch_size_count")?)
+        let prefix = format!("{series}{{route=\"{route}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    }
+
+    /// The mean of `sluice_batch_size` on `route`, from `/metrics`.
+    pub fn mean_batch(&self, route: &str) -> Option<f64> {
+        Some(self.metric("sluice_batch_size_sum", route)? / self.metric("sluice_batch_size_count", route)?)
+    }
+
+    /// Waits until `/readyz` answers 200 (panics with the log after 60 s).
+    pub async fn ready(&mut self) {
+        let started = std::time::Instant::now();
+        while ureq::get(&format!("http://{}/readyz", self.admin)).call().is_err() {
+            self.check_alive();
+            assert!(started.elapsed() < Duration::from_secs(60), "not ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
