@@ -297,7 +297,8 @@ dead_letter = {{ subject = "dlq-{id}" }}
     });
     let b = Daemon::start(dir_b.path(), &replica_config(1, &config));
     b.wait_for("replica 1 saying it is idle", Duration::from_secs(60), || {
-        b.log().contains("held no partition for longer than the session timeout")
+        b.log()
+            .contains("held no partition for longer than the session timeout")
     });
     assert_eq!(b.metric_present(partitions), Some(0.0));
     assert_eq!(a.metric_present(partitions), Some(1.0), "the holder kept it");

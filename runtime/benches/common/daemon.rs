@@ -92,7 +92,11 @@ impl Daemon {
         let started = std::time::Instant::now();
         while ureq::get(&format!("http://{}/readyz", self.admin)).call().is_err() {
             self.check_alive();
-            assert!(started.elapsed() < Duration::from_secs(60), "not ready:\n{}", self.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "not ready:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
