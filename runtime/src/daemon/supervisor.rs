@@ -303,6 +303,7 @@ impl Supervisor {
         let old = &self.config;
         let mut pending = Vec::new();
         keep("data_dir", &mut new.data_dir, &old.data_dir, &mut pending);
+        keep("instance_id", &mut new.instance_id, &old.instance_id, &mut pending);
         keep("[admin]", &mut new.admin, &old.admin, &mut pending);
         keep("[engine]", &mut new.engine, &old.engine, &mut pending);
         keep("[brokers]", &mut new.brokers, &old.brokers, &mut pending);

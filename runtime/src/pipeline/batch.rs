@@ -29,6 +29,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// Gate questions of one batch in flight at once (a shared store answers
+/// them concurrently; bounded so a large batch does not flood it).
+const GATE_AT_ONCE: usize = 64;
+
 /// Deliveries gathered for the next batch.
 struct Gathering {
     deliveries: Vec<Box<dyn Delivery>>,
@@ -418,10 +422,14 @@ impl Route {
         // Unordered: the gate asked for the whole batch at once, so a shared
         // store costs one round trip's time per batch, not one per message.
         // (Ordered, a message may not be admitted at all: asked in turn.)
+        // At most GATE_AT_ONCE asked at a time, in order.
         let mut admitted: std::collections::VecDeque<_> = if mode == RetryMode::Broker && self.gate.is_some() {
-            futures_util::future::join_all(begun.iter().map(|d| self.admit_once(d.message(), mode)))
-                .await
-                .into()
+            let msgs: Vec<&Message> = begun.iter().map(|d| d.message()).collect();
+            let mut answers = std::collections::VecDeque::with_capacity(msgs.len());
+            for chunk in msgs.chunks(GATE_AT_ONCE) {
+                answers.extend(futures_util::future::join_all(chunk.iter().map(|m| self.admit_once(m, mode))).await);
+            }
+            answers
         } else {
             Default::default()
         };

@@ -92,7 +92,8 @@ impl Lease {
     pub(super) async fn complete(mut self) {
         self.settled = true;
         if let Err(e) = self.store.complete(&self.key, &self.owner, self.ttl).await {
-            tracing::warn!("cannot record {} as done: {}", self.key, Report(&e));
+            // Debug-formatted: a producer's key cannot forge a log line.
+            tracing::warn!("cannot record {:?} as done: {}", self.key, Report(&e));
         }
     }
 
@@ -105,7 +106,10 @@ impl Lease {
 
 async fn release(store: &dyn IdempotencyStore, key: &str, owner: &str) {
     if let Err(e) = store.release(key, owner).await {
-        tracing::warn!("cannot release {key}: {}; it frees up when its lease ends", Report(&e));
+        tracing::warn!(
+            "cannot release {key:?}: {}; it frees up when its lease ends",
+            Report(&e)
+        );
     }
 }
 

@@ -223,8 +223,14 @@ impl ConsumerContext for Context {
 /// What the daemon keeps of a source, to stop it at shutdown.
 pub(super) struct Shared {
     state: Arc<State>,
-    /// The poll thread owns the consumer; a weak handle asks it for lag.
+    /// The poll thread owns the consumer; a weak handle asks it for its
+    /// positions (local, no request).
     consumer: std::sync::Weak<BaseConsumer<Context>>,
+    /// A client of its own for the watermarks the lag needs: on the
+    /// consumer's connection a watermark request waits behind a long-polled
+    /// fetch, times out, and the broker connection is reset (seen with
+    /// tansu, which holds fetches for long).
+    watermarks: BaseConsumer,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -293,6 +299,12 @@ impl KafkaSource {
         })?;
         let thread_state = state.clone();
         let weak_consumer = Arc::downgrade(&consumer);
+        let watermarks: BaseConsumer = client_config(config)
+            .create()
+            .map_err(|cause| KafkaSetupError::Client {
+                what: "creating the client that reads watermarks".into(),
+                cause,
+            })?;
         let commit_interval = config.commit_interval;
         let session_timeout = config
             .librdkafka
@@ -311,6 +323,7 @@ impl KafkaSource {
             shared: Arc::new(Shared {
                 state,
                 consumer: weak_consumer,
+                watermarks,
                 thread: Mutex::new(Some(thread)),
             }),
             rx: tokio::sync::Mutex::new(rx),
@@ -359,7 +372,7 @@ impl Source for KafkaSource {
         Box::pin(async move {
             let consumer = shared.consumer.upgrade()?;
             // Watermarks are a request to the brokers: off the async threads.
-            tokio::task::spawn_blocking(move || lag(&consumer, &shared.state))
+            tokio::task::spawn_blocking(move || lag(&consumer, &shared.watermarks, &shared.state))
                 .await
                 .ok()
                 .flatten()
@@ -512,7 +525,7 @@ fn consumer_error(state: &State, e: &KafkaError) {
 /// each partition's high watermark minus its first unsettled offset (or
 /// its position when nothing was read from it yet). `None` when a broker
 /// does not answer.
-fn lag(consumer: &BaseConsumer<Context>, state: &State) -> Option<u64> {
+fn lag(consumer: &BaseConsumer<Context>, watermarks: &BaseConsumer, state: &State) -> Option<u64> {
     let positions = consumer.position().ok();
     let bases: Vec<(String, i32, Option<i64>)> = state
         .lock()
@@ -534,7 +547,7 @@ fn lag(consumer: &BaseConsumer<Context>, state: &State) -> Option<u64> {
         .collect();
     let mut total: u64 = 0;
     for (topic, partition, base) in bases {
-        let (_, high) = consumer
+        let (_, high) = watermarks
             .fetch_watermarks(&topic, partition, Duration::from_secs(2))
             .ok()?;
         let Some(base) = base else { continue };

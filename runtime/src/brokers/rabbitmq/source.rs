@@ -144,6 +144,10 @@ impl Source for RabbitSource {
     /// are in neither: at most `prefetch` fewer.
     fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
         Box::pin(async move {
+            // Never a reconnect from here: the consumer's path does that.
+            if !self.broker.is_connected() {
+                return None;
+            }
             let (channel, _) = self.broker.channel().await.ok()?;
             let options = lapin::options::QueueDeclareOptions {
                 passive: true,
