@@ -170,7 +170,7 @@ impl Metrics {
         let route_lag = Family::<RouteLabel, Gauge>::default();
         registry.register(
             "route_lag",
-            "Messages of the route its broker holds not yet settled (JetStream pending + ack pending, Kafka end offset - first unsettled, RabbitMQ ready, embedded queue length), read every 5 s; absent where the broker keeps no backlog (core NATS)",
+            "Messages of the route its broker holds not yet settled (JetStream pending + ack pending, Kafka end offset - first unsettled of this replica's partitions, RabbitMQ ready + taken unsettled, embedded queue length), read every 5 s; absent where the broker keeps no backlog (core NATS)",
             route_lag.clone(),
         );
         let route_partitions = Family::<RouteLabel, Gauge>::default();
