@@ -44,6 +44,15 @@ async fn contract(store: &dyn IdempotencyStore, ns: &str) {
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(store.claim(&key("c"), "w2", lease).await.unwrap(), Claim::Acquired);
+    // The dead worker's late completion does not take the key from its new
+    // holder: the key stays busy, not done.
+    store.complete(&key("c"), "dead", ttl).await.unwrap();
+    assert!(
+        matches!(store.claim(&key("c"), "w3", lease).await.unwrap(), Claim::Busy { .. }),
+        "a late completion by the lease's former holder counted"
+    );
+    store.complete(&key("c"), "w2", ttl).await.unwrap();
+    assert_eq!(store.claim(&key("c"), "w3", lease).await.unwrap(), Claim::Done);
 
     // A done key is forgotten after its TTL.
     assert_eq!(store.claim(&key("d"), "w1", lease).await.unwrap(), Claim::Acquired);
