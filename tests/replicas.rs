@@ -132,15 +132,29 @@ fn three_replicas(rt: &tokio::runtime::Runtime, configs: &[String], effects: &Ef
     }
 }
 
-#[test]
-fn three_jetstream_replicas_sharing_nats_kv_lose_nothing_when_one_is_killed_and_one_stopped() {
-    let id = unique();
-    let rt = rt();
-    let effects = Effects::new(&rt, &id);
-    let input = format!("IN_{id}");
-    let bucket = format!("idem_{id}");
-    let config = format!(
-        r#"{nats}
+/// A JetStream route sharing one durable consumer and a `nats-kv` bucket of
+/// its own, as its tests configure, feed and remove it.
+struct KvRoute {
+    id: String,
+    input: String,
+    bucket: String,
+}
+
+impl KvRoute {
+    fn new(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            input: format!("IN_{id}"),
+            bucket: format!("idem_{id}"),
+        }
+    }
+
+    /// The config: the effects' NATS table, `plugin`, and the route `orders`
+    /// with `ack_wait`, `lease` and the `extra` route lines.
+    fn config(&self, effects: &Effects, plugin: &str, ack_wait: &str, lease: &str, extra: &str) -> String {
+        let (id, input, bucket) = (&self.id, &self.input, &self.bucket);
+        format!(
+            r#"{nats}
 [[brokers.nats.streams]]
 name = "{input}"
 subjects = ["{id}.in.>", "{id}.dlq"]
@@ -150,50 +164,74 @@ nats_kv_bucket = "{bucket}"
 [[routes]]
 name = "orders"
 plugin = "p"
-source = {{ broker = "jetstream", stream = "{input}", subject = "{id}.in.>", consumer = "shared", ack_wait = "2s" }}
+source = {{ broker = "jetstream", stream = "{input}", subject = "{id}.in.>", consumer = "shared", ack_wait = "{ack_wait}" }}
 dead_letter = {{ subject = "{id}.dlq" }}
-concurrency = 4
+{extra}
 [routes.idempotency]
 key = "header:Idempotency-Key"
-lease = "3s"
+lease = "{lease}"
 store = "nats-kv"
 "#,
-        nats = effects.nats_table(),
-        plugin = effects.plugin_table(),
-    );
+            nats = effects.nats_table(),
+        )
+    }
+
+    /// Publishes each key as a message's payload and `Idempotency-Key`,
+    /// waiting for the PubAcks in chunks (the client bounds those pending).
+    fn publish(&self, rt: &tokio::runtime::Runtime, keys: impl Iterator<Item = String>) {
+        rt.block_on(async {
+            let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
+            let mut acks = Vec::with_capacity(1000);
+            for (i, key) in keys.enumerate() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Idempotency-Key", key.as_str());
+                acks.push(
+                    js.publish_with_headers(format!("{}.in.{}", self.id, i % 10), headers, key.into())
+                        .await
+                        .unwrap(),
+                );
+                if acks.len() == 1000 {
+                    for a in acks.drain(..) {
+                        a.await.unwrap();
+                    }
+                }
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        });
+    }
+
+    /// Removes the input, the effects and the bucket.
+    fn delete(&self, rt: &tokio::runtime::Runtime, effects: &Effects) {
+        rt.block_on(async {
+            let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
+            for s in [
+                self.input.as_str(),
+                effects.stream.as_str(),
+                &format!("KV_{}", self.bucket),
+            ] {
+                let _ = js.delete_stream(s).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn three_jetstream_replicas_sharing_nats_kv_lose_nothing_when_one_is_killed_and_one_stopped() {
+    let id = unique();
+    let rt = rt();
+    let effects = Effects::new(&rt, &id);
+    let route = KvRoute::new(&id);
+    let config = route.config(&effects, &effects.plugin_table(), "2s", "3s", "concurrency = 4");
     // Started once to declare the streams and the shared consumer, then
     // stopped: all N wait, so the kill lands mid-stream.
     let dir = tempfile::tempdir().unwrap();
     let mut first = Daemon::start(dir.path(), &config);
     assert!(first.terminate().success());
-    rt.block_on(async {
-        let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
-        let mut acks = Vec::with_capacity(1000);
-        for i in 0..N {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Idempotency-Key", format!("k-{i}").as_str());
-            acks.push(
-                js.publish_with_headers(format!("{id}.in.{}", i % 10), headers, format!("k-{i}").into())
-                    .await
-                    .unwrap(),
-            );
-            if acks.len() == 1000 {
-                for a in acks.drain(..) {
-                    a.await.unwrap();
-                }
-            }
-        }
-        for a in acks {
-            a.await.unwrap();
-        }
-    });
+    route.publish(&rt, (0..N).map(|i| format!("k-{i}")));
     three_replicas(&rt, &[config.clone(), config.clone(), config], &effects, "orders");
-    rt.block_on(async {
-        let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
-        for s in [input.as_str(), effects.stream.as_str(), &format!("KV_{bucket}")] {
-            let _ = js.delete_stream(s).await;
-        }
-    });
+    route.delete(&rt, &effects);
 }
 
 #[test]
@@ -382,47 +420,17 @@ fn a_key_held_by_a_killed_replica_runs_on_another_once_its_lease_expires() {
     let id = unique();
     let rt = rt();
     let effects = Effects::new(&rt, &id);
-    let input = format!("IN_{id}");
-    let bucket = format!("idem_{id}");
-    let config = format!(
-        r#"{nats}
-[[brokers.nats.streams]]
-name = "{input}"
-subjects = ["{id}.in.>", "{id}.dlq"]
-[stores]
-nats_kv_bucket = "{bucket}"
-[plugins.p]
-path = "{wasm}"
-timeout = "3s"
-publish = ["{out}"]
-config = {{ to = "{out}", sleep_ms = 1500 }}
-[[routes]]
-name = "orders"
-plugin = "p"
-source = {{ broker = "jetstream", stream = "{input}", subject = "{id}.in.>", consumer = "shared", ack_wait = "1s" }}
-dead_letter = {{ subject = "{id}.dlq" }}
-[routes.idempotency]
-key = "header:Idempotency-Key"
-lease = "8s"
-store = "nats-kv"
-"#,
-        nats = effects.nats_table(),
-        wasm = plugin("fixture_record").display(),
-        out = effects.subject,
+    let route = KvRoute::new(&id);
+    let plugin = format!(
+        "[plugins.p]\npath = \"{}\"\ntimeout = \"3s\"\npublish = [\"{out}\"]\nconfig = {{ to = \"{out}\", sleep_ms = 1500 }}",
+        plugin("fixture_record").display(),
+        out = effects.subject
     );
+    let config = route.config(&effects, &plugin, "1s", "8s", "");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = Daemon::start(dir_a.path(), &replica_config(0, &config));
     let published = Instant::now();
-    rt.block_on(async {
-        let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Idempotency-Key", "held");
-        js.publish_with_headers(format!("{id}.in.x"), headers, "held".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    });
+    route.publish(&rt, std::iter::once("held".to_owned()));
     a.wait_for("replica 0 handling it", Duration::from_secs(30), || {
         a.metric("sluice_in_flight{route=\"orders\"}") == 1.0
     });
@@ -443,10 +451,5 @@ store = "nats-kv"
         b.metrics()
     );
     assert_eq!(effects.collected.len(), 1, "replica 0 died before publishing");
-    rt.block_on(async {
-        let js = jetstream::new(async_nats::connect(nats::url()).await.unwrap());
-        for s in [input.as_str(), effects.stream.as_str(), &format!("KV_{bucket}")] {
-            let _ = js.delete_stream(s).await;
-        }
-    });
+    route.delete(&rt, &effects);
 }

@@ -821,6 +821,31 @@ mod kafka_scenario {
         }
     }
 
+    /// The hand-written consumer on `input` until `n` outputs past `base`
+    /// came out; first to last.
+    async fn hand_written_drains(
+        brokers: &str,
+        input: &str,
+        group: &str,
+        at_once: usize,
+        producer: &FutureProducer,
+        base: i64,
+        n: usize,
+    ) -> Duration {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let consumer = tokio::spawn(hand_written(
+            brokers.to_owned(),
+            input.to_owned(),
+            group.to_owned(),
+            at_once,
+            stop.clone(),
+        ));
+        let took = drained(producer, base, n, || {}).await;
+        stop.cancel();
+        let _ = consumer.await;
+        took
+    }
+
     /// One run on its own mock cluster (so no run sees another's records).
     async fn on_fresh_cluster<F, Fut>(tag: &str, n: usize, run: F) -> f64
     where
@@ -905,18 +930,8 @@ mod kafka_scenario {
                 let took = match config {
                     None => {
                         let at_once = if name.ends_with("x256") { 256 } else { KAFKA_CONCURRENCY };
-                        let stop = tokio_util::sync::CancellationToken::new();
-                        let consumer = tokio::spawn(hand_written(
-                            brokers.clone(),
-                            input.clone(),
-                            format!("hand-{input}"),
-                            at_once,
-                            stop.clone(),
-                        ));
-                        let took = drained(&producer, base, n, || {}).await;
-                        stop.cancel();
-                        let _ = consumer.await;
-                        took
+                        let group = format!("hand-{input}");
+                        hand_written_drains(&brokers, &input, &group, at_once, &producer, base, n).await
                     }
                     Some(config) => {
                         let config = edited(&config, "name = \"orders\"\n", &format!("name = \"{input}\"\n"));
@@ -989,18 +1004,7 @@ mod kafka_scenario {
             // flight (each produce waits out `linger.ms`).
             for (name, at_once) in [("hand-written", KAFKA_CONCURRENCY), ("hand-written x256", 256)] {
                 let r = on_fresh_cluster(&format!("{tag}h{at_once}"), n, |brokers, producer| async move {
-                    let stop = tokio_util::sync::CancellationToken::new();
-                    let consumer = tokio::spawn(hand_written(
-                        brokers,
-                        INPUT.into(),
-                        "hand-written".into(),
-                        at_once,
-                        stop.clone(),
-                    ));
-                    let took = drained(&producer, 0, n, || {}).await;
-                    stop.cancel();
-                    let _ = consumer.await;
-                    took
+                    hand_written_drains(&brokers, INPUT, "hand-written", at_once, &producer, 0, n).await
                 })
                 .await;
                 table.row(name, r);

@@ -192,6 +192,27 @@ impl NatsKvStore {
         }
     }
 
+    /// Reads `key` and writes the record `next` makes of what it holds (at
+    /// `now`), by compare-and-set, until a write lands: its revision. `next`
+    /// answers `Err` to write nothing; `None` after [`RACES`] lost races.
+    async fn change<T>(
+        &self,
+        key: &str,
+        next: impl Fn(Option<&Record>, u64) -> Result<Record, T>,
+    ) -> Result<Option<Result<u64, T>>, GateError> {
+        for _ in 0..RACES {
+            let read = self.read(key).await?;
+            let record = match next(read.record.as_ref(), now_ms()) {
+                Ok(record) => record,
+                Err(answer) => return Ok(Some(Err(answer))),
+            };
+            if let Write::Done(revision) = self.write(key, &record, read.revision).await? {
+                return Ok(Some(Ok(revision)));
+            }
+        }
+        Ok(None)
+    }
+
     fn remember(&self, key: &str, owner: &str, revision: u64) {
         if let Ok(mut held) = self.held.lock() {
             if held.len() < MAX_HELD {
@@ -228,19 +249,21 @@ impl IdempotencyStore for NatsKvStore {
                 self.remember(&key, owner, revision);
                 return Ok(Claim::Acquired);
             }
-            for _ in 0..RACES {
-                let read = self.read(&key).await?;
-                let now = now_ms();
-                if let Some(answer) = Record::claim_result(read.record.as_ref(), now) {
-                    return Ok(answer);
-                }
-                if let Write::Done(revision) = self.write(&key, &record(now), read.revision).await? {
+            let changed = self
+                .change(&key, |current, now| match Record::claim_result(current, now) {
+                    Some(answer) => Err(answer),
+                    None => Ok(record(now)),
+                })
+                .await?;
+            Ok(match changed {
+                Some(Ok(revision)) => {
                     self.remember(&key, owner, revision);
-                    return Ok(Claim::Acquired);
+                    Claim::Acquired
                 }
-            }
-            Ok(Claim::Busy {
-                retry_in: Duration::from_millis(100),
+                Some(Err(answer)) => answer,
+                None => Claim::Busy {
+                    retry_in: Duration::from_millis(100),
+                },
             })
         })
     }
@@ -259,16 +282,18 @@ impl IdempotencyStore for NatsKvStore {
                     return Ok(());
                 }
             }
-            for _ in 0..RACES {
-                let read = self.read(&key).await?;
-                let now = now_ms();
-                if !Record::held_by(read.record.as_ref(), owner, now) {
-                    // Done already, or another owner's live lease: theirs.
-                    return Ok(());
-                }
-                if let Write::Done(_) = self.write(&key, &record(now), read.revision).await? {
-                    return Ok(());
-                }
+            // Done already, or another owner's live lease: theirs.
+            let changed = self
+                .change(&key, |current, now| {
+                    if Record::held_by(current, owner, now) {
+                        Ok(record(now))
+                    } else {
+                        Err(())
+                    }
+                })
+                .await?;
+            if changed.is_some() {
+                return Ok(());
             }
             Err(GateError::NatsKv(std::sync::Arc::new(NatsKvError::Write {
                 key,
