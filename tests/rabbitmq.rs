@@ -631,7 +631,12 @@ fn a_config_reload_restarts_or_removes_a_route_and_hands_back_what_it_had_prefet
     d.write_config(&one_route(&id, &plugin_table, &route(2)));
     d.wait_for("the reload", Duration::from_secs(20), || reloads("ok") >= 1.0);
     assert!(d.log().contains("route r restarted"), "{}", d.log());
-    assert_eq!(rt.block_on(consumers(&rabbit, &work)), 1, "the old consumer is gone");
+    // The new route subscribes as its workers start: waited for, not raced.
+    d.wait_for(
+        "one consumer: the old one gone, the new one there",
+        Duration::from_secs(10),
+        || rt.block_on(consumers(&rabbit, &work)) == 1,
+    );
     d.wait_for("some more handled", Duration::from_secs(20), || {
         route_count(&d, "handled") >= 8
     });
