@@ -11,7 +11,7 @@
 //! `sluice dlq` lists, shows and replays; a sink reports a duplicate as a
 //! duplicate; a source closed with a delivery in flight loses nothing.
 
-use sluice::brokers::{BrokerKind, Brokers};
+use sluice::brokers::{Backlog, BrokerKind, Brokers};
 use sluice::brokers::{BrokersConfig, DeadLetterTarget, Delivery, RouteContext, RouteUse, Sink, Source, SourceSpec};
 use sluice::dlq::{DeadLetters, Filter};
 use sluice::engine::FailureKind;
@@ -128,7 +128,7 @@ impl Adapter {
 
     /// Asks the source for its backlog until `ok` holds (brokers count
     /// asynchronously); panics with the last answer after a while.
-    async fn backlog_reaches(&self, ok: impl Fn(u64) -> bool, what: &str) {
+    async fn backlog_reaches(&self, ok: impl Fn(Backlog) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let n = self.source.backlog().await;
@@ -321,14 +321,26 @@ async fn contract(case: Case) {
     // Backlog: a delivery taken and not settled counts (so do messages not
     // delivered yet, but a consumer's prefetch may hide those); settled,
     // it drains to 0. None only where the broker keeps nothing.
+    // Where the broker tells the oldest one's age, it is the first
+    // message's publish time (give or take the clocks' second).
     let lagging = ["l1", "l2", "l3"];
+    let published_ms = now_ms();
     for p in lagging {
         a.publish(&bytes(p), vec![]).await;
     }
     let first = a.expect(&bytes("l1"), "a message counted in the backlog").await;
     if guarantees.redelivers {
-        a.backlog_reaches(|n| (1..=3).contains(&n), "one of three taken, unsettled")
-            .await;
+        a.backlog_reaches(
+            |b| {
+                (1..=3).contains(&b.messages)
+                    && match b.oldest_ms {
+                        Some(at) => guarantees.tells_oldest && at + 1_000 >= published_ms && at <= now_ms() + 1_000,
+                        None => !guarantees.tells_oldest,
+                    }
+            },
+            "one of three taken, unsettled, the first one the oldest",
+        )
+        .await;
     } else {
         assert_eq!(
             a.source.backlog().await,
@@ -345,7 +357,8 @@ async fn contract(case: Case) {
             .expect("ack");
     }
     if guarantees.redelivers {
-        a.backlog_reaches(|n| n == 0, "all settled").await;
+        a.backlog_reaches(|b| b.messages == 0 && b.oldest_ms.is_none(), "all settled")
+            .await;
     }
 
     // Closed with a delivery in flight: nothing lost.
@@ -473,4 +486,11 @@ fn each_brokers_source_settings_are_checked_by_its_own_spec() {
     // No broker: the embedded one, which has no queues.
     let e = err(&route("source = { queue = \"q\" }"));
     assert!(e.contains("unknown field `queue`"), "{e}");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

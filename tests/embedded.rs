@@ -215,18 +215,29 @@ fn sigterm_lets_the_messages_in_flight_finish_and_settle_then_exits_zero() {
 }
 
 #[test]
-fn the_route_lag_gauge_rises_with_a_backlog_and_falls_to_zero_as_it_drains() {
+fn the_route_lag_and_age_gauges_rise_with_a_backlog_and_fall_to_zero_as_it_drains() {
     // 32 messages, 4 at a time, 1 s each: ~8 s of backlog, read every 5 s.
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), &slow_config(1_000));
+    let published = std::time::Instant::now();
     for i in 0..32 {
         d.publish("slow.in", &[], format!("m-{i}").as_bytes());
     }
     let lag = || d.metric_present("sluice_route_lag{route=\"slow\"}");
+    let oldest = || d.metric_present("sluice_route_oldest_unacked_seconds{route=\"slow\"}");
     d.wait_for("the gauge shows the backlog", Duration::from_secs(15), || {
         lag().is_some_and(|n| n >= 4.0)
     });
+    // Every message was published at the start: the oldest one left is as
+    // old as the backlog (read every 5 s, so at least a second old once
+    // read again, and never older than the test).
+    d.wait_for("the oldest message ages", Duration::from_secs(15), || {
+        oldest().is_some_and(|age| age >= 1.0)
+    });
+    let age = oldest().expect("the age series");
+    assert!(age <= published.elapsed().as_secs_f64() + 1.0, "{age} s");
     d.wait_for("the gauge drains to 0", Duration::from_secs(30), || lag() == Some(0.0));
+    assert_eq!(oldest(), Some(0.0), "nothing held: no age");
     assert_eq!(d.queue_len("slow"), 0);
 }
 

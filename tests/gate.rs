@@ -148,11 +148,31 @@ async fn nats_kv_store_keeps_the_contract_and_is_shared_between_replicas() {
         );
     }
 
-    // A value sluice did not write is an error (the message is redelivered),
-    // never a claim.
+    // A value sluice did not write (another tool's, or damaged) is replaced
+    // by compare-and-set: refusing it would jam the key's messages forever.
     let kv = js.get_key_value(&bucket).await.unwrap();
     let foreign = format!("{ns}:foreign");
     kv.put(bucket_key(&foreign), "not a record".into()).await.unwrap();
-    assert!(a.claim(&foreign, "w", Duration::from_secs(5)).await.is_err());
+    assert_eq!(
+        a.claim(&foreign, "w", Duration::from_secs(5)).await.unwrap(),
+        Claim::Acquired
+    );
+    a.complete(&foreign, "w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        b.claim(&foreign, "v", Duration::from_secs(5)).await.unwrap(),
+        Claim::Done
+    );
+
+    // A bucket keeping records for less than the longest ttl is raised to
+    // it when opened (a reload with a longer ttl does the same).
+    let age = || async {
+        let stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+        stream.cached_info().config.max_age
+    };
+    assert_eq!(age().await, Duration::from_secs(600));
+    let _c = NatsKvStore::open(&js, &bucket, Duration::from_secs(900)).await.unwrap();
+    assert_eq!(age().await, Duration::from_secs(900));
+    let _d = NatsKvStore::open(&js, &bucket, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(age().await, Duration::from_secs(900), "never lowered");
     js.delete_key_value(&bucket).await.unwrap();
 }

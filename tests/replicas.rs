@@ -15,6 +15,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const N: usize = 10_000;
+/// The keys fed twice (a producer's retry): 1,000 copies only the shared
+/// store can recognise, far more than the publishes allowed beyond `N`.
+const COPIED_EVERY: usize = 10;
 const REPLICAS: usize = 3;
 /// From the SIGKILL to the last effect stored: the dead replica's messages
 /// come back after `ack_wait` (JetStream) or at once (RabbitMQ), wait out
@@ -71,6 +74,16 @@ impl Effects {
     }
 }
 
+/// The `N` keys `key(i)` in order, every [`COPIED_EVERY`]th one twice in a
+/// row (the copy is another broker message with the same key).
+fn keys_with_copies(key: impl Fn(usize) -> String) -> impl Iterator<Item = String> {
+    (0..N).flat_map(move |i| {
+        let k = key(i);
+        let copies = if i % COPIED_EVERY == 0 { 2 } else { 1 };
+        std::iter::repeat_n(k, copies)
+    })
+}
+
 /// `config(i)` for replica `i`: each names itself.
 fn replica_config(i: usize, config: &str) -> String {
     format!("instance_id = \"replica-{i}\"\n{config}")
@@ -122,9 +135,14 @@ fn three_replicas(rt: &tokio::runtime::Runtime, configs: &[String], effects: &Ef
     assert_eq!(ids.len(), N, "one dedup id per effect, whichever replica ran it");
     // Run twice only where the killed replica published and died before its
     // completion reached the store: at most what it had in flight (4
-    // workers, 256 trailing acks). Every other duplicate delivery was
-    // recognised by the shared store.
-    assert!(all.len() <= N + 4 + 256, "{} publishes for {N} messages", all.len());
+    // workers, 256 trailing acks). Every other duplicate delivery, and the
+    // 1,000 copies the producer sent, were recognised by the shared store.
+    assert!(
+        all.len() <= N + 4 + 256,
+        "{} publishes for {N} messages and {} copies",
+        all.len(),
+        N / COPIED_EVERY
+    );
     // Each replica named itself in its leases.
     for (i, r) in replicas.iter().enumerate().skip(2) {
         let info = format!("sluice_instance_info{{instance_id=\"replica-{i}\",");
@@ -229,7 +247,7 @@ fn three_jetstream_replicas_sharing_nats_kv_lose_nothing_when_one_is_killed_and_
     let dir = tempfile::tempdir().unwrap();
     let mut first = Daemon::start(dir.path(), &config);
     assert!(first.terminate().success());
-    route.publish(&rt, (0..N).map(|i| format!("k-{i}")));
+    route.publish(&rt, keys_with_copies(|i| format!("k-{i}")));
     three_replicas(&rt, &[config.clone(), config.clone(), config], &effects, "orders");
     route.delete(&rt, &effects);
 }
@@ -275,9 +293,8 @@ store = "redis"
     assert!(first.terminate().success());
     let rabbit = rt.block_on(Rabbit::connect());
     rt.block_on(async {
-        for i in 0..N {
-            // Keys of this run only: Redis outlives the test.
-            let key = format!("{id}-k-{i}");
+        // Keys of this run only: Redis outlives the test.
+        for key in keys_with_copies(|i| format!("{id}-k-{i}")) {
             rabbit
                 .publish(
                     &format!("ex-{id}"),
@@ -366,9 +383,8 @@ fn three_kafka_replicas_sharing_redis_lose_nothing_when_one_is_killed_and_one_st
     // The mock cluster has no CreateTopics: the dead-letter topic too.
     mock.create_topic(&format!("dlq-{id}"), 1, 1).unwrap();
     let redis = std::env::var("SLUICE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let records = (0..N)
-        .map(|i| {
-            let key = format!("{id}-k-{i}");
+    let records = keys_with_copies(|i| format!("{id}-k-{i}"))
+        .map(|key| {
             (
                 None,
                 Some(key.clone()),

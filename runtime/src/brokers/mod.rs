@@ -147,9 +147,39 @@ pub trait Delivery: Send {
     }
 }
 
+/// What a broker holds for a source and has not settled yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Waiting, or delivered and not acked/committed.
+    pub messages: u64,
+    /// When the oldest of them was published (Unix ms, the broker's or the
+    /// producer's clock), where the broker tells; `None` when it does not
+    /// (or when `messages` is 0).
+    pub oldest_ms: Option<u64>,
+}
+
+impl Backlog {
+    /// A count without an age.
+    pub fn count(messages: u64) -> Self {
+        Self {
+            messages,
+            oldest_ms: None,
+        }
+    }
+}
+
 /// A stream of deliveries for one route.
 pub trait Source: Send + Sync {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>>;
+    /// Deliveries the source has at hand now, at most `max`, taken at once
+    /// without waiting (one lock, no wake-up per message): how a batch
+    /// fills after its first delivery. Empty when nothing is at hand or
+    /// another caller holds the source; errors are left for `next` to
+    /// report.
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let _ = max;
+        Vec::new()
+    }
     fn is_connected(&self) -> bool {
         true
     }
@@ -160,10 +190,11 @@ pub trait Source: Send + Sync {
         false
     }
     /// Messages of this source the broker holds that are not settled yet
-    /// (waiting, or delivered and not acked/committed), when the broker
-    /// tells; what an autoscaler scales on (`sluice_route_lag`). `None`:
-    /// the broker keeps no backlog (core NATS) or could not be asked.
-    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+    /// (waiting, or delivered and not acked/committed), and how old the
+    /// oldest of them is where the broker tells; what an autoscaler scales
+    /// on (`sluice_route_lag`, `sluice_route_oldest_unacked_seconds`).
+    /// `None`: the broker keeps no backlog (core NATS) or could not be asked.
+    fn backlog(&self) -> BoxFuture<'_, Option<Backlog>> {
         Box::pin(async { None })
     }
     /// Partitions of the source this replica holds, where the broker
@@ -194,6 +225,9 @@ pub struct Guarantees {
     /// Its sinks store a message once per dedup id (`Nats-Msg-Id`) within a
     /// window, reporting later copies in [`Published::duplicates`].
     pub drops_duplicates: bool,
+    /// Its backlog tells when the oldest unsettled message was published
+    /// ([`Backlog::oldest_ms`]; Kafka: of the records this replica read).
+    pub tells_oldest: bool,
 }
 
 /// A route as a broker sees it: what its defaults and checks depend on.

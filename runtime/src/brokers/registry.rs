@@ -82,6 +82,7 @@ impl BrokerKind {
         Guarantees {
             redelivers: self != Self::Nats,
             drops_duplicates: matches!(self, Self::Embedded | Self::Jetstream),
+            tells_oldest: matches!(self, Self::Embedded | Self::Jetstream | Self::Kafka),
         }
     }
 }

@@ -66,9 +66,11 @@ impl GateStores {
                     let url = config.stores.redis_url.as_deref().unwrap_or_default();
                     stores.redis = Some(Arc::new(RedisStore::connect(url, "sluice:idem:").await?));
                 }
-                GateStore::NatsKv if stores.nats_kv.is_none() => {
-                    stores.nats_kv = Some(Arc::new(open_nats_kv(config).await?));
-                }
+                GateStore::NatsKv => match &stores.nats_kv {
+                    None => stores.nats_kv = Some(Arc::new(open_nats_kv(config).await?)),
+                    // A reload may have raised a ttl.
+                    Some(open) => open.keep_for(nats_kv_max_age(config)).await,
+                },
                 _ => {}
             }
         }
@@ -112,16 +114,21 @@ async fn open_nats_kv(config: &Config) -> Result<NatsKvStore, GateError> {
     let client = crate::brokers::nats::connect_client(nats)
         .await
         .map_err(|e| unusable(crate::error::Report(&e).to_string()))?;
-    let max_age = config
+    let bucket = config.stores.nats_kv_bucket.as_deref().unwrap_or(NATS_KV_BUCKET);
+    NatsKvStore::open(&async_nats::jetstream::new(client), bucket, nats_kv_max_age(config)).await
+}
+
+/// How long the bucket must keep records: the longest ttl (or lease) of
+/// the routes using it.
+fn nats_kv_max_age(config: &Config) -> std::time::Duration {
+    config
         .routes
         .iter()
         .filter_map(|r| r.idempotency.as_ref())
         .filter(|i| i.store == GateStore::NatsKv)
         .map(|i| i.ttl.max(i.lease))
         .max()
-        .unwrap_or_default();
-    let bucket = config.stores.nats_kv_bucket.as_deref().unwrap_or(NATS_KV_BUCKET);
-    NatsKvStore::open(&async_nats::jetstream::new(client), bucket, max_age).await
+        .unwrap_or_default()
 }
 
 /// The engine for a config: fuel metering if any plugin has a budget, and

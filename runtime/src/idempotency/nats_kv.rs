@@ -31,12 +31,12 @@ pub enum NatsKvError {
     Read { key: String, reason: String },
     #[error("writing `{key}`: {reason}")]
     Write { key: String, reason: String },
-    #[error("`{key}` holds a value sluice did not write ({reason})")]
-    Foreign { key: String, reason: String },
 }
 
 pub struct NatsKvStore {
     kv: kv::Store,
+    jetstream: async_nats::jetstream::Context,
+    bucket: String,
     /// The revision each lease this process holds was written at, so its
     /// completion is one compare-and-set without reading the key first.
     held: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
@@ -90,18 +90,14 @@ impl NatsKvStore {
         };
         let kv = match jetstream.get_key_value(bucket).await {
             Ok(kv) => {
-                if let Ok(status) = kv.status().await {
-                    let age = status.max_age();
-                    if !age.is_zero() && age < max_age {
-                        tracing::warn!(
-                            bucket,
-                            "the bucket forgets records after {} s, sooner than the longest idempotency ttl ({} s): a duplicate arriving later runs again",
-                            age.as_secs(),
-                            max_age.as_secs()
-                        );
-                    }
-                }
-                kv
+                let store = Self {
+                    kv,
+                    jetstream: jetstream.clone(),
+                    bucket: bucket.to_owned(),
+                    held: Default::default(),
+                };
+                store.keep_for(max_age).await;
+                return Ok(store);
             }
             Err(_) => {
                 // The bucket's stream, as the client library's
@@ -133,8 +129,58 @@ impl NatsKvStore {
         };
         Ok(Self {
             kv,
+            jetstream: jetstream.clone(),
+            bucket: bucket.to_owned(),
             held: Default::default(),
         })
+    }
+
+    /// Makes the bucket keep records at least `max_age` (the longest ttl of
+    /// the routes using it, which a reload may raise): a shorter `max_age`
+    /// is raised, never lowered (other configs may share the bucket).
+    pub async fn keep_for(&self, max_age: Duration) {
+        let bucket = self.bucket.as_str();
+        let name = format!("KV_{bucket}");
+        let mut stream = match self.jetstream.get_stream(&name).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(bucket, "reading the bucket's settings: {e}");
+                return;
+            }
+        };
+        let mut config = match stream.info().await {
+            Ok(info) => info.config.clone(),
+            Err(e) => {
+                tracing::warn!(bucket, "reading the bucket's settings: {e}");
+                return;
+            }
+        };
+        if config.max_age.is_zero() {
+            tracing::warn!(
+                bucket,
+                "the bucket keeps records forever (no max age): expired records are only overwritten, never purged, so it grows with every distinct key"
+            );
+            return;
+        }
+        if config.max_age >= max_age {
+            return;
+        }
+        let was = config.max_age;
+        config.max_age = max_age;
+        match self.jetstream.update_stream(config).await {
+            Ok(_) => tracing::info!(
+                bucket,
+                "records kept {} s (was {} s): the longest idempotency ttl",
+                max_age.as_secs(),
+                was.as_secs()
+            ),
+            Err(e) => tracing::warn!(
+                bucket,
+                "the bucket forgets records after {} s, sooner than the longest idempotency ttl ({} s), and raising it failed ({e}): a duplicate arriving later runs again",
+                was.as_secs(),
+                max_age.as_secs()
+            ),
+        }
     }
 
     async fn read(&self, key: &str) -> Result<Read, GateError> {
@@ -157,16 +203,22 @@ impl NatsKvStore {
                 revision: entry.revision,
             });
         }
-        let record = serde_json::from_slice::<Record>(&entry.value).map_err(|e| {
-            GateError::NatsKv(std::sync::Arc::new(NatsKvError::Foreign {
-                key: key.to_owned(),
-                reason: e.to_string(),
-            }))
-        })?;
-        Ok(Read {
-            record: Some(record),
-            revision: entry.revision,
-        })
+        match serde_json::from_slice::<Record>(&entry.value) {
+            Ok(record) => Ok(Read {
+                record: Some(record),
+                revision: entry.revision,
+            }),
+            // Not a record (another tool's value, or damaged): as if absent,
+            // so a compare-and-set replaces it. Refusing it would redeliver
+            // the key's messages forever, never handled nor dead-lettered.
+            Err(e) => {
+                tracing::warn!(bucket = %self.bucket, key, "a value sluice did not write, replaced: {e}");
+                Ok(Read {
+                    record: None,
+                    revision: entry.revision,
+                })
+            }
+        }
     }
 
     /// Writes `record` if the key is still at `revision` (0: absent).

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub in_flight: Family<RouteLabel, Gauge>,
     /// Messages of a route its broker holds unsettled (see `Source::backlog`).
     pub route_lag: Family<RouteLabel, Gauge>,
+    /// Age of the oldest message a route's broker holds unsettled.
+    pub route_oldest_unacked: Family<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Partitions of a route's source this replica holds (Kafka).
     pub route_partitions: Family<RouteLabel, Gauge>,
     pub handler_duration: Family<RouteLabel, Histogram>,
@@ -172,6 +174,12 @@ impl Metrics {
             "route_lag",
             "Messages of the route its broker holds not yet settled (JetStream pending + ack pending, Kafka end offset - first unsettled of this replica's partitions, RabbitMQ ready + taken unsettled, embedded queue length), read every 5 s; absent where the broker keeps no backlog (core NATS)",
             route_lag.clone(),
+        );
+        let route_oldest_unacked = Family::<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "route_oldest_unacked_seconds",
+            "Age of the oldest message of the route its broker holds not yet settled, by the broker's (JetStream, embedded) or the record's (Kafka, of the records this replica has read) timestamp; 0 when nothing is held; absent where the broker does not tell (RabbitMQ, core NATS), read every 5 s",
+            route_oldest_unacked.clone(),
         );
         let route_partitions = Family::<RouteLabel, Gauge>::default();
         registry.register(
@@ -253,6 +261,7 @@ impl Metrics {
             failures,
             in_flight,
             route_lag,
+            route_oldest_unacked,
             route_partitions,
             handler_duration,
             batch_size,

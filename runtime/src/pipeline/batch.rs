@@ -21,7 +21,7 @@ use crate::message::{Message, Outbound};
 use crate::metrics::{MessageOutcome, RouteLabel};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,11 @@ impl Gathering {
             deadline: Instant::now() + config.max_wait,
             config,
         }
+    }
+
+    /// Messages it may still take.
+    fn room(&self) -> usize {
+        (self.config.max_messages as usize).saturating_sub(self.deliveries.len())
     }
 
     fn full(&self) -> bool {
@@ -195,9 +200,11 @@ impl Route {
         _alive: WorkerAlive,
     ) {
         let mut pending: PendingNext<'_> = None;
-        let mut carried: Option<Box<dyn Delivery>> = None;
+        // Taken from the source, not in a batch yet (past a byte bound, or
+        // more than the batch had room for).
+        let mut carried: VecDeque<Box<dyn Delivery>> = VecDeque::new();
         loop {
-            let first = match carried.take() {
+            let first = match carried.pop_front() {
                 Some(d) => d,
                 None => match self.next_from_source(&mut pending, None, &shutdown).await {
                     Next::Delivery(d) => d,
@@ -205,7 +212,25 @@ impl Route {
                 },
             };
             let mut batch = Gathering::new(config, first);
-            while !batch.full() {
+            'fill: while !batch.full() {
+                // What the source has at hand, in one go. Not while a wait
+                // is pending: it holds the source.
+                if carried.is_empty() && pending.is_none() {
+                    carried.extend(self.source.ready(batch.room()));
+                }
+                while let Some(d) = carried.pop_front() {
+                    if batch.full() {
+                        carried.push_front(d);
+                        break 'fill;
+                    }
+                    if let Some(over) = batch.push(d) {
+                        carried.push_front(over);
+                        break 'fill;
+                    }
+                }
+                if batch.full() {
+                    break;
+                }
                 // `max_wait` is how long a batch may wait for more, not how
                 // long it must: while a worker is idle, what is there goes
                 // as soon as the source has nothing ready.
@@ -220,7 +245,7 @@ impl Route {
                 match next {
                     Next::Delivery(d) => {
                         if let Some(over) = batch.push(d) {
-                            carried = Some(over);
+                            carried.push_front(over);
                             break;
                         }
                     }

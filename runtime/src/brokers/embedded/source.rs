@@ -1,8 +1,8 @@
 //! Consuming one queue of the embedded broker.
 
-use super::store::{Op, Store, StoreError};
+use super::store::{Op, Store, StoreError, Stored};
 use super::NAME;
-use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::message::{now_ms, Message};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,25 @@ impl EmbeddedSource {
         }
     }
 
+    fn delivery(&self, seq: u64, stored: Stored) -> EmbeddedDelivery {
+        EmbeddedDelivery {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            seq,
+            settled: false,
+            message: Message {
+                id: seq.to_string(),
+                subject: stored.subject,
+                key: None,
+                headers: stored.headers,
+                payload: stored.payload,
+                attempt: stored.attempt,
+                timestamp_ms: stored.published_ms,
+                reply_to: None,
+            },
+        }
+    }
+
     async fn next_delivery(&self) -> Result<EmbeddedDelivery, BrokerError> {
         let notify = self.store.notifier(&self.queue);
         loop {
@@ -31,24 +50,7 @@ impl EmbeddedSource {
             let now = now_ms();
             match self.store.take_ready(&self.queue, now) {
                 Ok(seq) => match self.store.read(&self.queue, seq) {
-                    Ok(Some(stored)) => {
-                        return Ok(EmbeddedDelivery {
-                            store: self.store.clone(),
-                            queue: self.queue.clone(),
-                            seq,
-                            settled: false,
-                            message: Message {
-                                id: seq.to_string(),
-                                subject: stored.subject,
-                                key: None,
-                                headers: stored.headers,
-                                payload: stored.payload,
-                                attempt: stored.attempt,
-                                timestamp_ms: stored.published_ms,
-                                reply_to: None,
-                            },
-                        })
-                    }
+                    Ok(Some(stored)) => return Ok(self.delivery(seq, stored)),
                     // Removed meanwhile (trimmed, moved): nothing to deliver.
                     Ok(None) => {
                         self.store.forget(&self.queue, seq);
@@ -77,8 +79,34 @@ impl Source for EmbeddedSource {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
     }
 
-    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
-        Box::pin(async move { self.store.queue_len(&self.queue).map(|n| n as u64) })
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let now = now_ms();
+        let mut taken: Vec<Box<dyn Delivery>> = Vec::new();
+        while taken.len() < max {
+            let Ok(seq) = self.store.take_ready(&self.queue, now) else {
+                break;
+            };
+            match self.store.read(&self.queue, seq) {
+                Ok(Some(stored)) => taken.push(Box::new(self.delivery(seq, stored))),
+                Ok(None) => self.store.forget(&self.queue, seq),
+                // Back to the queue; `next` reports the store's failure.
+                Err(_) => {
+                    self.store.release(&self.queue, seq);
+                    break;
+                }
+            }
+        }
+        taken
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Option<Backlog>> {
+        Box::pin(async move {
+            let (messages, oldest_ms) = self.store.backlog(&self.queue)?;
+            Some(Backlog {
+                messages: messages as u64,
+                oldest_ms,
+            })
+        })
     }
 }
 

@@ -293,10 +293,29 @@ impl Store {
         }
     }
 
-    /// Messages in `queue` not yet removed (ready, delayed, in flight).
-    pub fn queue_len(&self, queue: &str) -> Option<usize> {
-        let index = self.index.lock().ok()?;
-        Some(index.get(queue).map_or(0, QueueIndex::len))
+    /// Messages in `queue` not yet removed (ready, delayed, in flight), and
+    /// when the oldest of them was published (sequences only grow, so the
+    /// lowest is the oldest).
+    pub fn backlog(&self, queue: &str) -> Option<(usize, Option<u64>)> {
+        let (len, lowest) = {
+            let index = self.index.lock().ok()?;
+            match index.get(queue) {
+                None => (0, None),
+                Some(q) => {
+                    let lowest = q
+                        .ready
+                        .iter()
+                        .map(|(_, seq)| *seq)
+                        .chain(q.in_flight.iter().copied())
+                        .chain(q.settling.iter().copied())
+                        .min();
+                    (q.len(), lowest)
+                }
+            }
+        };
+        // Read failed or the message went meanwhile: the count stands alone.
+        let oldest = lowest.and_then(|seq| self.read(queue, seq).ok().flatten().map(|m| m.published_ms));
+        Some((len, oldest))
     }
 
     pub fn notifier(&self, queue: &str) -> Arc<Notify> {

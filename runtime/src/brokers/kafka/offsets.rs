@@ -7,31 +7,45 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    /// Offsets received and not settled -> whether a worker has taken it.
-    pending: BTreeMap<i64, bool>,
+    /// Offsets received and not settled.
+    pending: BTreeMap<i64, Pending>,
     /// One past the highest offset received.
     next: Option<i64>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// A worker holds it.
+    taken: bool,
+    /// The record's timestamp (Unix ms; 0 when it has none).
+    timestamp_ms: u64,
+}
+
 impl OffsetTracker {
     /// A record was received from the broker.
-    pub fn received(&mut self, offset: i64) {
-        self.pending.insert(offset, false);
+    pub fn received(&mut self, offset: i64, timestamp_ms: u64) {
+        self.pending.insert(
+            offset,
+            Pending {
+                taken: false,
+                timestamp_ms,
+            },
+        );
         let after = offset.saturating_add(1);
         self.next = Some(self.next.map_or(after, |n| n.max(after)));
     }
 
     /// A worker took it.
     pub fn taken(&mut self, offset: i64) {
-        if let Some(t) = self.pending.get_mut(&offset) {
-            *t = true;
+        if let Some(p) = self.pending.get_mut(&offset) {
+            p.taken = true;
         }
     }
 
     /// A worker gave it back (to be handed out again).
     pub fn untaken(&mut self, offset: i64) {
-        if let Some(t) = self.pending.get_mut(&offset) {
-            *t = false;
+        if let Some(p) = self.pending.get_mut(&offset) {
+            p.taken = false;
         }
     }
 
@@ -56,7 +70,13 @@ impl OffsetTracker {
 
     /// Records a worker holds and has not settled.
     pub fn taken_unsettled(&self) -> usize {
-        self.pending.values().filter(|t| **t).count()
+        self.pending.values().filter(|p| p.taken).count()
+    }
+
+    /// The timestamp of the first unsettled record (what the next commit
+    /// waits for), when it has one.
+    pub fn oldest_ms(&self) -> Option<u64> {
+        self.pending.values().next().map(|p| p.timestamp_ms).filter(|t| *t > 0)
     }
 }
 
@@ -69,7 +89,7 @@ mod tests {
         let mut t = OffsetTracker::default();
         assert_eq!(t.committable(), None);
         for o in 10..15 {
-            t.received(o);
+            t.received(o, 0);
         }
         assert_eq!(t.committable(), Some(10));
         t.settled(11);
@@ -87,12 +107,16 @@ mod tests {
     #[test]
     fn counts_taken_records_separately() {
         let mut t = OffsetTracker::default();
-        t.received(0);
-        t.received(1);
+        t.received(0, 1_000);
+        t.received(1, 2_000);
         t.taken(0);
         assert_eq!((t.pending(), t.taken_unsettled()), (2, 1));
+        assert_eq!(t.oldest_ms(), Some(1_000));
         t.settled(0);
         assert_eq!((t.pending(), t.taken_unsettled()), (1, 0));
+        assert_eq!(t.oldest_ms(), Some(2_000), "the first unsettled one's");
+        t.settled(1);
+        assert_eq!(t.oldest_ms(), None);
     }
 
     proptest::proptest! {
@@ -113,7 +137,7 @@ mod tests {
             let mut settles = settle_order.into_iter();
             for gap in gaps {
                 offset += gap;
-                t.received(offset);
+                t.received(offset, 0);
                 t.taken(offset);
                 unsettled.insert(offset);
                 if let Some(i) = settles.next() {

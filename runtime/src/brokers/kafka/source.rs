@@ -6,13 +6,13 @@
 //! keeps what it prefetched), while the others go on. Only the contiguous
 //! settled prefix of a partition is committed.
 
-use super::config::{ConsumerSettings, KafkaConfig};
+use super::config::{ConsumerSettings, KafkaConfig, OffsetReset};
 use super::offsets::OffsetTracker;
 use super::record;
 use super::retry::{self, Retried};
 use super::{client_config, failed, KafkaBroker, KafkaSetupError, NAME};
 use crate::brokers::events;
-use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::error::cause;
 use crate::message::Message;
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -231,6 +231,12 @@ pub(super) struct Shared {
     /// fetch, times out, and the broker connection is reset (seen with
     /// tansu, which holds fetches for long).
     watermarks: BaseConsumer,
+    /// Where a partition with no committed offset starts: what its backlog
+    /// counts from.
+    from_earliest: bool,
+    /// A backlog read is running (one at a time: a slow broker must not
+    /// pile blocking reads up).
+    asking: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -299,7 +305,10 @@ impl KafkaSource {
         })?;
         let thread_state = state.clone();
         let weak_consumer = Arc::downgrade(&consumer);
+        // In the group (to read its committed offsets), never subscribed.
         let watermarks: BaseConsumer = client_config(config)
+            .set("group.id", &s.group)
+            .set("enable.auto.commit", "false")
             .create()
             .map_err(|cause| KafkaSetupError::Client {
                 what: "creating the client that reads watermarks".into(),
@@ -324,6 +333,8 @@ impl KafkaSource {
                 state,
                 consumer: weak_consumer,
                 watermarks,
+                from_earliest: s.offset_reset == OffsetReset::Earliest,
+                asking: AtomicBool::new(false),
                 thread: Mutex::new(Some(thread)),
             }),
             rx: tokio::sync::Mutex::new(rx),
@@ -355,6 +366,22 @@ impl Source for KafkaSource {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
     }
 
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return Vec::new();
+        };
+        let mut taken: Vec<Box<dyn Delivery>> = Vec::new();
+        while taken.len() < max {
+            let Ok(mut d) = rx.try_recv() else { break };
+            if d.is_current() {
+                taken.push(Box::new(d));
+            } else {
+                d.settled = true;
+            }
+        }
+        taken
+    }
+
     fn is_connected(&self) -> bool {
         self.shared.state.connected.load(Ordering::Relaxed)
     }
@@ -367,15 +394,24 @@ impl Source for KafkaSource {
         Some(self.shared.state.held())
     }
 
-    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+    fn backlog(&self) -> BoxFuture<'_, Option<Backlog>> {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let consumer = shared.consumer.upgrade()?;
+            if shared.asking.swap(true, Ordering::AcqRel) {
+                return None;
+            }
             // Watermarks are a request to the brokers: off the async threads.
-            tokio::task::spawn_blocking(move || lag(&consumer, &shared.watermarks, &shared.state))
-                .await
-                .ok()
-                .flatten()
+            let asked = tokio::task::spawn_blocking(move || {
+                struct Asked<'a>(&'a AtomicBool);
+                impl Drop for Asked<'_> {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let _asked = Asked(&shared.asking);
+                lag(&*shared.consumer.upgrade()?, &shared)
+            });
+            asked.await.ok().flatten()
         })
     }
 
@@ -469,7 +505,7 @@ fn take(state: &Arc<State>, key: PartitionKey, offset: i64, mut message: Message
         });
         return;
     }
-    p.tracker.received(offset);
+    p.tracker.received(offset, message.timestamp_ms);
     let generation = p.generation;
     drop(parts);
     let retried = retry::restore(&mut message);
@@ -522,38 +558,64 @@ fn consumer_error(state: &State, e: &KafkaError) {
 }
 
 /// Records of the assigned partitions after what would be committed now:
-/// each partition's high watermark minus its first unsettled offset (or
-/// its position when nothing was read from it yet). `None` when a broker
-/// does not answer.
-fn lag(consumer: &BaseConsumer<Context>, watermarks: &BaseConsumer, state: &State) -> Option<u64> {
+/// each partition's high watermark minus its first unsettled offset, or
+/// where it would be read from when nothing was read from it yet (its
+/// position, else the group's committed offset, else where
+/// `offset_reset` starts). `None` when a broker does not answer.
+fn lag(consumer: &BaseConsumer<Context>, shared: &Shared) -> Option<Backlog> {
     let positions = consumer.position().ok();
-    let bases: Vec<(String, i32, Option<i64>)> = state
-        .lock()
-        .iter()
-        .filter(|(_, p)| !p.revoked)
-        .map(|((topic, partition), p)| {
-            let position = positions
-                .as_ref()
-                .and_then(|tpl| match tpl.find_partition(topic, *partition)?.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
-            (
-                topic.clone(),
-                *partition,
-                p.tracker.committable().or(p.committed).or(position),
-            )
-        })
-        .collect();
-    let mut total: u64 = 0;
+    let mut oldest_ms: Option<u64> = None;
+    let mut bases: Vec<(String, i32, Option<i64>)> = Vec::new();
+    for ((topic, partition), p) in shared.state.lock().iter().filter(|(_, p)| !p.revoked) {
+        let position = positions
+            .as_ref()
+            .and_then(|tpl| match tpl.find_partition(topic, *partition)?.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        if let Some(t) = p.tracker.oldest_ms() {
+            oldest_ms = Some(oldest_ms.map_or(t, |o| o.min(t)));
+        }
+        bases.push((
+            topic.clone(),
+            *partition,
+            p.tracker.committable().or(p.committed).or(position),
+        ));
+    }
+    // Just assigned, or not read yet (this replica is full): the group's
+    // committed offset says where reading resumes.
+    let mut unknown = TopicPartitionList::new();
+    for (topic, partition, _) in bases.iter().filter(|(_, _, b)| b.is_none()) {
+        unknown.add_partition(topic, *partition);
+    }
+    let committed = if unknown.count() > 0 {
+        shared
+            .watermarks
+            .committed_offsets(unknown, Duration::from_secs(2))
+            .ok()
+    } else {
+        None
+    };
+    let mut messages: u64 = 0;
     for (topic, partition, base) in bases {
-        let (_, high) = watermarks
+        let (low, high) = shared
+            .watermarks
             .fetch_watermarks(&topic, partition, Duration::from_secs(2))
             .ok()?;
-        let Some(base) = base else { continue };
-        total = total.saturating_add(u64::try_from(high.saturating_sub(base)).unwrap_or(0));
+        let base = base
+            .or_else(
+                || match committed.as_ref()?.find_partition(&topic, partition)?.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            )
+            .unwrap_or(if shared.from_earliest { low } else { high });
+        messages = messages.saturating_add(u64::try_from(high.saturating_sub(base.max(low))).unwrap_or(0));
     }
-    Some(total)
+    Some(Backlog {
+        messages,
+        oldest_ms: oldest_ms.filter(|_| messages > 0),
+    })
 }
 
 /// librdkafka's default `session.timeout.ms`.

@@ -6,7 +6,7 @@ use super::{from_header_map, NatsBroker, NatsSetupError, NAME};
 use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
 use crate::error::cause;
 use crate::message::{now_ms, Message};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
@@ -55,34 +55,62 @@ impl CoreSource {
         let message = tokio::select! {
             Some(retry) = retries.recv() => retry,
             next = subscriber.next() => match next {
-                Some(m) => Message {
-                    // Unique across restarts and queue-group replicas.
-                    id: format!(
-                        "core-{}-{}",
-                        crate::message::process_nonce(),
-                        self.next_id.fetch_add(1, Ordering::Relaxed)
-                    ),
-                    subject: m.subject.to_string(),
-                    key: None,
-                    headers: from_header_map(m.headers.as_ref()),
-                    payload: m.payload.to_vec(),
-                    attempt: 1,
-                    timestamp_ms: now_ms(),
-                    reply_to: m.reply.map(|r| r.to_string()),
-                },
+                Some(m) => self.message(m),
                 None => return Err(BrokerError::Closed { broker: NAME }),
             },
         };
-        Ok(CoreDelivery {
+        Ok(self.delivery(message))
+    }
+
+    fn message(&self, m: async_nats::Message) -> Message {
+        Message {
+            // Unique across restarts and queue-group replicas.
+            id: format!(
+                "core-{}-{}",
+                crate::message::process_nonce(),
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            ),
+            subject: m.subject.to_string(),
+            key: None,
+            headers: from_header_map(m.headers.as_ref()),
+            payload: m.payload.to_vec(),
+            attempt: 1,
+            timestamp_ms: now_ms(),
+            reply_to: m.reply.map(|r| r.to_string()),
+        }
+    }
+
+    fn delivery(&self, message: Message) -> CoreDelivery {
+        CoreDelivery {
             message,
             retry_tx: self.retry_tx.clone(),
-        })
+        }
     }
 }
 
 impl Source for CoreSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let Ok(mut inner) = self.inner.try_lock() else {
+            return Vec::new();
+        };
+        let (subscriber, retries) = &mut *inner;
+        let mut taken: Vec<Box<dyn Delivery>> = Vec::new();
+        while taken.len() < max {
+            let message = match retries.try_recv() {
+                Ok(retry) => retry,
+                Err(_) => match subscriber.next().now_or_never() {
+                    Some(Some(m)) => self.message(m),
+                    // Nothing at hand, or the end (`next` reports it).
+                    _ => break,
+                },
+            };
+            taken.push(Box::new(self.delivery(message)));
+        }
+        taken
     }
 
     fn is_connected(&self) -> bool {

@@ -5,12 +5,12 @@
 
 use super::{differ, failed, from_header_map, ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::events;
-use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::error::{cause, Cause};
 use crate::message::Message;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::AckKind;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -177,9 +177,65 @@ impl JetStreamSource {
     }
 }
 
+impl JetStreamSource {
+    /// When the oldest unacked message was stored: everything up to the
+    /// ack floor is acked, so the first message of the consumer's subjects
+    /// after it is not (one lookup on the stream).
+    async fn oldest_unacked(&self, info: &async_nats::jetstream::consumer::Info) -> Option<u64> {
+        let subject = match info.config.filter_subject.as_str() {
+            "" => ">",
+            one => one,
+        };
+        let stream = self.broker.js.get_stream_no_info(&self.names.0).await.ok()?;
+        let first = stream
+            .raw_message_builder()
+            .sequence(info.ack_floor.stream_sequence.saturating_add(1))
+            .next_by_subject(subject)
+            .send()
+            .await
+            .ok()?;
+        u64::try_from(first.time.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+}
+
 impl Source for JetStreamSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let mut taken = Vec::new();
+        {
+            let Ok(mut guard) = self.messages.try_lock() else {
+                return Vec::new();
+            };
+            let Some(stream) = guard.as_mut() else {
+                return Vec::new();
+            };
+            while taken.len() < max {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => taken.push(m),
+                    // An error or the end: `next` starts a fresh pull and
+                    // reports it.
+                    Some(Some(Err(_))) | Some(None) => {
+                        *guard = None;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        taken
+            .into_iter()
+            .filter_map(|m| match JetStreamDelivery::new(m, &self.names, &self.in_flight) {
+                Ok(d) => Some(Box::new(d) as Box<dyn Delivery>),
+                // Never acked: the server delivers it again after `ack_wait`.
+                Err(e) => {
+                    events::failed(super::NAME, "receive", &e, ": left for redelivery");
+                    None
+                }
+            })
+            .collect()
     }
 
     fn is_connected(&self) -> bool {
@@ -187,11 +243,18 @@ impl Source for JetStreamSource {
     }
 
     /// The durable consumer's pending (not yet delivered) and ack-pending
-    /// (delivered, not acked) counts, from the server.
-    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+    /// (delivered, not acked) counts, from the server, and the publish time
+    /// of the first message past its ack floor.
+    fn backlog(&self) -> BoxFuture<'_, Option<Backlog>> {
         Box::pin(async move {
             let info = self.consumer.get_info().await.ok()?;
-            Some(info.num_pending.saturating_add(info.num_ack_pending as u64))
+            let messages = info.num_pending.saturating_add(info.num_ack_pending as u64);
+            let oldest_ms = if messages == 0 {
+                None
+            } else {
+                self.oldest_unacked(&info).await
+            };
+            Some(Backlog { messages, oldest_ms })
         })
     }
 }

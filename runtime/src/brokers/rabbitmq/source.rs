@@ -5,9 +5,9 @@
 use super::config::{ConsumerSettings, RetryVia};
 use super::headers::{self, ATTEMPT, ROUTING_KEY};
 use super::{disconnected, failed, reply_address, RabbitBroker};
-use crate::brokers::{BoxFuture, BrokerError, Delivery, Source};
+use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::message::Message;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Acker;
@@ -134,6 +134,34 @@ impl Source for RabbitSource {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
     }
 
+    fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
+        let Ok(mut sub) = self.subscription.try_lock() else {
+            return Vec::new();
+        };
+        let Subscription { consumer, due, .. } = &mut *sub;
+        let mut taken: Vec<Box<dyn Delivery>> = Vec::new();
+        while taken.len() < max {
+            if let Ok(d) = due.try_recv() {
+                taken.push(Box::new(d));
+                continue;
+            }
+            let Some(stream) = consumer.as_mut() else { break };
+            let d = match stream.next().now_or_never() {
+                Some(Some(Ok(d))) => d,
+                // An error or a cancel: `next` subscribes again.
+                Some(Some(Err(_)) | None) => {
+                    *consumer = None;
+                    break;
+                }
+                None => break,
+            };
+            let mut delivery = RabbitDelivery::new(d, &self.settings, &self.broker, &self.due_tx);
+            delivery.unsettled = Some(Unsettled::new(&self.unsettled));
+            taken.push(Box::new(delivery));
+        }
+        taken
+    }
+
     fn is_connected(&self) -> bool {
         self.broker.is_connected()
     }
@@ -141,8 +169,9 @@ impl Source for RabbitSource {
     /// The queue's ready messages (a passive declare, on a channel of its
     /// own) and the deliveries taken from it and not settled yet (RabbitMQ
     /// does not count those as ready). Prefetched messages not yet taken
-    /// are in neither: at most `prefetch` fewer.
-    fn backlog(&self) -> BoxFuture<'_, Option<u64>> {
+    /// are in neither: at most `prefetch` fewer. RabbitMQ does not tell the
+    /// age of the oldest (only its management API does).
+    fn backlog(&self) -> BoxFuture<'_, Option<Backlog>> {
         Box::pin(async move {
             // Never a reconnect from here: the consumer's path does that.
             if !self.broker.is_connected() {
@@ -158,7 +187,9 @@ impl Source for RabbitSource {
                 .await;
             let _ = channel.close(200, "backlog read".into()).await;
             let ready = u64::from(queue.ok()?.message_count());
-            Some(ready.saturating_add(self.unsettled.load(Ordering::Relaxed)))
+            Some(Backlog::count(
+                ready.saturating_add(self.unsettled.load(Ordering::Relaxed)),
+            ))
         })
     }
 
