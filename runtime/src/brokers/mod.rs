@@ -123,8 +123,9 @@ pub struct Published {
 }
 
 /// One received message, to be settled exactly once. Dropping it unsettled
-/// hands it back to the broker for redelivery.
-pub trait Delivery: Send {
+/// hands it back to the broker for redelivery. (`Any`: a source settling
+/// many at once finds its own deliveries' details.)
+pub trait Delivery: Send + std::any::Any {
     fn message(&self) -> &Message;
     /// Where it came from, for the `sluice-origin` dead-letter header.
     fn origin(&self) -> String;
@@ -179,6 +180,12 @@ pub trait Source: Send + Sync {
     fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
         let _ = max;
         Vec::new()
+    }
+    /// Acks many deliveries of this source at once (a batch's successes),
+    /// each result in their order. A broker that can settle a group in one
+    /// operation does so; by default each is acked on its own, together.
+    fn ack_many(&self, deliveries: Vec<Box<dyn Delivery>>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        Box::pin(futures_util::future::join_all(deliveries.into_iter().map(|d| d.ack())))
     }
     fn is_connected(&self) -> bool {
         true

@@ -603,11 +603,37 @@ impl Route {
         self.settle_now(finished).await;
     }
 
+    /// The successes are acked together (one operation where the broker
+    /// has one), once their keys are recorded done; the rest one by one.
     async fn settle_now(&self, finished: Vec<Finished>) {
-        let settles = finished
+        let (acks, rest): (Vec<Finished>, Vec<Finished>) = finished
+            .into_iter()
+            .partition(|(_, verdict, _)| matches!(verdict, Verdict::Ack(_)));
+        let settles = rest
             .into_iter()
             .map(|(delivery, verdict, lease)| self.settle(delivery, verdict, lease));
-        for outcome in futures_util::future::join_all(settles).await {
+        let acked = async {
+            if acks.is_empty() {
+                return;
+            }
+            let mut deliveries = Vec::with_capacity(acks.len());
+            let mut outcomes = Vec::with_capacity(acks.len());
+            let mut leases = Vec::new();
+            for (delivery, verdict, lease) in acks {
+                deliveries.push(delivery);
+                if let Verdict::Ack(outcome) = verdict {
+                    outcomes.push(outcome);
+                }
+                leases.extend(lease);
+            }
+            futures_util::future::join_all(leases.into_iter().map(Lease::complete)).await;
+            for (result, outcome) in self.source.ack_many(deliveries).await.into_iter().zip(outcomes) {
+                self.settled(result, super::settle::BrokerOp::Ack);
+                self.count(outcome);
+            }
+        };
+        let (outcomes, ()) = futures_util::future::join(futures_util::future::join_all(settles), acked).await;
+        for outcome in outcomes {
             self.count(outcome);
         }
     }

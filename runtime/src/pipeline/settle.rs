@@ -103,7 +103,7 @@ impl Route {
         }
     }
 
-    fn settled(&self, result: Result<(), BrokerError>, op: BrokerOp) {
+    pub(super) fn settled(&self, result: Result<(), BrokerError>, op: BrokerOp) {
         if let Err(e) = result {
             self.broker_error(op, &e);
         }

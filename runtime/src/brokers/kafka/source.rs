@@ -125,9 +125,16 @@ impl State {
 
     /// Settles an offset of the assignment `generation`.
     fn settle(&self, key: &PartitionKey, generation: u64, offset: i64) {
+        self.settle_many(std::iter::once((key, generation, offset)));
+    }
+
+    /// Settles offsets under one lock, with one wake-up.
+    fn settle_many<'a>(&self, settled: impl IntoIterator<Item = (&'a PartitionKey, u64, i64)>) {
         let mut parts = self.lock();
-        if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
-            p.tracker.settled(offset);
+        for (key, generation, offset) in settled {
+            if let Some(p) = parts.get_mut(key).filter(|p| p.generation == generation) {
+                p.tracker.settled(offset);
+            }
         }
         drop(parts);
         self.settled.notify_all();
@@ -364,6 +371,37 @@ impl KafkaSource {
 impl Source for KafkaSource {
     fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
         Box::pin(async move { self.next_delivery().await.map(|d| Box::new(d) as Box<dyn Delivery>) })
+    }
+
+    /// A batch's offsets under one lock.
+    fn ack_many(&self, deliveries: Vec<Box<dyn Delivery>>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        let mut ours: Vec<Box<KafkaDelivery>> = Vec::with_capacity(deliveries.len());
+        let mut others = Vec::new();
+        for (i, d) in deliveries.into_iter().enumerate() {
+            match (d as Box<dyn std::any::Any + Send>).downcast::<KafkaDelivery>() {
+                Ok(k) => ours.push(k),
+                // Not this source's: cannot happen; its own ack would run.
+                Err(_) => others.push(i),
+            }
+        }
+        for k in &mut ours {
+            k.settled = true;
+        }
+        self.shared
+            .state
+            .settle_many(ours.iter().map(|k| (&k.key, k.generation, k.offset)));
+        let n = ours.len() + others.len();
+        Box::pin(async move {
+            (0..n)
+                .map(|i| {
+                    if others.contains(&i) {
+                        Err(failed("a delivery of another source"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect()
+        })
     }
 
     fn ready(&self, max: usize) -> Vec<Box<dyn Delivery>> {
