@@ -3,7 +3,9 @@
 //   node sdk-js/build.mjs PLUGIN_DIR OUT.wasm
 // PLUGIN_DIR/app.js imports "sluice-sdk"; it is bundled with the SDK into
 // one module (the component's engine loads a single source), then
-// componentize-js builds it against the sluice:plugin/handler world.
+// componentize-js builds it against the sluice:plugin/batch-handler world:
+// the plugin's exports (`handle`) plus the SDK's `handleBatch`, so every
+// plugin takes a route's batches in one call.
 
 import { build } from "esbuild";
 import { componentize } from "@bytecodealliance/componentize-js";
@@ -18,8 +20,14 @@ if (!pluginDir || !out) {
   process.exit(2);
 }
 
+const app = JSON.stringify(join(resolve(pluginDir), "app.js"));
 const bundled = await build({
-  entryPoints: [join(resolve(pluginDir), "app.js")],
+  // An explicit export wins over `export *`: a plugin may export its own.
+  stdin: {
+    contents: `export * from ${app};\nexport { handleBatch } from "sluice-sdk";\n`,
+    resolveDir: resolve(pluginDir),
+    sourcefile: "entry.js",
+  },
   bundle: true,
   format: "esm",
   platform: "neutral",
@@ -32,7 +40,7 @@ const bundled = await build({
 
 const { component } = await componentize(bundled.outputFiles[0].text, {
   witPath: resolve(here, "..", "wit"),
-  worldName: "handler",
+  worldName: "batch-handler",
   // Only what the WIT world asks for: no HTTP, no fetch event.
   disableFeatures: ["http", "fetch-event"],
 });

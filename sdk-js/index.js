@@ -16,6 +16,14 @@
 // throw Retryable / Permanent. Any other exception is retryable, as a panic
 // is for a Rust plugin. Publishes are buffered by the host and sent only
 // when the handler returns. The WIT in wit/ is the contract.
+//
+// On a route with `batch`, the host hands the component a whole batch in
+// one call (`handleBatch`, exported by the build): the registered handler
+// runs once per message, and what it publishes belongs to that message
+// (dropped if it fails). A function registered with `sluice.batchHandler`
+// instead takes the array and returns one outcome per message (nothing or
+// a reply for a success, or the Error it failed with), publishing with
+// `sluice.publishFor(msg, ...)`.
 
 import * as host from "sluice:plugin/host@0.1.1";
 
@@ -40,8 +48,15 @@ export class Permanent extends Error {
 /** One delivered message, read-only. */
 export class Message {
   #raw;
-  constructor(raw) {
+  #item;
+  /** `item`: its index in the batch being handled (null: handled alone). */
+  constructor(raw, item = null) {
     this.#raw = raw;
+    this.#item = item;
+  }
+  /** Its index in the batch being handled, or null. */
+  get item() {
+    return this.#item;
   }
   /** Broker-native id (stream sequence, topic/partition/offset, ...). */
   get id() {
@@ -132,6 +147,23 @@ export class Reply {
 }
 
 let registered = null;
+let registeredBatch = null;
+// In a batch, the index of the message whose handler runs: what it
+// publishes belongs to that message.
+let current = null;
+
+/** Registers the function that handles a whole batch (routes with
+ *  `batch`): it returns one outcome per message, in order: nothing, a
+ *  Reply, a string or bytes for a success, or the Error the message failed
+ *  with (Retryable, Permanent, any other is retryable). An exception thrown
+ *  by the function fails every message. */
+export function batchHandler(fn) {
+  if (typeof fn !== "function") {
+    throw new TypeError("sluice.batchHandler takes a function");
+  }
+  registeredBatch = fn;
+  return fn;
+}
 
 /** Registers the function that handles each message. */
 export function handler(fn) {
@@ -170,13 +202,28 @@ function hostError(e) {
   return new Retryable(String(err.val));
 }
 
-/** Queues a message for `subject`; sent only if the handler returns. */
-export function publish(subject, payload, headers = []) {
+function publishAs(item, subject, payload, headers) {
   try {
-    host.publish(subject, witHeaders(headers), bytes(payload));
+    if (item === null) {
+      host.publish(subject, witHeaders(headers), bytes(payload));
+    } else {
+      host.publishItem(item, subject, witHeaders(headers), bytes(payload));
+    }
   } catch (e) {
     throw hostError(e);
   }
+}
+
+/** Queues a message for `subject`; sent only if the handler returns (in a
+ *  batch: if this message's handling succeeds). */
+export function publish(subject, payload, headers = []) {
+  publishAs(current, subject, payload, headers);
+}
+
+/** In a batch handler: queues a message on behalf of `msg`, sent only if
+ *  `msg`'s outcome is a success. */
+export function publishFor(msg, subject, payload, headers = []) {
+  publishAs(msg.item, subject, payload, headers);
 }
 
 /** Queues `value` as compact JSON for `subject`. */
@@ -229,18 +276,74 @@ function failure(tag, message) {
   return { payload: { tag, val: String(message || `${tag} failure`) } };
 }
 
-/** The component's export: calls the registered handler. */
-export function handle(raw) {
+function failed(e) {
+  if (e && e.payload && typeof e.payload.tag === "string") return e;
+  if (e instanceof Permanent) return failure("permanent", e.message);
+  if (e instanceof Retryable) return failure("retryable", e.message);
+  // An uncaught exception: retryable, like a panic.
+  const why = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+  return failure("retryable", why);
+}
+
+function handleOne(msg) {
   if (registered === null) {
     throw failure("permanent", "no function is registered with sluice.handler");
   }
   try {
-    return reply(registered(new Message(raw)));
+    return reply(registered(msg));
   } catch (e) {
-    if (e instanceof Permanent) throw failure("permanent", e.message);
-    if (e instanceof Retryable) throw failure("retryable", e.message);
-    // An uncaught exception: retryable, like a panic.
-    const why = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
-    throw failure("retryable", why);
+    throw failed(e);
   }
+}
+
+// One outcome of a batch handler as a WIT result.
+function itemResult(out) {
+  if (out instanceof Error) return { tag: "err", val: failed(out).payload };
+  try {
+    return { tag: "ok", val: reply(out) };
+  } catch (e) {
+    return { tag: "err", val: failure("permanent", e.message).payload };
+  }
+}
+
+/** The component's export: calls the registered handler. */
+export function handle(raw) {
+  if (registered === null && registeredBatch !== null) {
+    // A route without `batch`: a batch of one.
+    const outcomes = Array.from(registeredBatch([new Message(raw)]));
+    if (outcomes.length !== 1) {
+      throw failure("permanent", `the batch handler gave ${outcomes.length} outcomes for 1 message`);
+    }
+    const result = itemResult(outcomes[0]);
+    if (result.tag === "err") throw { payload: result.val };
+    return result.val;
+  }
+  return handleOne(new Message(raw));
+}
+
+/** The component's batch export (routes with `batch`): one outcome per
+ *  message, in order. */
+export function handleBatch(raws) {
+  const batch = Array.from(raws, (raw, i) => new Message(raw, i));
+  if (registeredBatch !== null) {
+    let outcomes;
+    try {
+      outcomes = Array.from(registeredBatch(batch));
+    } catch (e) {
+      const why = failed(e).payload;
+      return batch.map(() => ({ tag: "err", val: why }));
+    }
+    // An array of another length fails every message (the host says so).
+    return outcomes.map(itemResult);
+  }
+  return batch.map((msg) => {
+    current = msg.item;
+    try {
+      return { tag: "ok", val: handleOne(msg) };
+    } catch (e) {
+      return { tag: "err", val: failed(e).payload };
+    } finally {
+      current = null;
+    }
+  });
 }

@@ -28,7 +28,11 @@ export function log(level, text) {
 }
 
 export function publish(subject, headers, payload) {
-  state.published.push({ subject, headers: headers.map((h) => [h.name, h.value]), payload });
+  state.published.push({ subject, headers: headers.map((h) => [h.name, h.value]), payload, item: null });
+}
+
+export function publishItem(item, subject, headers, payload) {
+  state.published.push({ subject, headers: headers.map((h) => [h.name, h.value]), payload, item });
 }
 
 export function request(subject, payload, timeoutMs) {
@@ -90,4 +94,20 @@ export function handle(raw) {
     }
     throw e;
   }
+}
+
+/** Runs a batch as the host would on a route with `batch`: one ["ok",
+ *  reply] or ["retryable" | "permanent", reason] per message; the
+ *  publishes of the messages that failed are dropped. */
+export function handleBatch(raws) {
+  const before = state.published.length;
+  const results = sdk.handleBatch(raws);
+  if (results.length !== raws.length) {
+    throw new Error(`${results.length} outcomes for ${raws.length} messages`);
+  }
+  const failedItems = new Set(results.flatMap((r, i) => (r.tag === "err" ? [i] : [])));
+  const kept = state.published.slice(before).filter((p) => !failedItems.has(p.item));
+  state.published.length = before;
+  state.published.push(...kept);
+  return results.map((r) => (r.tag === "ok" ? ["ok", r.val] : [r.val.tag, r.val.val]));
 }

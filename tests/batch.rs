@@ -21,6 +21,11 @@ fn header(msg: &Value, name: &str) -> Option<String> {
 /// Route `b` on subject `b.in` through the batch fixture; `route` adds
 /// keys to the route table.
 fn config(route: &str) -> String {
+    config_with("fixture_batch", route)
+}
+
+/// As [`config`], with the batch fixture built from another language.
+fn config_with(fixture: &str, route: &str) -> String {
     format!(
         r#"
 shutdown_grace = "10s"
@@ -43,7 +48,7 @@ max_backoff = "40ms"
 name = "batched"
 subjects = ["batched"]
 "#,
-        plugin("fixture_batch").display()
+        plugin(fixture).display()
     )
 }
 
@@ -73,6 +78,21 @@ fn handled_once(d: &Daemon) -> BTreeMap<String, Value> {
 
 #[test]
 fn a_partly_failed_batch_settles_each_message_by_its_own_outcome() {
+    partly_failed_batch("fixture_batch");
+}
+
+/// The same batch through the Python and JavaScript SDKs' batch handlers
+/// (one `handle-batch` call per batch, publishes attributed per message).
+#[test]
+fn a_partly_failed_batch_settles_each_message_by_its_own_outcome_in_python_and_javascript() {
+    std::thread::scope(|s| {
+        for fixture in ["batch_py", "batch_js"] {
+            s.spawn(move || partly_failed_batch(fixture));
+        }
+    });
+}
+
+fn partly_failed_batch(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     let messages = (0..10)
         .map(|i| match i {
@@ -84,7 +104,12 @@ fn a_partly_failed_batch_settles_each_message_by_its_own_outcome() {
     prefill(&dir.path().join("data"), "b", "b.in", messages);
     let d = Daemon::start(
         dir.path(),
-        &config(r#"batch = { max_messages = 10, max_wait = "300ms" }"#),
+        &config_with(fixture, r#"batch = { max_messages = 10, max_wait = "300ms" }"#),
+    );
+    assert_eq!(
+        d.status()["plugins"][0]["world"],
+        "sluice:plugin/batch-handler@0.1.1",
+        "{fixture}"
     );
     d.wait_for("9 handled and 1 dead letter", Duration::from_secs(30), || {
         d.queue_len("batched") >= 9 && d.queue_len("dlq.b") == 1

@@ -39,3 +39,26 @@ test("a non-integer amount is permanent", () => {
     assert.equal(testing.handle(order({ amount_cents: amount }))[0], "permanent", String(amount));
   }
 });
+
+test("in a batch each order has its own outcome and publishes", () => {
+  testing.reset();
+  const outcomes = testing.handleBatch([
+    order({ order_id: "o-1" }),
+    testing.message("orders.created", "{"),
+    order({ order_id: "o-3" }),
+  ]);
+  assert.deepEqual(
+    outcomes.map(([kind]) => kind),
+    ["ok", "permanent", "ok"],
+  );
+  const published = testing.published();
+  assert.deepEqual(
+    published.map((p) => p.item),
+    [0, 2],
+    "each publish belongs to its order",
+  );
+  assert.deepEqual(
+    published.map((p) => JSON.parse(new TextDecoder().decode(p.payload)).order_id),
+    ["o-1", "o-3"],
+  );
+});

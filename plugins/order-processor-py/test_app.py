@@ -27,6 +27,13 @@ class OrderProcessor(unittest.TestCase):
         self.assertEqual(body["amount"], "-0.05")
         self.assertEqual(body["source_subject"], "orders.created")
 
+    def test_in_a_batch_each_order_has_its_own_outcome_and_publishes(self):
+        outcomes = testing.handle_batch([order(order_id="o-1"), testing.message("orders.created", b"{"), order(order_id="o-3")])
+        self.assertEqual([kind for kind, _ in outcomes], ["ok", "permanent", "ok"])
+        published = testing.published()
+        self.assertEqual([p.item for p in published], [0, 2], "each publish belongs to its order")
+        self.assertEqual([json.loads(p.payload)["order_id"] for p in published], ["o-1", "o-3"])
+
     def test_malformed_json_is_permanent_and_publishes_nothing(self):
         kind, _ = testing.handle(testing.message("orders.created", b"{"))
         self.assertEqual(kind, "permanent")

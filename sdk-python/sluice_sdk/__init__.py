@@ -16,8 +16,15 @@ subject), or raise :class:`Retryable` / :class:`Permanent`. Any other
 exception is retryable, as a panic is for a Rust plugin. Publishes are
 buffered by the host and sent only when the handler returns.
 
-Build with ``cargo xtask plugins`` (or componentize-py directly, see the
-README); the WIT in ``wit/`` is the contract. Outside a component (plain
+On a route with ``batch``, the host hands the component a whole batch in
+one call: the ``@handler`` function runs once per message, and what it
+publishes belongs to that message (dropped if it fails). A function marked
+``@batch_handler`` instead takes the list and returns one outcome per
+message (``None``/a reply, or the exception it failed with), publishing with
+:func:`publish_for`.
+
+Build with ``cargo xtask plugins`` (or componentize-py directly with
+``-w batch-handler``, see the README); the WIT in ``wit/`` is the contract. Outside a component (plain
 ``python -m unittest``) the host calls go to :mod:`sluice_sdk.testing`.
 """
 
@@ -33,13 +40,13 @@ import sys as _sys
 if _sys.platform == "wasi":
     # Inside a component: the bindings componentize-py generates from wit/.
     # (Never the test host there: its publishes would go nowhere.)
-    from componentize_py_types import Err
+    from componentize_py_types import Err, Ok
     from wit_world import WitWorld as _World
     from wit_world.imports import host as _host
     from wit_world.imports import types as _types
 else:
     # Plain Python (a plugin's own tests): the test host of `testing`.
-    from .testing import Err, _host, _types, _World
+    from .testing import Err, Ok, _host, _types, _World
 
 __all__ = [
     "Message",
@@ -47,7 +54,9 @@ __all__ = [
     "Retryable",
     "Permanent",
     "handler",
+    "batch_handler",
     "publish",
+    "publish_for",
     "publish_json",
     "request",
     "config",
@@ -69,10 +78,12 @@ class Permanent(Exception):
 class Message:
     """One delivered message, read-only."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_raw", "_item")
 
-    def __init__(self, raw: _types.Message) -> None:
+    def __init__(self, raw: _types.Message, item: Optional[int] = None) -> None:
         self._raw = raw
+        # Its index in the batch being handled (None: handled alone).
+        self._item = item
 
     @property
     def id(self) -> str:
@@ -184,6 +195,20 @@ class Reply:
 _handler: Optional[Callable[[Message], Any]] = None
 
 
+_batch_handler: Optional[Callable[[List[Message]], List[Any]]] = None
+
+
+def batch_handler(fn: Callable[[List[Message]], List[Any]]) -> Callable[[List[Message]], List[Any]]:
+    """Marks the function that handles a whole batch (routes with
+    ``batch``): it returns one outcome per message, in order: ``None``, a
+    :class:`Reply`, bytes or str for a success, or the exception the message
+    failed with (:class:`Retryable`, :class:`Permanent`, any other is
+    retryable). An exception raised by the function fails every message."""
+    global _batch_handler
+    _batch_handler = fn
+    return fn
+
+
 def handler(fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
     """Marks the function that handles each message."""
     global _handler
@@ -225,12 +250,31 @@ def _host_error(e: Err) -> Exception:
     return Retryable(getattr(err, "value", str(err)))
 
 
-def publish(subject: str, payload: Union[bytes, str], headers: Headers = ()) -> None:
-    """Queues a message for ``subject``; sent only if the handler returns."""
+# In a batch, the index of the message whose ``@handler`` runs: what it
+# publishes belongs to that message.
+_item: Optional[int] = None
+
+
+def _publish(item: Optional[int], subject: str, payload: Union[bytes, str], headers: Headers) -> None:
     try:
-        _host.publish(subject, _wit_headers(headers), _bytes(payload))
+        if item is None:
+            _host.publish(subject, _wit_headers(headers), _bytes(payload))
+        else:
+            _host.publish_item(item, subject, _wit_headers(headers), _bytes(payload))
     except Err as e:
         raise _host_error(e) from None
+
+
+def publish(subject: str, payload: Union[bytes, str], headers: Headers = ()) -> None:
+    """Queues a message for ``subject``; sent only if the handler returns
+    (in a batch: if this message's handling succeeds)."""
+    _publish(_item, subject, payload, headers)
+
+
+def publish_for(msg: Message, subject: str, payload: Union[bytes, str], headers: Headers = ()) -> None:
+    """In a ``@batch_handler``: queues a message on behalf of ``msg``, sent
+    only if ``msg``'s outcome is a success."""
+    _publish(msg._item, subject, payload, headers)
 
 
 def publish_json(subject: str, value: Any, headers: Headers = ()) -> None:
@@ -283,17 +327,69 @@ def _reply(out: Any) -> Optional[_types.Reply]:
     raise TypeError(f"a handler returns None, a Reply, bytes or str, not {type(out).__name__}")
 
 
+def _failure(e: BaseException) -> Err:
+    if isinstance(e, Err):
+        return e
+    if isinstance(e, Permanent):
+        return Err(_types.HandlerError_Permanent(str(e) or "permanent failure"))
+    if isinstance(e, Retryable):
+        return Err(_types.HandlerError_Retryable(str(e) or "retryable failure"))
+    # Anything else (sys.exit too): retryable, like a panic.
+    return Err(_types.HandlerError_Retryable(f"{type(e).__name__}: {e}"))
+
+
+def _handle_one(msg: Message) -> Optional[_types.Reply]:
+    if _handler is None:
+        raise Err(_types.HandlerError_Permanent("no function is marked with @sluice_sdk.handler"))
+    try:
+        return _reply(_handler(msg))
+    except BaseException as e:
+        raise _failure(e) from None
+
+
+def _item_result(out: Any):
+    if isinstance(out, BaseException):
+        return _failure(out)
+    try:
+        return Ok(_reply(out))
+    except TypeError as e:
+        return _failure(Permanent(str(e)))
+
+
 class WitWorld(_World):
-    """The component's export: calls the function marked with ``@handler``."""
+    """The component's exports: call the functions marked with ``@handler``
+    (and ``@batch_handler``)."""
 
     def handle(self, msg: _types.Message) -> Optional[_types.Reply]:
-        if _handler is None:
-            raise Err(_types.HandlerError_Permanent("no function is marked with @sluice_sdk.handler"))
-        try:
-            return _reply(_handler(Message(msg)))
-        except Permanent as e:
-            raise Err(_types.HandlerError_Permanent(str(e) or "permanent failure"))
-        except Retryable as e:
-            raise Err(_types.HandlerError_Retryable(str(e) or "retryable failure"))
-        except BaseException as e:  # anything else (sys.exit too): retryable, like a panic
-            raise Err(_types.HandlerError_Retryable(f"{type(e).__name__}: {e}"))
+        if _handler is None and _batch_handler is not None:
+            # A route without `batch`: a batch of one.
+            outcomes = _batch_handler([Message(msg)])
+            if len(outcomes) != 1:
+                raise Err(_types.HandlerError_Permanent(f"the batch handler gave {len(outcomes)} outcomes for 1 message"))
+            result = _item_result(outcomes[0])
+            if isinstance(result, Err):
+                raise result
+            return result.value
+        return _handle_one(Message(msg))
+
+    def handle_batch(self, msgs: List[_types.Message]) -> list:
+        global _item
+        batch = [Message(m, i) for i, m in enumerate(msgs)]
+        if _batch_handler is not None:
+            try:
+                outcomes = list(_batch_handler(batch))
+            except BaseException as e:
+                failed = _failure(e)
+                return [failed for _ in batch]
+            # A list of another length fails every message (the host says so).
+            return [_item_result(o) for o in outcomes]
+        results = []
+        for msg in batch:
+            _item = msg._item
+            try:
+                results.append(Ok(_handle_one(msg)))
+            except Err as e:
+                results.append(e)
+            finally:
+                _item = None
+        return results

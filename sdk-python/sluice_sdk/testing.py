@@ -22,6 +22,13 @@ from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
 
+class Ok:
+    """A WIT `result` success inside a list, as componentize-py makes it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class Err(Exception):
     """A WIT `result` error, as componentize-py raises it."""
 
@@ -90,6 +97,8 @@ class Published:
     subject: str
     headers: List[Tuple[str, str]]
     payload: bytes
+    # In a batch: the index of the message it belongs to.
+    item: Optional[int] = None
 
 
 @dataclass
@@ -111,6 +120,10 @@ class _host:  # the generated `host` module's functions
     @staticmethod
     def publish(subject: str, headers, payload: bytes) -> None:
         _state.published.append(Published(subject, [(h.name, h.value) for h in headers], bytes(payload)))
+
+    @staticmethod
+    def publish_item(item: int, subject: str, headers, payload: bytes) -> None:
+        _state.published.append(Published(subject, [(h.name, h.value) for h in headers], bytes(payload), item))
 
     @staticmethod
     def request(subject: str, payload: bytes, timeout_ms: int) -> bytes:
@@ -183,3 +196,23 @@ def handle(raw) -> Tuple[str, object]:
         del _state.published[before:]
         kind = "permanent" if isinstance(e.value, _types.HandlerError_Permanent) else "retryable"
         return (kind, e.value.value)
+
+
+def _kind(e: Err) -> Tuple[str, object]:
+    kind = "permanent" if isinstance(e.value, _types.HandlerError_Permanent) else "retryable"
+    return (kind, e.value.value)
+
+
+def handle_batch(raws) -> List[Tuple[str, object]]:
+    """Runs a batch as the host would on a route with `batch`: one
+    ("ok", reply) or ("retryable" | "permanent", reason) per message; the
+    publishes of the messages that failed are dropped."""
+    from . import WitWorld
+
+    before = len(_state.published)
+    results = WitWorld().handle_batch(list(raws))
+    if len(results) != len(raws):
+        raise AssertionError(f"{len(results)} outcomes for {len(raws)} messages")
+    failed = {i for i, r in enumerate(results) if isinstance(r, Err)}
+    _state.published[before:] = [p for p in _state.published[before:] if p.item not in failed]
+    return [_kind(r) if isinstance(r, Err) else ("ok", r.value) for r in results]

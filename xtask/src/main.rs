@@ -302,7 +302,7 @@ fn python_plugins(root: &Path) -> Result<()> {
                 .env("PYTHONDONTWRITEBYTECODE", "1")
                 .arg("-d")
                 .arg(&wit)
-                .args(["-w", "handler", "componentize", "app", "-p"])
+                .args(["-w", "batch-handler", "componentize", "app", "-p"])
                 .arg(&dir)
                 .arg("-p")
                 .arg(&sdk)

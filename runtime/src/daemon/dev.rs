@@ -149,7 +149,7 @@ fn build_command(dir: &Path, outputs: &[PathBuf]) -> Result<tokio::process::Comm
         cmd = tokio::process::Command::new(componentize_py(&home));
         cmd.arg("-d")
             .arg(home.join("wit"))
-            .args(["-w", "handler", "componentize", "app", "-p"])
+            .args(["-w", "batch-handler", "componentize", "app", "-p"])
             .arg(dir)
             .arg("-p")
             .arg(home.join("sdk-python"))

@@ -7,6 +7,7 @@ use super::status::WorkerAlive;
 use super::{RetryMode, Route};
 use crate::brokers::Delivery;
 use crate::config::Ordering as RouteOrdering;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 pub(super) const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// Deliveries waiting per ordering lane beyond the one being handled.
 const LANE_BUFFER: usize = 1;
+/// What the dispatcher takes from the source at once, at most.
+const DISPATCH_AT_ONCE: usize = 64;
 
 fn lane_of(key: &str, lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -135,7 +138,20 @@ impl Route {
     /// Ordered: hands each delivery to the lane of its key. A full lane
     /// blocks the dispatcher, which stops taking messages: backpressure.
     async fn dispatch(self: Arc<Self>, lanes: Vec<LaneSender>, shutdown: CancellationToken, _alive: WorkerAlive) {
-        while let Some(delivery) = self.next_delivery(&shutdown).await {
+        // Taken with the last delivery (what the source had at hand), in
+        // source order; dropped unsent at shutdown, i.e. handed back.
+        let mut taken: VecDeque<Box<dyn Delivery>> = VecDeque::new();
+        loop {
+            let delivery = match taken.pop_front() {
+                Some(d) => d,
+                None => match self.next_delivery(&shutdown).await {
+                    Some(d) => {
+                        taken.extend(self.source.ready(DISPATCH_AT_ONCE));
+                        d
+                    }
+                    None => return,
+                },
+            };
             let index = match (self.ordering, delivery.partition()) {
                 (RouteOrdering::Partition, Some(p)) => p as usize % lanes.len(),
                 // One partition (the embedded broker): one lane.
