@@ -323,6 +323,10 @@ source = { broker = "embedded", subject = "extra" }
         .collect();
     assert_eq!(routes, ["work", "extra"]);
     let work_handled = route_count(&d, "work", "handled");
+    let extra_lag = || d.metric_present("sluice_route_lag{route=\"extra\"}");
+    d.wait_for("the added route's lag series", Duration::from_secs(10), || {
+        extra_lag().is_some()
+    });
 
     // The route removed: stopped; its messages wait in its queue.
     d.write_config(&config("two", ""));
@@ -344,6 +348,10 @@ source = { broker = "embedded", subject = "extra" }
         "counts survive a reload"
     );
     assert!(d.log().contains("route extra stopped"), "{}", d.log());
+    // A removed route's backlog series goes with it.
+    d.wait_for("the removed route's lag series gone", Duration::from_secs(10), || {
+        extra_lag().is_none()
+    });
 }
 
 #[test]

@@ -125,6 +125,11 @@ pub struct Metrics {
     pub plugin_reloads: Family<PluginReload, Counter>,
     pub config_reloads: Family<ReloadResult, Counter>,
     pub plugin_info: Family<PluginVersion, Gauge>,
+    /// Which task reports each route's backlog series: a route rebuilt by
+    /// a reload starts a new one before the old one stops, and only the
+    /// latest may remove the series.
+    backlog_reporters: Mutex<std::collections::HashMap<String, u64>>,
+    next_reporter: std::sync::atomic::AtomicU64,
     encode_lock: Mutex<()>,
 }
 
@@ -269,7 +274,32 @@ impl Metrics {
             broker_errors,
             panics,
             output_cut,
+            backlog_reporters: Mutex::default(),
+            next_reporter: std::sync::atomic::AtomicU64::new(0),
             encode_lock: Mutex::new(()),
+        }
+    }
+
+    /// Makes the caller the reporter of `route`'s backlog series.
+    pub fn report_backlog(&self, route: &str) -> u64 {
+        let id = self.next_reporter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut reporters) = self.backlog_reporters.lock() {
+            reporters.insert(route.to_owned(), id);
+        }
+        id
+    }
+
+    /// Whether `id` still reports `route`'s backlog (then forgotten): only
+    /// then may it remove the series.
+    pub fn stop_reporting_backlog(&self, route: &str, id: u64) -> bool {
+        let Ok(mut reporters) = self.backlog_reporters.lock() else {
+            return false;
+        };
+        if reporters.get(route) == Some(&id) {
+            reporters.remove(route);
+            true
+        } else {
+            false
         }
     }
 

@@ -26,6 +26,7 @@ impl Route {
         let label = RouteLabel {
             route: self.name.clone(),
         };
+        let reporter = self.metrics.report_backlog(&self.name);
         let mut missed = 0u32;
         // A source that never told keeps no backlog (core NATS): no series.
         let mut told = false;
@@ -61,9 +62,13 @@ impl Route {
                 _ = shutdown.cancelled() => break,
             }
         }
-        self.metrics.route_lag.remove(&label);
-        self.metrics.route_oldest_unacked.remove(&label);
-        self.metrics.route_partitions.remove(&label);
+        // A route rebuilt by a reload reports on from its new task (the
+        // old one is cancelled first, but nothing orders its last poll).
+        if self.metrics.stop_reporting_backlog(&self.name, reporter) {
+            self.metrics.route_lag.remove(&label);
+            self.metrics.route_oldest_unacked.remove(&label);
+            self.metrics.route_partitions.remove(&label);
+        }
     }
 
     fn show_backlog(&self, label: &RouteLabel, backlog: Backlog) {
