@@ -22,9 +22,15 @@ if (!pluginDir || !out) {
 
 const app = JSON.stringify(join(resolve(pluginDir), "app.js"));
 const bundled = await build({
-  // An explicit export wins over `export *`: a plugin may export its own.
+  // The plugin's exports, and `handleBatch`: its own if it has one, else
+  // one calling its `handle` per message (publishes attributed to each).
   stdin: {
-    contents: `export * from ${app};\nexport { handleBatch } from "sluice-sdk";\n`,
+    contents: [
+      `import * as app from ${app};`,
+      `import { batchFrom } from "sluice-sdk";`,
+      `export * from ${app};`,
+      `export const handleBatch = app.handleBatch ?? batchFrom(app.handle);`,
+    ].join("\n"),
     resolveDir: resolve(pluginDir),
     sourcefile: "entry.js",
   },
@@ -36,6 +42,8 @@ const bundled = await build({
   external: ["sluice:*"],
   alias: { "sluice-sdk": join(here, "index.js") },
   logLevel: "warning",
+  // `app.handleBatch` is undefined for most plugins: that is the point.
+  logOverride: { "import-is-undefined": "silent" },
 });
 
 const { component } = await componentize(bundled.outputFiles[0].text, {

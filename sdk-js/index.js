@@ -226,16 +226,23 @@ export function publishFor(msg, subject, payload, headers = []) {
   publishAs(msg.item, subject, payload, headers);
 }
 
-/** Queues `value` as compact JSON for `subject`. */
-export function publishJson(subject, value, headers = []) {
-  let text;
+function json(value) {
   try {
-    text = JSON.stringify(value);
+    return JSON.stringify(value);
   } catch (e) {
     // A BigInt or a cycle will never serialise: retrying cannot help.
     throw new Permanent(`cannot encode as JSON: ${e.message}`);
   }
-  publish(subject, text, headers);
+}
+
+/** Queues `value` as compact JSON for `subject`. */
+export function publishJson(subject, value, headers = []) {
+  publish(subject, json(value), headers);
+}
+
+/** In a batch handler: `value` as compact JSON on behalf of `msg`. */
+export function publishJsonFor(msg, subject, value, headers = []) {
+  publishFor(msg, subject, json(value), headers);
 }
 
 /** Sends a request and waits for its answer (NATS request/reply). */
@@ -277,7 +284,10 @@ function failure(tag, message) {
 }
 
 function failed(e) {
-  if (e && e.payload && typeof e.payload.tag === "string") return e;
+  // Only a handler error passes as it is (a host error, or a library's
+  // error with a `payload`, would not lower as one).
+  const tag = e && e.payload && e.payload.tag;
+  if (tag === "retryable" || tag === "permanent") return e;
   if (e instanceof Permanent) return failure("permanent", e.message);
   if (e instanceof Retryable) return failure("retryable", e.message);
   // An uncaught exception: retryable, like a panic.
@@ -310,7 +320,13 @@ function itemResult(out) {
 export function handle(raw) {
   if (registered === null && registeredBatch !== null) {
     // A route without `batch`: a batch of one.
-    const outcomes = Array.from(registeredBatch([new Message(raw)]));
+    let outcomes;
+    try {
+      // Not in a batch: a plain publish is this message's.
+      outcomes = Array.from(registeredBatch([new Message(raw)]));
+    } catch (e) {
+      throw failed(e);
+    }
     if (outcomes.length !== 1) {
       throw failure("permanent", `the batch handler gave ${outcomes.length} outcomes for 1 message`);
     }
@@ -321,29 +337,54 @@ export function handle(raw) {
   return handleOne(new Message(raw));
 }
 
+// While a batch handler runs, a plain `publish` belongs to no message: the
+// host refuses it and runs the batch again one message at a time.
+let inBatchHandler = false;
+
+/** True while a function registered with `batchHandler` runs. */
+export function inBatch() {
+  return inBatchHandler;
+}
+
+function runBatch(batch) {
+  inBatchHandler = true;
+  try {
+    return registeredBatch(batch);
+  } finally {
+    inBatchHandler = false;
+  }
+}
+
+/** A batch export over `handleRaw` (a component's `handle`): the function
+ *  registered with `batchHandler` if any, else `handleRaw` once per
+ *  message, what it publishes belonging to that message. */
+export function batchFrom(handleRaw) {
+  return (raws) => {
+    if (registeredBatch !== null) {
+      const batch = Array.from(raws, (raw, i) => new Message(raw, i));
+      let outcomes;
+      try {
+        outcomes = Array.from(runBatch(batch));
+      } catch (e) {
+        const why = failed(e).payload;
+        return batch.map(() => ({ tag: "err", val: why }));
+      }
+      // An array of another length fails every message (the host says so).
+      return outcomes.map(itemResult);
+    }
+    return Array.from(raws, (raw, i) => {
+      current = i;
+      try {
+        return { tag: "ok", val: handleRaw(raw) };
+      } catch (e) {
+        return { tag: "err", val: failed(e).payload };
+      } finally {
+        current = null;
+      }
+    });
+  };
+}
+
 /** The component's batch export (routes with `batch`): one outcome per
  *  message, in order. */
-export function handleBatch(raws) {
-  const batch = Array.from(raws, (raw, i) => new Message(raw, i));
-  if (registeredBatch !== null) {
-    let outcomes;
-    try {
-      outcomes = Array.from(registeredBatch(batch));
-    } catch (e) {
-      const why = failed(e).payload;
-      return batch.map(() => ({ tag: "err", val: why }));
-    }
-    // An array of another length fails every message (the host says so).
-    return outcomes.map(itemResult);
-  }
-  return batch.map((msg) => {
-    current = msg.item;
-    try {
-      return { tag: "ok", val: handleOne(msg) };
-    } catch (e) {
-      return { tag: "err", val: failed(e).payload };
-    } finally {
-      current = null;
-    }
-  });
-}
+export const handleBatch = batchFrom(handle);

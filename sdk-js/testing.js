@@ -28,6 +28,12 @@ export function log(level, text) {
 }
 
 export function publish(subject, headers, payload) {
+  if (sdk.inBatch()) {
+    // As the host does: an effect of no message is refused in a batch.
+    const e = new Error("a plain publish inside a batch handler: use publishFor(msg, ...)");
+    e.payload = { tag: "failed", val: e.message };
+    throw e;
+  }
   state.published.push({ subject, headers: headers.map((h) => [h.name, h.value]), payload, item: null });
 }
 

@@ -57,6 +57,7 @@ __all__ = [
     "batch_handler",
     "publish",
     "publish_for",
+    "publish_json_for",
     "publish_json",
     "request",
     "config",
@@ -282,6 +283,25 @@ def publish_json(subject: str, value: Any, headers: Headers = ()) -> None:
     publish(subject, _dumps(value), headers)
 
 
+def publish_json_for(msg: Message, subject: str, value: Any, headers: Headers = ()) -> None:
+    """In a ``@batch_handler``: ``value`` as compact JSON on behalf of ``msg``."""
+    publish_for(msg, subject, _dumps(value), headers)
+
+
+# While a ``@batch_handler`` runs, a plain ``publish`` belongs to no message:
+# the host refuses it and runs the batch again one message at a time.
+_in_batch_handler = False
+
+
+def _run_batch(batch: List[Message]) -> List[Any]:
+    global _in_batch_handler
+    _in_batch_handler = True
+    try:
+        return list(_batch_handler(batch))
+    finally:
+        _in_batch_handler = False
+
+
 def request(subject: str, payload: Union[bytes, str], timeout_ms: int = 1000) -> bytes:
     """Sends a request and waits for its answer (NATS request/reply)."""
     try:
@@ -328,7 +348,9 @@ def _reply(out: Any) -> Optional[_types.Reply]:
 
 
 def _failure(e: BaseException) -> Err:
-    if isinstance(e, Err):
+    # Only a handler error passes as it is (a host error would not lower
+    # as one).
+    if isinstance(e, Err) and isinstance(e.value, (_types.HandlerError_Permanent, _types.HandlerError_Retryable)):
         return e
     if isinstance(e, Permanent):
         return Err(_types.HandlerError_Permanent(str(e) or "permanent failure"))
@@ -362,8 +384,12 @@ class WitWorld(_World):
 
     def handle(self, msg: _types.Message) -> Optional[_types.Reply]:
         if _handler is None and _batch_handler is not None:
-            # A route without `batch`: a batch of one.
-            outcomes = _batch_handler([Message(msg)])
+            # A route without `batch`: a batch of one (a plain publish is
+            # this message's).
+            try:
+                outcomes = list(_batch_handler([Message(msg)]))
+            except BaseException as e:
+                raise _failure(e) from None
             if len(outcomes) != 1:
                 raise Err(_types.HandlerError_Permanent(f"the batch handler gave {len(outcomes)} outcomes for 1 message"))
             result = _item_result(outcomes[0])
@@ -377,7 +403,7 @@ class WitWorld(_World):
         batch = [Message(m, i) for i, m in enumerate(msgs)]
         if _batch_handler is not None:
             try:
-                outcomes = list(_batch_handler(batch))
+                outcomes = _run_batch(batch)
             except BaseException as e:
                 failed = _failure(e)
                 return [failed for _ in batch]

@@ -119,6 +119,11 @@ class _host:  # the generated `host` module's functions
 
     @staticmethod
     def publish(subject: str, headers, payload: bytes) -> None:
+        from . import _in_batch_handler
+
+        if _in_batch_handler:
+            # As the host does: an effect of no message is refused in a batch.
+            raise Err(_types.HostError_Failed("a plain publish inside a batch handler: use publish_for(msg, ...)"))
         _state.published.append(Published(subject, [(h.name, h.value) for h in headers], bytes(payload)))
 
     @staticmethod

@@ -66,12 +66,17 @@ impl GateStores {
                     let url = config.stores.redis_url.as_deref().unwrap_or_default();
                     stores.redis = Some(Arc::new(RedisStore::connect(url, "sluice:idem:").await?));
                 }
-                GateStore::NatsKv => match &stores.nats_kv {
-                    None => stores.nats_kv = Some(Arc::new(open_nats_kv(config).await?)),
-                    // A reload may have raised a ttl.
-                    Some(open) => open.keep_for(nats_kv_max_age(config)).await,
-                },
+                GateStore::NatsKv if stores.nats_kv.is_none() => {
+                    stores.nats_kv = Some(Arc::new(open_nats_kv(config).await?));
+                }
+                // Already open: a reload may have raised a ttl (below).
                 _ => {}
+            }
+        }
+        if let Some(open) = &stores.nats_kv {
+            let max_age = nats_kv_max_age(config);
+            if !max_age.is_zero() {
+                open.keep_for(max_age).await;
             }
         }
         Ok(())

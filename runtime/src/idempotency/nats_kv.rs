@@ -137,48 +137,64 @@ impl NatsKvStore {
 
     /// Makes the bucket keep records at least `max_age` (the longest ttl of
     /// the routes using it, which a reload may raise): a shorter `max_age`
-    /// is raised, never lowered (other configs may share the bucket).
+    /// is raised, never lowered (other configs may share the bucket). Only
+    /// `max_age` changes: the stream's config is patched as the server sent
+    /// it, so settings this client does not know (compression, metadata,
+    /// message TTLs) stay as they are.
     pub async fn keep_for(&self, max_age: Duration) {
         let bucket = self.bucket.as_str();
         let name = format!("KV_{bucket}");
-        let mut stream = match self.jetstream.get_stream(&name).await {
-            Ok(stream) => stream,
+        let info: serde_json::Value = match self
+            .jetstream
+            .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
+            .await
+        {
+            Ok(info) => info,
             Err(e) => {
                 tracing::warn!(bucket, "reading the bucket's settings: {e}");
                 return;
             }
         };
-        let mut config = match stream.info().await {
-            Ok(info) => info.config.clone(),
-            Err(e) => {
-                tracing::warn!(bucket, "reading the bucket's settings: {e}");
-                return;
-            }
+        let Some(mut config) = info.get("config").cloned() else {
+            tracing::warn!(
+                bucket,
+                "reading the bucket's settings: {}",
+                info.get("error").unwrap_or(&info)
+            );
+            return;
         };
-        if config.max_age.is_zero() {
+        let wanted = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+        let was = config.get("max_age").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        if was == 0 {
             tracing::warn!(
                 bucket,
                 "the bucket keeps records forever (no max age): expired records are only overwritten, never purged, so it grows with every distinct key"
             );
             return;
         }
-        if config.max_age >= max_age {
+        if was >= wanted {
             return;
         }
-        let was = config.max_age;
-        config.max_age = max_age;
-        match self.jetstream.update_stream(config).await {
-            Ok(_) => tracing::info!(
+        config["max_age"] = serde_json::Value::from(wanted);
+        let secs = |nanos: u64| nanos / 1_000_000_000;
+        let updated: Result<serde_json::Value, _> =
+            self.jetstream.request(format!("STREAM.UPDATE.{name}"), &config).await;
+        match updated {
+            Ok(answer) if answer.get("error").is_none() => tracing::info!(
                 bucket,
                 "records kept {} s (was {} s): the longest idempotency ttl",
-                max_age.as_secs(),
-                was.as_secs()
+                secs(wanted),
+                secs(was)
             ),
-            Err(e) => tracing::warn!(
+            answer => tracing::warn!(
                 bucket,
-                "the bucket forgets records after {} s, sooner than the longest idempotency ttl ({} s), and raising it failed ({e}): a duplicate arriving later runs again",
-                was.as_secs(),
-                max_age.as_secs()
+                "the bucket forgets records after {} s, sooner than the longest idempotency ttl ({} s), and raising it failed ({}): a duplicate arriving later runs again",
+                secs(was),
+                secs(wanted),
+                match answer {
+                    Ok(a) => a.get("error").map(ToString::to_string).unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                }
             ),
         }
     }

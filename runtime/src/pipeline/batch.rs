@@ -77,6 +77,9 @@ impl Gathering {
     }
 }
 
+/// Deliveries a gatherer takes from what the source has at hand per call.
+const READY_AT_ONCE: usize = 16;
+
 /// What waiting for the next delivery gave.
 pub(super) enum Next {
     Delivery(Box<dyn Delivery>),
@@ -213,10 +216,14 @@ impl Route {
             };
             let mut batch = Gathering::new(config, first);
             'fill: while !batch.full() {
-                // What the source has at hand, in one go. Not while a wait
-                // is pending: it holds the source.
+                // What the source has at hand, a few at a time (the byte
+                // bound is known only once they are taken: what a batch
+                // cannot hold waits for the next one, at most READY_AT_ONCE).
+                // Not while a wait is pending: it holds the source.
+                let mut took = false;
                 if carried.is_empty() && pending.is_none() {
-                    carried.extend(self.source.ready(batch.room()));
+                    carried.extend(self.source.ready(batch.room().min(READY_AT_ONCE)));
+                    took = !carried.is_empty();
                 }
                 while let Some(d) = carried.pop_front() {
                     if batch.full() {
@@ -230,6 +237,9 @@ impl Route {
                 }
                 if batch.full() {
                     break;
+                }
+                if took {
+                    continue;
                 }
                 // `max_wait` is how long a batch may wait for more, not how
                 // long it must: while a worker is idle, what is there goes

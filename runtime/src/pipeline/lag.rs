@@ -27,6 +27,11 @@ impl Route {
             route: self.name.clone(),
         };
         let reporter = self.metrics.report_backlog(&self.name);
+        // A rebuilt route's old figures are not this source's (it may not
+        // tell a backlog at all): read afresh below.
+        self.metrics.route_lag.remove(&label);
+        self.metrics.route_oldest_unacked.remove(&label);
+        self.metrics.route_partitions.remove(&label);
         let mut missed = 0u32;
         // A source that never told keeps no backlog (core NATS): no series.
         let mut told = false;

@@ -380,7 +380,8 @@ impl Source for KafkaSource {
         for (i, d) in deliveries.into_iter().enumerate() {
             match (d as Box<dyn std::any::Any + Send>).downcast::<KafkaDelivery>() {
                 Ok(k) => ours.push(k),
-                // Not this source's: cannot happen; its own ack would run.
+                // Not this source's (cannot happen): dropped unsettled,
+                // i.e. handed back, and reported as not acked.
                 Err(_) => others.push(i),
             }
         }
