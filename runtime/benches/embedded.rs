@@ -12,7 +12,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, selected, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
@@ -173,7 +173,7 @@ fn main() {
         println!("{:<28} {:>12} {:>10}", "consumer", "msg/s", "vs JetStream");
         let native = jetstream_native(&js, &tag, n, batch).await;
         println!("{:<28} {:>12.0} {:>10}", "JetStream native (file)", native, "1.00");
-        for mode in MODES {
+        for mode in MODES.iter().filter(|m| selected(m)) {
             let r = embedded(&engine, mode, n, batch, concurrency).await;
             println!(
                 "{:<28} {:>12.0} {:>10.2}",

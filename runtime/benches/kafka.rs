@@ -11,7 +11,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, selected, Mode, MODES};
 
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -181,7 +181,7 @@ async fn compare(
     }
     let base = native(brokers, &topic("native"), &format!("{tag}-native"), n).await;
     println!("{name:<8} {:<16} {:>12.0} {:>10}", "native rdkafka", base, "1.00");
-    for (i, mode) in MODES.iter().enumerate() {
+    for (i, mode) in MODES.iter().enumerate().filter(|(_, m)| selected(m)) {
         let t = topic(&mode_topic(i));
         let r = sluice(&broker, engine, mode, &t, &format!("{tag}-{}", mode_topic(i)), n).await;
         println!(

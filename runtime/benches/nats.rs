@@ -4,13 +4,16 @@
 //! with batches of 64 (one instance per batch). Prints msg/s and the ratio
 //! sluice/native.
 //!
+//! `SLUICE_BENCH_NATS=core|jetstream` runs one part only,
+//! `SLUICE_BENCH_MODES` some modes only (see `common::selected`).
+//!
 //! Needs nats-server with JetStream (`SLUICE_NATS_URL`, default
 //! 127.0.0.1:4222). Run: `cargo xtask bench` or
 //! `cargo bench -p sluice --bench nats`.
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{mode_plugin, noop, rate, Mode, MODES};
+use common::{mode_plugin, noop, rate, selected, Cpu, Mode, MODES};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
@@ -195,22 +198,28 @@ fn main() {
         );
         println!("{:<10} {:<16} {:>12} {:>10}", "mode", "consumer", "msg/s", "vs native");
 
-        let native = native_core(&client, &format!("{tag}.native"), n).await;
-        println!("{:<10} {:<16} {:>12.0} {:>10}", "core", "native", native, "1.00");
-        for (i, mode) in MODES.iter().enumerate() {
-            let (r, handled) = sluice_core(&broker, &engine, mode, &format!("{tag}.m{i}"), n).await;
-            let dropped = if handled < n {
-                format!("  ({} dropped by the server: slow consumer)", n - handled)
-            } else {
-                String::new()
-            };
-            println!(
-                "{:<10} {:<16} {:>12.0} {:>10.2}{dropped}",
-                "core",
-                format!("sluice {}", mode.name),
-                r,
-                r / native
-            );
+        let part = std::env::var("SLUICE_BENCH_NATS").unwrap_or_default();
+        if part != "jetstream" {
+            let native = native_core(&client, &format!("{tag}.native"), n).await;
+            println!("{:<10} {:<16} {:>12.0} {:>10}", "core", "native", native, "1.00");
+            for (i, mode) in MODES.iter().enumerate().filter(|(_, m)| selected(m)) {
+                let (r, handled) = sluice_core(&broker, &engine, mode, &format!("{tag}.m{i}"), n).await;
+                let dropped = if handled < n {
+                    format!("  ({} dropped by the server: slow consumer)", n - handled)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{:<10} {:<16} {:>12.0} {:>10.2}{dropped}",
+                    "core",
+                    format!("sluice {}", mode.name),
+                    r,
+                    r / native
+                );
+            }
+        }
+        if part == "core" {
+            return;
         }
 
         let js = jetstream::new(client.clone());
@@ -237,16 +246,26 @@ fn main() {
                 }
             }
         }
+        let before = Cpu::now("nats-server");
         let native = native_jetstream(&js, &stream, n).await;
-        println!("{:<10} {:<16} {:>12.0} {:>10}", "jetstream", "native", native, "1.00");
-        for mode in MODES {
+        println!(
+            "{:<10} {:<16} {:>12.0} {:>10}  {}",
+            "jetstream",
+            "native",
+            native,
+            "1.00",
+            Cpu::now("nats-server").per_message(&before, n, "nats-server")
+        );
+        for mode in MODES.iter().filter(|m| selected(m)) {
+            let before = Cpu::now("nats-server");
             let (r, _) = sluice_jetstream(&broker, &engine, mode, &stream, &subject, n).await;
             println!(
-                "{:<10} {:<16} {:>12.0} {:>10.2}",
+                "{:<10} {:<16} {:>12.0} {:>10.2}  {}",
                 "jetstream",
                 format!("sluice {}", mode.name),
                 r,
-                r / native
+                r / native,
+                Cpu::now("nats-server").per_message(&before, n, "nats-server")
             );
         }
         let _ = js.delete_stream(&stream).await;

@@ -9,7 +9,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, mode_plugin, noop, rate, Mode, MODES};
+use common::{env_or, mode_plugin, noop, rate, selected, Mode, MODES};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -168,7 +168,7 @@ fn main() {
         fill(&ch, &queue, n).await;
         let base = native(&conn, &queue, n, prefetch).await;
         println!("{:<16} {:>12.0} {:>10}", "native lapin", base, "1.00");
-        for mode in MODES {
+        for mode in MODES.iter().filter(|m| selected(m)) {
             fill(&ch, &queue, n).await;
             let window = match mode.batch {
                 Some(b) => prefetch.max(u16::try_from(b.max_messages * 2).unwrap_or(u16::MAX)),

@@ -49,6 +49,56 @@ pub fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
+/// CPU time (user + system) used so far by this process and by a local
+/// broker process, read from `/proc` (Linux; zero elsewhere). On a 2-core
+/// machine the broker's CPU per message is what a consumer competes with.
+#[allow(dead_code)]
+#[derive(Clone, Copy)]
+pub struct Cpu {
+    own: Duration,
+    broker: Option<Duration>,
+}
+
+#[allow(dead_code)]
+impl Cpu {
+    /// Now, with the broker found by its process name (`nats-server`).
+    pub fn now(broker: &str) -> Self {
+        Self {
+            own: proc_cpu("self"),
+            broker: broker_pid(broker).map(|pid| proc_cpu(&pid)),
+        }
+    }
+
+    /// "µs/msg: this process X, broker Y" since `before`, over `n` messages.
+    pub fn per_message(&self, before: &Cpu, n: usize, broker: &str) -> String {
+        let us = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / n.max(1) as f64;
+        let mut text = format!("CPU µs/msg: this process {:.1}", us(self.own, before.own));
+        if let (Some(a), Some(b)) = (self.broker, before.broker) {
+            text.push_str(&format!(", {broker} {:.1}", us(a, b)));
+        }
+        text
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in clock ticks of 10 ms.
+fn proc_cpu(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is the 3rd.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn broker_pid(name: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().into_string().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == name).then_some(pid)
+    })
+}
+
 /// How a bench runs sluice: isolation, and batches or not.
 pub struct Mode {
     pub name: &'static str,
@@ -89,6 +139,16 @@ pub const MODES: &[Mode] = &[
         batch_export: true,
     },
 ];
+
+/// Whether `mode` runs: `SLUICE_BENCH_MODES` (names, comma-separated, e.g.
+/// `reuse,fresh batch 64`) picks some; unset, all run.
+#[allow(dead_code)]
+pub fn selected(mode: &Mode) -> bool {
+    match std::env::var("SLUICE_BENCH_MODES") {
+        Ok(names) => names.split(',').any(|n| n.trim() == mode.name),
+        Err(_) => true,
+    }
+}
 
 /// Batches of up to `max_messages`, gathered for up to `max_wait`.
 pub const fn batch_of(max_messages: u32, max_wait: Duration) -> sluice::config::BatchConfig {

@@ -122,6 +122,9 @@ pub struct Published {
     pub duplicates: usize,
 }
 
+/// What to do once an ack is out (see [`Delivery::ack_then`]).
+pub type AckDone = Box<dyn FnOnce(Result<(), BrokerError>) + Send>;
+
 /// One received message, to be settled exactly once. Dropping it unsettled
 /// hands it back to the broker for redelivery. (`Any`: a source settling
 /// many at once finds its own deliveries' details.)
@@ -135,6 +138,21 @@ pub trait Delivery: Send + std::any::Any {
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// A dead-lettered copy has been confirmed elsewhere: drop the original.
     fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Acks it and returns at once; `then` gets the result once the ack is
+    /// out. A broker that writes acks from a task of its own calls `then`
+    /// there, sparing a task (and a wake-up of another thread) per message;
+    /// by default `then` runs at once when the ack is done at once (core
+    /// NATS, Kafka's offset marks), else a task awaits [`Delivery::ack`].
+    fn ack_then(self: Box<Self>, then: AckDone) {
+        use futures_util::FutureExt as _;
+        let mut acked = self.ack();
+        match (&mut acked).now_or_never() {
+            Some(result) => then(result),
+            None => {
+                tokio::spawn(async move { then(acked.await) });
+            }
+        }
+    }
     /// Called right before the handler runs. False: the delivery went stale
     /// while it waited in a lane (its partition was revoked) and is dropped
     /// unhandled; its new owner handles it.

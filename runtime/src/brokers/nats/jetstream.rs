@@ -5,7 +5,7 @@
 
 use super::{differ, failed, from_header_map, ConsumerSettings, NatsBroker, NatsSetupError};
 use crate::brokers::events;
-use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
+use crate::brokers::{AckDone, Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::error::{cause, Cause};
 use crate::message::Message;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
@@ -23,9 +23,104 @@ pub struct JetStreamSource {
     messages: Mutex<Option<pull::Stream>>,
     names: Arc<(String, String)>,
     in_flight: Arc<InFlight>,
+    acks: AckQueue,
 }
 
 type AckerRef = Arc<async_nats::jetstream::message::Acker>;
+
+/// Acks written per turn of the ack task, at most.
+const ACKS_AT_ONCE: usize = 256;
+
+/// One settle on its way to the server, and who waits for it.
+struct QueuedAck {
+    acker: AckerRef,
+    kind: AckKind,
+    done: AckWaiter,
+}
+
+enum AckWaiter {
+    /// A settle future awaits the result.
+    Future(tokio::sync::oneshot::Sender<Result<(), BrokerError>>),
+    /// Called on the ack task (`Delivery::ack_then`).
+    Call(AckDone),
+}
+
+impl AckWaiter {
+    fn tell(self, sent: Result<(), BrokerError>) {
+        match self {
+            // The settler may be gone (shut down): nothing to tell.
+            Self::Future(tx) => {
+                let _ = tx.send(sent);
+            }
+            // A panic there must not stop the acks of everyone else.
+            Self::Call(then) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(sent))).is_err() {
+                    tracing::error!("caught a panic after an ack");
+                }
+            }
+        }
+    }
+}
+
+/// The acks of a source's deliveries, written by one task. Each ack is a
+/// publish; sent from the many tasks that settle, the client wrote nearly
+/// each in its own socket write (a syscall here and a read on the server
+/// per ack). One task sending what has queued, back to back, lets the
+/// client write them together.
+#[derive(Clone)]
+struct AckQueue(tokio::sync::mpsc::UnboundedSender<QueuedAck>);
+
+impl AckQueue {
+    /// Starts the task; it ends once the source and its deliveries are gone.
+    fn start() -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<QueuedAck>();
+        tokio::spawn(async move {
+            let mut queued = Vec::with_capacity(ACKS_AT_ONCE);
+            while rx.recv_many(&mut queued, ACKS_AT_ONCE).await > 0 {
+                // Woken by the first ack: the tasks ready meanwhile (other
+                // workers settling) add theirs first.
+                tokio::task::yield_now().await;
+                while queued.len() < ACKS_AT_ONCE {
+                    match rx.try_recv() {
+                        Ok(ack) => queued.push(ack),
+                        Err(_) => break,
+                    }
+                }
+                for ack in queued.drain(..) {
+                    let sent = ack.acker.ack_with(ack.kind).await.map_err(failed);
+                    ack.done.tell(sent);
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    /// Queues `kind` for `acker`; the future ends once it is written to the
+    /// client (as `ack_with` did before).
+    fn send(&self, acker: AckerRef, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let (tx, sent) = tokio::sync::oneshot::channel();
+        if let Err(refused) = self.queue(acker, kind, AckWaiter::Future(tx)) {
+            return Box::pin(std::future::ready(Err(refused)));
+        }
+        Box::pin(async move { sent.await.unwrap_or_else(|_| Err(stopped())) })
+    }
+
+    fn queue(&self, acker: AckerRef, kind: AckKind, done: AckWaiter) -> Result<(), BrokerError> {
+        self.0.send(QueuedAck { acker, kind, done }).map_err(|refused| {
+            // The task ends only once every sender is gone; unreachable
+            // while a delivery holds one, but told as a failure if it is.
+            match refused.0.done {
+                AckWaiter::Call(then) => then(Err(stopped())),
+                AckWaiter::Future(_) => {}
+            }
+            stopped()
+        })
+    }
+}
+
+fn stopped() -> BrokerError {
+    failed("the ack task has stopped")
+}
 
 /// Deliveries being handled, so one task per source can send `in_progress`
 /// for those that run long (a task per message would cost more than the
@@ -147,13 +242,14 @@ impl JetStreamSource {
             messages: Mutex::new(None),
             names: Arc::new((s.stream.clone(), s.durable.clone())),
             in_flight,
+            acks: AckQueue::start(),
         })
     }
 
     async fn next_delivery(&self) -> Result<JetStreamDelivery, BrokerError> {
         let m = self.next_message().await?;
         // Built outside the lock, so other workers can take the next one.
-        JetStreamDelivery::new(m, &self.names, &self.in_flight)
+        JetStreamDelivery::new(m, self)
     }
 
     async fn next_message(&self) -> Result<async_nats::jetstream::Message, BrokerError> {
@@ -227,7 +323,7 @@ impl Source for JetStreamSource {
         }
         taken
             .into_iter()
-            .filter_map(|m| match JetStreamDelivery::new(m, &self.names, &self.in_flight) {
+            .filter_map(|m| match JetStreamDelivery::new(m, self) {
                 Ok(d) => Some(Box::new(d) as Box<dyn Delivery>),
                 // Never acked: the server delivers it again after `ack_wait`.
                 Err(e) => {
@@ -266,15 +362,12 @@ pub struct JetStreamDelivery {
     names: Arc<(String, String)>,
     /// Its entry in the source's in-flight set (for `in_progress` acks).
     in_flight: Arc<InFlight>,
+    acks: AckQueue,
     id: u64,
 }
 
 impl JetStreamDelivery {
-    fn new(
-        m: async_nats::jetstream::Message,
-        names: &Arc<(String, String)>,
-        in_flight: &Arc<InFlight>,
-    ) -> Result<Self, BrokerError> {
+    fn new(m: async_nats::jetstream::Message, source: &JetStreamSource) -> Result<Self, BrokerError> {
         let (attempt, seq, published_ms) = {
             let info = m.info().map_err(|e| failed(format!("not a JetStream message: {e}")))?;
             let ms = info.published.unix_timestamp_nanos() / 1_000_000;
@@ -297,24 +390,24 @@ impl JetStreamDelivery {
             reply_to: None,
         };
         let acker = Arc::new(acker);
-        let id = in_flight.add(acker.clone());
+        let id = source.in_flight.add(acker.clone());
         Ok(Self {
-            names: names.clone(),
+            names: source.names.clone(),
             message,
             acker,
-            in_flight: in_flight.clone(),
+            in_flight: source.in_flight.clone(),
+            acks: source.acks.clone(),
             id,
         })
     }
 
     fn settle(&self, kind: AckKind) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.in_flight.remove(self.id);
-        let acker = self.acker.clone();
         // A plain ack is a publish on the same connection; waiting for the
         // server's confirmation (double ack) would cost a round trip per
         // message, and a lost ack only means a redelivery, which the
         // idempotency gate absorbs.
-        Box::pin(async move { acker.ack_with(kind).await.map_err(failed) })
+        self.acks.send(self.acker.clone(), kind)
     }
 }
 
@@ -333,6 +426,11 @@ impl Delivery for JetStreamDelivery {
 
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.settle(AckKind::Ack)
+    }
+
+    fn ack_then(self: Box<Self>, then: AckDone) {
+        self.in_flight.remove(self.id);
+        let _ = self.acks.queue(self.acker.clone(), AckKind::Ack, AckWaiter::Call(then));
     }
 
     fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
