@@ -311,9 +311,14 @@ impl Source for JetStreamSource {
             while taken.len() < max {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(m))) => taken.push(m),
-                    // An error or the end: `next` starts a fresh pull and
-                    // reports it.
-                    Some(Some(Err(_))) | Some(None) => {
+                    // An error (counted here: `next` would not see it) or
+                    // the end: `next` starts a fresh pull.
+                    Some(Some(Err(e))) => {
+                        events::failed(super::NAME, "receive", &e, "; starting a fresh pull");
+                        *guard = None;
+                        break;
+                    }
+                    Some(None) => {
                         *guard = None;
                         break;
                     }
@@ -332,6 +337,46 @@ impl Source for JetStreamSource {
                 }
             })
             .collect()
+    }
+
+    /// Queues every ack at once; one wake-up when the last is written.
+    fn ack_many(&self, deliveries: Vec<Box<dyn Delivery>>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        let n = deliveries.len();
+        let results: Arc<std::sync::Mutex<Vec<Option<Result<(), BrokerError>>>>> =
+            Arc::new(std::sync::Mutex::new((0..n).map(|_| None).collect()));
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(n));
+        let (all_done, written) = tokio::sync::oneshot::channel::<()>();
+        let all_done = Arc::new(std::sync::Mutex::new(Some(all_done)));
+        for (i, d) in deliveries.into_iter().enumerate() {
+            let (results, left, all_done) = (results.clone(), left.clone(), all_done.clone());
+            let then: AckDone = Box::new(move |sent| {
+                if let Ok(mut r) = results.lock() {
+                    r[i] = Some(sent);
+                }
+                if left.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+                    if let Some(tx) = all_done.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+            match (d as Box<dyn std::any::Any + Send>).downcast::<JetStreamDelivery>() {
+                Ok(js) => js.ack_then(then),
+                // Not this source's (cannot happen): dropped unsettled,
+                // i.e. handed back, and reported as not acked.
+                Err(_) => then(Err(failed("a delivery of another source"))),
+            }
+        }
+        Box::pin(async move {
+            if n > 0 {
+                let _ = written.await;
+            }
+            let mut results = results.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+            results.resize_with(n, || None);
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(stopped())))
+                .collect()
+        })
     }
 
     fn is_connected(&self) -> bool {

@@ -4,8 +4,8 @@
 
 use super::config::{ConsumerSettings, RetryVia};
 use super::headers::{self, ATTEMPT, ROUTING_KEY};
-use super::{disconnected, failed, reply_address, RabbitBroker};
-use crate::brokers::{Backlog, BoxFuture, BrokerError, Delivery, Source};
+use super::{disconnected, failed, reply_address, RabbitBroker, NAME};
+use crate::brokers::{events, Backlog, BoxFuture, BrokerError, Delivery, Source};
 use crate::message::Message;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -148,8 +148,14 @@ impl Source for RabbitSource {
             let Some(stream) = consumer.as_mut() else { break };
             let d = match stream.next().now_or_never() {
                 Some(Some(Ok(d))) => d,
-                // An error or a cancel: `next` subscribes again.
-                Some(Some(Err(_)) | None) => {
+                // An error or a cancel: counted here (`next` would not see
+                // it), and `next` subscribes again.
+                Some(Some(Err(e))) => {
+                    events::failed(NAME, "receive", &e, "; subscribing again");
+                    *consumer = None;
+                    break;
+                }
+                Some(None) => {
                     *consumer = None;
                     break;
                 }
