@@ -26,6 +26,8 @@ pub struct JetStreamSource {
     acks: AckQueue,
 }
 
+type AckResult = Result<(), BrokerError>;
+
 type AckerRef = Arc<async_nats::jetstream::message::Acker>;
 
 /// Acks written per turn of the ack task, at most.
@@ -342,7 +344,7 @@ impl Source for JetStreamSource {
     /// Queues every ack at once; one wake-up when the last is written.
     fn ack_many(&self, deliveries: Vec<Box<dyn Delivery>>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
         let n = deliveries.len();
-        let results: Arc<std::sync::Mutex<Vec<Option<Result<(), BrokerError>>>>> =
+        let results: Arc<std::sync::Mutex<Vec<Option<AckResult>>>> =
             Arc::new(std::sync::Mutex::new((0..n).map(|_| None).collect()));
         let left = Arc::new(std::sync::atomic::AtomicUsize::new(n));
         let (all_done, written) = tokio::sync::oneshot::channel::<()>();
