@@ -299,10 +299,18 @@ function handleOne(msg) {
   if (registered === null) {
     throw failure("permanent", "no function is registered with sluice.handler");
   }
+  let out;
   try {
-    return reply(registered(msg));
+    out = registered(msg);
   } catch (e) {
     throw failed(e);
+  }
+  try {
+    return reply(out);
+  } catch (e) {
+    // A value no reply can be made of: a bug a retry cannot fix (as for
+    // a batch handler's item).
+    throw failure("permanent", e.message);
   }
 }
 

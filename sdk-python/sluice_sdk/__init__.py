@@ -364,9 +364,15 @@ def _handle_one(msg: Message) -> Optional[_types.Reply]:
     if _handler is None:
         raise Err(_types.HandlerError_Permanent("no function is marked with @sluice_sdk.handler"))
     try:
-        return _reply(_handler(msg))
+        out = _handler(msg)
     except BaseException as e:
         raise _failure(e) from None
+    try:
+        return _reply(out)
+    except TypeError as e:
+        # A value no reply can be made of: a bug a retry cannot fix (as for
+        # a batch handler's item).
+        raise _failure(Permanent(str(e))) from None
 
 
 def _item_result(out: Any):
