@@ -257,23 +257,20 @@ impl Route {
         let settling = async {
             lease.complete().await;
             self.settled(delivery.ack().await, BrokerOp::Ack);
+            outcome
         };
-        let settling = AssertUnwindSafe(settling).catch_unwind();
-        let outcome = match settling.instrument(ending.span.clone()).await {
-            Ok(()) => outcome,
-            Err(panic) => {
-                ending
-                    .span
-                    .in_scope(|| self.caught_panic("settling a message", panic.as_ref()));
-                MessageOutcome::Panic
-            }
-        };
-        self.ended(outcome, ending);
+        self.settle_guarded(settling, ending).await;
     }
 
     /// Settles a handled delivery and accounts for it.
     async fn finish(&self, delivery: Box<dyn Delivery>, verdict: Verdict, lease: Option<Lease>, ending: Ending) {
-        let settling = AssertUnwindSafe(self.settle(delivery, verdict, lease)).catch_unwind();
+        self.settle_guarded(self.settle(delivery, verdict, lease), ending).await;
+    }
+
+    /// Runs a settle in the message's span, a panic in it caught and
+    /// counted, then accounts for the handling.
+    async fn settle_guarded(&self, settling: impl std::future::Future<Output = MessageOutcome>, ending: Ending) {
+        let settling = AssertUnwindSafe(settling).catch_unwind();
         let outcome = match settling.instrument(ending.span.clone()).await {
             Ok(outcome) => outcome,
             Err(panic) => {
