@@ -476,3 +476,120 @@ dead_letter = {{ subject = "{id}.dlq" }}
         let _ = js.delete_stream(format!("N{id}")).await;
     });
 }
+
+/// A broker adapter whose acks panic the first time for each message: the
+/// stand-in for a client bug (none of the real clients can be made to
+/// panic on purpose). The wrapped source is the real embedded broker.
+struct PanickyAcks {
+    inner: sluice::brokers::embedded::EmbeddedSource,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+struct PanickyDelivery {
+    inner: Box<dyn sluice::brokers::Delivery>,
+    panic: bool,
+}
+
+impl sluice::brokers::Delivery for PanickyDelivery {
+    fn message(&self) -> &sluice::message::Message {
+        self.inner.message()
+    }
+    fn origin(&self) -> String {
+        self.inner.origin()
+    }
+    fn ack(self: Box<Self>) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+        self.inner.ack()
+    }
+    fn retry(
+        self: Box<Self>,
+        delay: Duration,
+    ) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+        self.inner.retry(delay)
+    }
+    fn dead_lettered(self: Box<Self>) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+        self.inner.dead_lettered()
+    }
+    fn ack_then(self: Box<Self>, then: sluice::brokers::AckDone) {
+        assert!(!self.panic, "the adapter panics while acking");
+        self.inner.ack_then(then)
+    }
+}
+
+impl sluice::brokers::Source for PanickyAcks {
+    fn next(
+        &self,
+    ) -> sluice::brokers::BoxFuture<'_, Result<Box<dyn sluice::brokers::Delivery>, sluice::brokers::BrokerError>> {
+        Box::pin(async {
+            let inner = self.inner.next().await?;
+            let first = self.seen.lock().unwrap().insert(inner.message().id.clone());
+            Ok(Box::new(PanickyDelivery { inner, panic: first }) as Box<dyn sluice::brokers::Delivery>)
+        })
+    }
+}
+
+#[test]
+fn a_panic_while_acking_redelivers_the_message_and_the_route_keeps_serving() {
+    use sluice::brokers::embedded::EmbeddedBroker;
+    use sluice::brokers::{Sink, Source};
+    use std::sync::Arc;
+    const MESSAGES: usize = 20;
+    let rt = rt();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = EmbeddedBroker::open(&dir.path().join("b.redb"), Duration::from_secs(60)).unwrap();
+        let patterns = |p: &str| vec![sluice::subject::SubjectPattern::parse(p).unwrap()];
+        broker.declare_queue("work", patterns("work"), None);
+        let messages = (0..MESSAGES)
+            .map(|i| sluice::message::Outbound {
+                subject: "work".into(),
+                headers: Vec::new(),
+                payload: i.to_string().into_bytes(),
+            })
+            .collect();
+        broker.publish(messages).await.unwrap();
+        let engine = sluice::engine::Engine::new(sluice::engine::EngineSettings::default()).unwrap();
+        let noop = Arc::new(
+            engine
+                .load(sluice::engine::PluginSpec::new("noop", plugin("noop")))
+                .unwrap(),
+        );
+        let source: Arc<dyn Source> = Arc::new(PanickyAcks {
+            inner: broker.source("work"),
+            seen: Default::default(),
+        });
+        let sink: Arc<dyn Sink> = Arc::new(broker.clone());
+        let mut route = sluice::pipeline::Route::new("r", source, "embedded", sink, noop);
+        route.concurrency = 2;
+        let route = Arc::new(route);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let workers = route.spawn(&stop);
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            while broker.queues().iter().any(|q| q.name == "work" && q.messages > 0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        stop.cancel();
+        for w in workers {
+            w.await.unwrap();
+        }
+        assert!(drained.is_ok(), "the queue was not drained: {:?}", broker.queues());
+        let metrics = route.metrics.encode();
+        let series = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name) && l.contains("route=\"r\""))
+                .unwrap_or_else(|| panic!("no series {name} in\n{metrics}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        };
+        // Each message's first ack panicked, was counted and handed the
+        // message back; the second went through.
+        assert_eq!(series("sluice_worker_panics_total"), MESSAGES as f64);
+        assert_eq!(series("sluice_in_flight"), 0.0);
+        broker.close();
+    });
+}

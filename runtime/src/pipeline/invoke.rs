@@ -52,13 +52,18 @@ impl Route {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         tracing::error!(route = %self.name, "caught a panic while {what}: {text}");
+        self.count_panic();
+        crate::engine::bounded(format!("internal error while {what}: {text}"))
+    }
+
+    /// Counts a panic of this route's pipeline.
+    pub(super) fn count_panic(&self) {
         self.metrics
             .panics
             .get_or_create(&RouteLabel {
                 route: self.name.clone(),
             })
             .inc();
-        crate::engine::bounded(format!("internal error while {what}: {text}"))
     }
 
     /// Why a producer's reply address must not be used, if it must not: it

@@ -8,6 +8,9 @@
 //! Only on unordered routes: a lane keeps one message of a key in flight
 //! from delivery to ack.
 
+use super::{BrokerOp, Ending, Route};
+use crate::brokers::BrokerError;
+use crate::metrics::MessageOutcome;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -41,5 +44,53 @@ impl TrailingSettles {
     /// Returns once every trailing settle has finished.
     pub(super) async fn drained(&self) {
         let _all = self.permits.acquire_many(MAX_TRAILING).await;
+    }
+}
+
+/// An ack handed to the broker's ack task, with what accounting it needs
+/// once the broker answers. Dropped without an answer (the adapter panicked
+/// or lost the callback), it still ends the handling, as a panic, so the
+/// in-flight gauge and the trailing permits never leak.
+pub(super) struct PendingAck {
+    route: Arc<Route>,
+    outcome: MessageOutcome,
+    ending: Option<Ending>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PendingAck {
+    pub(super) fn new(
+        route: Arc<Route>,
+        outcome: MessageOutcome,
+        ending: Ending,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            route,
+            outcome,
+            ending: Some(ending),
+            _permit: permit,
+        }
+    }
+
+    /// The broker answered the ack.
+    pub(super) fn done(mut self, acked: Result<(), BrokerError>) {
+        let Some(ending) = self.ending.take() else {
+            return;
+        };
+        ending.span.in_scope(|| self.route.settled(acked, BrokerOp::Ack));
+        self.route.ended(self.outcome, ending);
+    }
+}
+
+impl Drop for PendingAck {
+    fn drop(&mut self) {
+        if let Some(ending) = self.ending.take() {
+            ending.span.in_scope(|| {
+                tracing::error!(route = %self.route.name, "an ack was dropped unanswered; the broker redelivers the message");
+            });
+            self.route.count_panic();
+            self.route.ended(MessageOutcome::Panic, ending);
+        }
     }
 }

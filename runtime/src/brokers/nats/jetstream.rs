@@ -12,6 +12,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::AckKind;
 use futures_util::{FutureExt, StreamExt};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +57,7 @@ impl AckWaiter {
             }
             // A panic there must not stop the acks of everyone else.
             Self::Call(then) => {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(sent))).is_err() {
+                if std::panic::catch_unwind(AssertUnwindSafe(|| then(sent))).is_err() {
                     tracing::error!("caught a panic after an ack");
                 }
             }
@@ -78,23 +79,38 @@ impl AckQueue {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<QueuedAck>();
         tokio::spawn(async move {
             let mut queued = Vec::with_capacity(ACKS_AT_ONCE);
-            while rx.recv_many(&mut queued, ACKS_AT_ONCE).await > 0 {
-                // Woken by the first ack: the tasks ready meanwhile (other
-                // workers settling) add theirs first.
-                tokio::task::yield_now().await;
-                while queued.len() < ACKS_AT_ONCE {
-                    match rx.try_recv() {
-                        Ok(ack) => queued.push(ack),
-                        Err(_) => break,
-                    }
-                }
-                for ack in queued.drain(..) {
-                    let sent = ack.acker.ack_with(ack.kind).await.map_err(failed);
-                    ack.done.tell(sent);
-                }
+            // A panic in the client must not stop every later ack: the
+            // waiters of that turn are dropped (told the ack failed, so
+            // their messages come back) and the task goes on.
+            while AssertUnwindSafe(Self::send_all(&mut rx, &mut queued))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("caught a panic while sending acks; their messages are redelivered");
+                queued.clear();
             }
         });
         Self(tx)
+    }
+
+    /// Sends what queues, a turn at a time, until every sender is gone.
+    async fn send_all(rx: &mut tokio::sync::mpsc::UnboundedReceiver<QueuedAck>, queued: &mut Vec<QueuedAck>) {
+        while rx.recv_many(queued, ACKS_AT_ONCE).await > 0 {
+            // Woken by the first ack: the tasks ready meanwhile (other
+            // workers settling) add theirs first.
+            tokio::task::yield_now().await;
+            while queued.len() < ACKS_AT_ONCE {
+                match rx.try_recv() {
+                    Ok(ack) => queued.push(ack),
+                    Err(_) => break,
+                }
+            }
+            for ack in queued.drain(..) {
+                let sent = ack.acker.ack_with(ack.kind).await.map_err(failed);
+                ack.done.tell(sent);
+            }
+        }
     }
 
     /// Queues `kind` for `acker`; the future ends once it is written to the
