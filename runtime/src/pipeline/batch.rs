@@ -23,6 +23,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -390,17 +391,19 @@ impl Route {
                 })
                 .observe(n as f64);
             let gauge = &self.series().in_flight;
-            let n_gauge = i64::try_from(n).unwrap_or(i64::MAX);
-            gauge.inc_by(n_gauge);
+            gauge.inc_by(gauge_count(n));
+            // Items given to a settle leave the gauge once settled (which
+            // may trail this call); the rest (handed back) leave it here.
+            let settling = AtomicUsize::new(0);
             // A panic in the host hands back whatever was not settled yet
             // (dropped deliveries are redelivered); the worker lives on.
-            if let Err(panic) = AssertUnwindSafe(self.run_batch(deliveries, mode, shutdown))
+            if let Err(panic) = AssertUnwindSafe(self.run_batch(deliveries, mode, &settling, shutdown))
                 .catch_unwind()
                 .await
             {
                 self.caught_panic("handling a batch", panic.as_ref());
             }
-            gauge.dec_by(n_gauge);
+            gauge.dec_by(gauge_count(n.saturating_sub(settling.into_inner())));
         }
         .instrument(span)
         .await
@@ -410,6 +413,7 @@ impl Route {
         self: &Arc<Self>,
         deliveries: Vec<Box<dyn Delivery>>,
         mode: RetryMode,
+        settling: &AtomicUsize,
         shutdown: &CancellationToken,
     ) {
         // The batch runs on the version current now, to the end.
@@ -423,12 +427,12 @@ impl Route {
                 stale.push((delivery, Verdict::HandBack(MessageOutcome::Interrupted), None));
             }
         }
-        self.settle_all(stale, mode).await;
+        self.settle_all(stale, mode, settling).await;
         // Messages whose key another handling holds wait for this part of
         // the batch to end (it may be the holder: two copies of one key in
         // a batch), then run.
         while !begun.is_empty() {
-            let Some((waiting, wait)) = self.run_admitted(begun, &plugin, mode, shutdown).await else {
+            let Some((waiting, wait)) = self.run_admitted(begun, &plugin, mode, settling, shutdown).await else {
                 return;
             };
             if !waiting.is_empty() && !sleep_unless(shutdown, wait).await {
@@ -447,6 +451,7 @@ impl Route {
         begun: Vec<Box<dyn Delivery>>,
         plugin: &Arc<Plugin>,
         mode: RetryMode,
+        settling: &AtomicUsize,
         shutdown: &CancellationToken,
     ) -> Option<(Vec<Box<dyn Delivery>>, Duration)> {
         let mut finished: Vec<Finished> = Vec::new();
@@ -509,7 +514,7 @@ impl Route {
             }
             items.push(item);
         }
-        self.settle_all(std::mem::take(&mut finished), mode).await;
+        self.settle_all(std::mem::take(&mut finished), mode, settling).await;
 
         while !items.is_empty() {
             // The deadline of the whole batch, however it runs.
@@ -565,14 +570,14 @@ impl Route {
                 }
             }
             // Settled now: other keys do not wait for this key's retries.
-            self.settle_all(std::mem::take(&mut finished), mode).await;
+            self.settle_all(std::mem::take(&mut finished), mode, settling).await;
             items = again;
             if !items.is_empty() && !sleep_unless(shutdown, wait).await {
                 let interrupted = items
                     .into_iter()
                     .map(|item| item.finish(Verdict::HandBack(MessageOutcome::Interrupted)))
                     .collect();
-                self.settle_all(interrupted, mode).await;
+                self.settle_all(interrupted, mode, settling).await;
                 return None;
             }
         }
@@ -591,18 +596,23 @@ impl Route {
     /// Settles each finished delivery (at once: they are independent) and
     /// counts its outcome. On unordered routes the settles trail: the
     /// worker goes on with the next batch meanwhile.
-    async fn settle_all(self: &Arc<Self>, finished: Vec<Finished>, mode: RetryMode) {
+    async fn settle_all(self: &Arc<Self>, finished: Vec<Finished>, mode: RetryMode, settling: &AtomicUsize) {
         if finished.is_empty() {
             return;
         }
+        // In flight until settled: a settle that trails takes them off
+        // the batch's count, and off the gauge once done.
+        let n = finished.len();
         if mode == RetryMode::Broker {
-            if let Some(permits) = self.trailing.permits(finished.len()).await {
+            if let Some(permits) = self.trailing.permits(n).await {
+                settling.fetch_add(n, AtomicOrdering::Relaxed);
                 let route = self.clone();
                 tokio::spawn(
                     async move {
                         if let Err(panic) = AssertUnwindSafe(route.settle_now(finished)).catch_unwind().await {
                             route.caught_panic("settling a batch", panic.as_ref());
                         }
+                        route.series().in_flight.dec_by(gauge_count(n));
                         drop(permits);
                     }
                     .in_current_span(),
@@ -610,7 +620,10 @@ impl Route {
                 return;
             }
         }
+        // A panic here leaves them to the batch's count.
         self.settle_now(finished).await;
+        settling.fetch_add(n, AtomicOrdering::Relaxed);
+        self.series().in_flight.dec_by(gauge_count(n));
     }
 
     /// The successes are acked together (one operation where the broker
@@ -792,4 +805,9 @@ impl BatchInvocation {
         }
         self
     }
+}
+
+/// `n` as a gauge step.
+fn gauge_count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -1,5 +1,5 @@
-//! How a route's deliveries reach its workers: unordered, `concurrency`
-//! workers take from the source; ordered, one dispatcher hands each
+//! How a route's deliveries reach its workers: unordered, one feeder
+//! takes from the source and `concurrency` workers from it; ordered, one dispatcher hands each
 //! delivery to the lane of its key (or partition) and each lane handles
 //! one at a time.
 
@@ -7,8 +7,10 @@ use super::status::WorkerAlive;
 use super::{RetryMode, Route};
 use crate::brokers::Delivery;
 use crate::config::Ordering as RouteOrdering;
+use futures_util::FutureExt as _;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -20,6 +22,12 @@ pub(super) const SOURCE_ERROR_PAUSE: Duration = Duration::from_millis(500);
 const LANE_BUFFER: usize = 1;
 /// What the dispatcher takes from the source at once, at most.
 const DISPATCH_AT_ONCE: usize = 64;
+/// Deliveries the feeder of an unordered route takes from what the source
+/// holds at once, at most (and at most one per worker).
+const FEED_AT_ONCE: usize = 64;
+
+type Feed = async_channel::Sender<Box<dyn Delivery>>;
+type Fed = async_channel::Receiver<Box<dyn Delivery>>;
 
 fn lane_of(key: &str, lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -78,9 +86,18 @@ impl Route {
                     }));
                     handles
                 }
-                None => (0..self.concurrency)
-                    .map(|_| tokio::spawn(self.clone().worker(shutdown.clone(), alive())))
-                    .collect(),
+                None => {
+                    // One task takes from the source and hands deliveries
+                    // over: workers never queue on the source's lock, and
+                    // what the source holds is taken in one go.
+                    let (tx, rx) = async_channel::bounded(self.concurrency.max(1) as usize);
+                    let mut handles = vec![tokio::spawn(self.clone().feed(tx, shutdown.clone(), alive()))];
+                    handles.extend(
+                        (0..self.concurrency)
+                            .map(|_| tokio::spawn(self.clone().worker(rx.clone(), shutdown.clone(), alive()))),
+                    );
+                    handles
+                }
             },
             RouteOrdering::Key | RouteOrdering::Partition => {
                 let lanes = self.concurrency as usize;
@@ -126,10 +143,60 @@ impl Route {
         }
     }
 
+    /// Unordered: takes deliveries from the source, with what it has at
+    /// hand, for the workers. At most the channel's capacity plus one
+    /// source's worth wait; at shutdown they are dropped, i.e. handed back.
+    async fn feed(self: Arc<Self>, workers: Feed, shutdown: CancellationToken, _alive: WorkerAlive) {
+        // A panic in the source's client is caught: the route goes on
+        // after the pause a source error gets.
+        while let Err(panic) = AssertUnwindSafe(self.feed_until_stopped(&workers, &shutdown))
+            .catch_unwind()
+            .await
+        {
+            self.caught_panic("taking from the source", panic.as_ref());
+            if !super::sleep_unless(&shutdown, SOURCE_ERROR_PAUSE).await {
+                return;
+            }
+        }
+    }
+
+    async fn feed_until_stopped(&self, workers: &Feed, shutdown: &CancellationToken) {
+        while let Some(first) = self.next_delivery(shutdown).await {
+            // No more than the workers' queue has room for: what waits
+            // beyond it is held from the broker for nothing.
+            let room = workers.capacity().unwrap_or(1).saturating_sub(workers.len() + 1);
+            let more = match room.min(FEED_AT_ONCE) {
+                0 => Vec::new(),
+                n => self.source.ready(n),
+            };
+            for delivery in std::iter::once(first).chain(more) {
+                let sent = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    sent = workers.send(delivery) => sent.is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Unordered: take, handle, settle (an ack trails), repeat.
-    async fn worker(self: Arc<Self>, shutdown: CancellationToken, _alive: WorkerAlive) {
-        while let Some(delivery) = self.next_delivery(&shutdown).await {
+    async fn worker(self: Arc<Self>, fed: Fed, shutdown: CancellationToken, _alive: WorkerAlive) {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                // Waiting deliveries are dropped, i.e. handed back.
+                _ = shutdown.cancelled() => break,
+                d = fed.recv() => match d { Ok(d) => d, Err(_) => break },
+            };
             self.process(delivery, RetryMode::Broker, &shutdown).await;
+        }
+        // What waits is handed back now, not once the last worker is done.
+        fed.close();
+        while let Ok(waiting) = fed.try_recv() {
+            drop(waiting);
         }
         // Returns (the route counts as stopped) once its acks are out.
         self.trailing.drained().await;
