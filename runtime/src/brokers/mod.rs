@@ -208,6 +208,14 @@ pub trait Source: Send + Sync {
     fn is_connected(&self) -> bool {
         true
     }
+    /// True when concurrent `next` calls queue on one subscription (behind
+    /// a lock), so one task taking deliveries for every worker costs less
+    /// than each worker waiting its turn. False where building a delivery
+    /// is the work (the embedded broker reads the store): workers then
+    /// share it.
+    fn takes_one_at_a_time(&self) -> bool {
+        false
+    }
     /// True when the source itself bounds what it hands out (pausing
     /// partitions), so the pipeline may queue per lane without blocking the
     /// other lanes.

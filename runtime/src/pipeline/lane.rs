@@ -1,7 +1,8 @@
-//! How a route's deliveries reach its workers: unordered, one feeder
-//! takes from the source and `concurrency` workers from it; ordered, one dispatcher hands each
-//! delivery to the lane of its key (or partition) and each lane handles
-//! one at a time.
+//! How a route's deliveries reach its workers: unordered, `concurrency`
+//! workers take from the source (or, where the source hands out one at a
+//! time behind a lock, from one feeder that takes for them); ordered, one
+//! dispatcher hands each delivery to the lane of its key (or partition)
+//! and each lane handles one at a time.
 
 use super::status::WorkerAlive;
 use super::{RetryMode, Route};
@@ -86,6 +87,9 @@ impl Route {
                     }));
                     handles
                 }
+                None if !self.source.takes_one_at_a_time() => (0..self.concurrency)
+                    .map(|_| tokio::spawn(self.clone().worker(None, shutdown.clone(), alive())))
+                    .collect(),
                 None => {
                     // One task takes from the source and hands deliveries
                     // over: workers never queue on the source's lock, and
@@ -94,7 +98,7 @@ impl Route {
                     let mut handles = vec![tokio::spawn(self.clone().feed(tx, shutdown.clone(), alive()))];
                     handles.extend(
                         (0..self.concurrency)
-                            .map(|_| tokio::spawn(self.clone().worker(rx.clone(), shutdown.clone(), alive()))),
+                            .map(|_| tokio::spawn(self.clone().worker(Some(rx.clone()), shutdown.clone(), alive()))),
                     );
                     handles
                 }
@@ -182,21 +186,30 @@ impl Route {
         }
     }
 
-    /// Unordered: take, handle, settle (an ack trails), repeat.
-    async fn worker(self: Arc<Self>, fed: Fed, shutdown: CancellationToken, _alive: WorkerAlive) {
+    /// Unordered: take (from the feeder, else the source), handle, settle
+    /// (an ack trails), repeat.
+    async fn worker(self: Arc<Self>, fed: Option<Fed>, shutdown: CancellationToken, _alive: WorkerAlive) {
         loop {
-            let delivery = tokio::select! {
-                biased;
-                // Waiting deliveries are dropped, i.e. handed back.
-                _ = shutdown.cancelled() => break,
-                d = fed.recv() => match d { Ok(d) => d, Err(_) => break },
+            let delivery = match &fed {
+                Some(fed) => tokio::select! {
+                    biased;
+                    // Waiting deliveries are dropped, i.e. handed back.
+                    _ = shutdown.cancelled() => break,
+                    d = fed.recv() => match d { Ok(d) => d, Err(_) => break },
+                },
+                None => match self.next_delivery(&shutdown).await {
+                    Some(d) => d,
+                    None => break,
+                },
             };
             self.process(delivery, RetryMode::Broker, &shutdown).await;
         }
         // What waits is handed back now, not once the last worker is done.
-        fed.close();
-        while let Ok(waiting) = fed.try_recv() {
-            drop(waiting);
+        if let Some(fed) = fed {
+            fed.close();
+            while let Ok(waiting) = fed.try_recv() {
+                drop(waiting);
+            }
         }
         // Returns (the route counts as stopped) once its acks are out.
         self.trailing.drained().await;

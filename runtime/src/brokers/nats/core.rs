@@ -116,6 +116,10 @@ impl Source for CoreSource {
     fn is_connected(&self) -> bool {
         self.broker.is_connected()
     }
+
+    fn takes_one_at_a_time(&self) -> bool {
+        true
+    }
 }
 
 pub struct CoreDelivery {

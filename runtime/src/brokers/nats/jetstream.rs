@@ -401,6 +401,10 @@ impl Source for JetStreamSource {
         self.broker.is_connected()
     }
 
+    fn takes_one_at_a_time(&self) -> bool {
+        true
+    }
+
     /// The durable consumer's pending (not yet delivered) and ack-pending
     /// (delivered, not acked) counts, from the server, and the publish time
     /// of the first message past its ack floor.
