@@ -5,11 +5,15 @@
 
 use futures_util::StreamExt;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use sluice::brokers::embedded::{EmbeddedBroker, EmbeddedSource};
+use sluice::brokers::{AckDone, BoxFuture, BrokerError, Delivery, Sink, Source};
+use sluice::message::{Message, Outbound};
 use sluice_tests::daemon::Daemon;
 use sluice_tests::kafka::{self, Collected};
 use sluice_tests::nats::url as nats_url;
 use sluice_tests::rabbit::{self, Rabbit};
-use sluice_tests::{plugin, unique};
+use sluice_tests::{metric_in, plugin, unique};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn rt() -> tokio::runtime::Runtime {
@@ -481,57 +485,49 @@ dead_letter = {{ subject = "{id}.dlq" }}
 /// stand-in for a client bug (none of the real clients can be made to
 /// panic on purpose). The wrapped source is the real embedded broker.
 struct PanickyAcks {
-    inner: sluice::brokers::embedded::EmbeddedSource,
+    inner: EmbeddedSource,
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct PanickyDelivery {
-    inner: Box<dyn sluice::brokers::Delivery>,
+    inner: Box<dyn Delivery>,
     panic: bool,
 }
 
-impl sluice::brokers::Delivery for PanickyDelivery {
-    fn message(&self) -> &sluice::message::Message {
+impl Delivery for PanickyDelivery {
+    fn message(&self) -> &Message {
         self.inner.message()
     }
     fn origin(&self) -> String {
         self.inner.origin()
     }
-    fn ack(self: Box<Self>) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.inner.ack()
     }
-    fn retry(
-        self: Box<Self>,
-        delay: Duration,
-    ) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+    fn retry(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.inner.retry(delay)
     }
-    fn dead_lettered(self: Box<Self>) -> sluice::brokers::BoxFuture<'static, Result<(), sluice::brokers::BrokerError>> {
+    fn dead_lettered(self: Box<Self>) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.inner.dead_lettered()
     }
-    fn ack_then(self: Box<Self>, then: sluice::brokers::AckDone) {
+    fn ack_then(self: Box<Self>, then: AckDone) {
         assert!(!self.panic, "the adapter panics while acking");
         self.inner.ack_then(then)
     }
 }
 
-impl sluice::brokers::Source for PanickyAcks {
-    fn next(
-        &self,
-    ) -> sluice::brokers::BoxFuture<'_, Result<Box<dyn sluice::brokers::Delivery>, sluice::brokers::BrokerError>> {
+impl Source for PanickyAcks {
+    fn next(&self) -> BoxFuture<'_, Result<Box<dyn Delivery>, BrokerError>> {
         Box::pin(async {
             let inner = self.inner.next().await?;
             let first = self.seen.lock().unwrap().insert(inner.message().id.clone());
-            Ok(Box::new(PanickyDelivery { inner, panic: first }) as Box<dyn sluice::brokers::Delivery>)
+            Ok(Box::new(PanickyDelivery { inner, panic: first }) as Box<dyn Delivery>)
         })
     }
 }
 
 #[test]
 fn a_panic_while_acking_redelivers_the_message_and_the_route_keeps_serving() {
-    use sluice::brokers::embedded::EmbeddedBroker;
-    use sluice::brokers::{Sink, Source};
-    use std::sync::Arc;
     const MESSAGES: usize = 20;
     let rt = rt();
     rt.block_on(async {
@@ -540,7 +536,7 @@ fn a_panic_while_acking_redelivers_the_message_and_the_route_keeps_serving() {
         let patterns = |p: &str| vec![sluice::subject::SubjectPattern::parse(p).unwrap()];
         broker.declare_queue("work", patterns("work"), None);
         let messages = (0..MESSAGES)
-            .map(|i| sluice::message::Outbound {
+            .map(|i| Outbound {
                 subject: "work".into(),
                 headers: Vec::new(),
                 payload: i.to_string().into_bytes(),
@@ -575,21 +571,11 @@ fn a_panic_while_acking_redelivers_the_message_and_the_route_keeps_serving() {
         }
         assert!(drained.is_ok(), "the queue was not drained: {:?}", broker.queues());
         let metrics = route.metrics.encode();
-        let series = |name: &str| {
-            metrics
-                .lines()
-                .find(|l| l.starts_with(name) && l.contains("route=\"r\""))
-                .unwrap_or_else(|| panic!("no series {name} in\n{metrics}"))
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .parse::<f64>()
-                .unwrap()
-        };
+        let series = |name: &str| metric_in(&metrics, name).unwrap_or_else(|| panic!("no series {name} in\n{metrics}"));
         // Each message's first ack panicked, was counted and handed the
         // message back; the second went through.
-        assert_eq!(series("sluice_worker_panics_total"), MESSAGES as f64);
-        assert_eq!(series("sluice_in_flight"), 0.0);
+        assert_eq!(series("sluice_worker_panics_total{route=\"r\"}"), MESSAGES as f64);
+        assert_eq!(series("sluice_in_flight{route=\"r\"}"), 0.0);
         broker.close();
     });
 }

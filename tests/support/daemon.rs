@@ -231,9 +231,7 @@ impl Daemon {
     /// The value of one metric line (`name{labels}`), `None` if the series
     /// is absent (a renamed series must fail a check, not read as 0).
     pub fn metric_present(&self, series: &str) -> Option<f64> {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        super::metric_in(&self.metrics(), series)
     }
 
     /// The process id of the running daemon.

@@ -119,3 +119,12 @@ impl Lcg {
         self.0 >> 33
     }
 }
+
+/// The value of one metric line (`name{labels}`) in a Prometheus text
+/// exposition, `None` if the series is absent (a renamed series must fail a
+/// check, not read as 0).
+pub fn metric_in(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}

@@ -207,9 +207,7 @@ impl Route {
         // What waits is handed back now, not once the last worker is done.
         if let Some(fed) = fed {
             fed.close();
-            while let Ok(waiting) = fed.try_recv() {
-                drop(waiting);
-            }
+            while fed.try_recv().is_ok() {}
         }
         // Returns (the route counts as stopped) once its acks are out.
         self.trailing.drained().await;
